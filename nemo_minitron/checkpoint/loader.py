@@ -1,0 +1,51 @@
+"""Loading any model source (NeMo 2 checkpoint or Hugging Face directory) into this rank's megatron chunk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nemo_minitron.checkpoint import hf, nemo
+from nemo_minitron.errors import UserError
+from nemo_minitron.model import ModelSpec, build
+from nemo_minitron.model.shards import load_full_state_dict
+
+
+def describe(source) -> tuple[str, Path, ModelSpec]:
+    """Validate a source without loading weights: ('nemo'|'hf', path, spec). Errors name the problem."""
+    path = hf.resolve_source(str(source))
+    if nemo.is_checkpoint(path):
+        nemo.validate(path)
+        return "nemo", path, nemo.read_spec(path)
+    if (path / "context").is_dir() or (path / "weights").is_dir():
+        nemo.validate(path)  # an incomplete NeMo checkpoint: say what is missing
+    cfg = hf.read_config(path)
+    spec = hf_spec(cfg)
+    hf.weight_files(path)
+    return "hf", path, spec
+
+
+def hf_spec(cfg: dict) -> ModelSpec:
+    from nemo_minitron.model.spec import from_hf_config
+
+    return from_hf_config(cfg)
+
+
+def load_model(source, tp: int = 1, pp: int = 1):
+    """(model chunk, spec, kind) for ``source`` at the current parallel layout (state must be initialized)."""
+    kind, path, spec = describe(source)
+    spec.validate_layout(tp, pp)
+    model = build(spec, tp, pp)
+    if kind == "nemo":
+        nemo.load_weights(path, model)
+    else:
+        sd = hf.read_state_dict(path)
+        hf.check_state_dict(sd, spec)
+        load_full_state_dict(model, hf.hf_to_mcore(sd, spec))
+    model.eval()
+    return model, spec, kind
+
+
+def check_vocab(spec: ModelSpec, max_token: int, what: str) -> None:
+    if max_token >= spec.vocab_size:
+        raise UserError(f"{what} holds token id {max_token} but the model's vocabulary has {spec.vocab_size} "
+                        f"entries: data and model use different tokenizers")

@@ -1,0 +1,87 @@
+"""``nemo-minitron <command> [key=value ...]``: conf/<command>.yaml + overrides -> the command's ``run``.
+
+    nemo-minitron --help                     list the commands
+    nemo-minitron <command> --help           the command's description and its full default config
+    nemo-minitron <command> ... --print-config   print the resolved config and exit without running
+
+Bad input ends with one line ``error: ...`` on stderr and exit status 2, before any work and with
+nothing written. On success the last line printed names what the command wrote.
+Multi-process: ``torchrun --nproc-per-node N -m nemo_minitron.cli <command> ...`` (or srun).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from nemo_minitron.errors import UserError
+
+# command -> (module with run(cfg), one-line description)
+COMMANDS = {
+    "import": ("nemo_minitron.checkpoint.importer", "Hugging Face Llama-family checkpoint -> NeMo 2 checkpoint"),
+    "preprocess": ("nemo_minitron.data.preprocess", "text / jsonl -> Megatron indexed dataset (PREFIX.bin/.idx)"),
+    "evaluate": ("nemo_minitron.evaluate", "held-out LM loss and perplexity of a NeMo or HF checkpoint"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: nemo-minitron <command> [key=value ...] [--help] [--print-config]", "", "commands:"]
+    for name, (_, desc) in COMMANDS.items():
+        lines.append(f"  {name:<12} {desc}")
+    lines += ["", "Overrides use Hydra/OmegaConf dotted keys, e.g. eval.seq_length=512; see <command> --help."]
+    return "\n".join(lines)
+
+
+def _quiet() -> None:
+    """Keep NeMo/megatron import chatter (deprecation and missing-TE warnings) off the terminal."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    for name in ("nemo_logger", "NeMo", "megatron", "lightning", "pytorch_lightning", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r} (one of: {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    from nemo_minitron import config
+
+    if "-h" in rest or "--help" in rest:
+        print(f"nemo-minitron {command}: {COMMANDS[command][1]}\n")
+        print(config.header(command))
+        print("\ndefault config (override any key with key=value):\n")
+        print(config.conf_path(command).read_text().split("\n", len(config.header(command).splitlines()))[-1])
+        return 0
+    print_only = "--print-config" in rest
+    overrides = [a for a in rest if a != "--print-config"]
+    unknown_flags = [a for a in overrides if a.startswith("--")]
+    try:
+        if unknown_flags:
+            raise UserError(f"unknown option {unknown_flags[0]} (options: --help, --print-config)")
+        cfg = config.load(command, overrides)
+        if print_only:
+            print(config.to_yaml(cfg), end="")
+            return 0
+        _quiet()
+        module = importlib.import_module(COMMANDS[command][0])
+        module.run(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

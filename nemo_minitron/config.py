@@ -1,0 +1,139 @@
+"""Command configs: ``conf/<command>.yaml`` + ``key=value`` overrides, validated before any work.
+
+Overrides follow Hydra's syntax: ``a.b=value`` sets an existing key (an unknown key is an error),
+``+a.b=value`` adds a new one, ``~a.b`` removes one. Values are parsed as YAML (``true``, ``null``,
+``[1,2]``, ``1e-4``), anything else stays a string.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from nemo_minitron.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)$")
+
+
+def conf_path(command: str) -> Path:
+    return CONF_DIR / f"{command}.yaml"
+
+
+def parse_value(text: str):
+    if _FLOAT.match(text):
+        return float(text)
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def load(command: str, overrides: list[str]) -> DictConfig:
+    path = conf_path(command)
+    if not path.is_file():
+        raise UserError(f"no config for command {command!r} ({path})")
+    cfg = OmegaConf.load(path)
+    OmegaConf.set_struct(cfg, True)
+    for item in overrides:
+        if item.startswith("~"):
+            key = item[1:]
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            if node is None or leaf not in node:
+                raise UserError(f"cannot remove unknown config key {key!r}")
+            with _open(node):
+                del node[leaf]
+            continue
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        add = key.startswith("+")
+        key = key.lstrip("+")
+        if not key:
+            raise UserError(f"override {item!r} has an empty key")
+        if not add and not _has_key(cfg, key):
+            raise UserError(f"unknown config key {key!r} for command {command!r} "
+                            f"(see nemo-minitron {command} --help; prefix with + to add a key)")
+        new = parse_value(value)
+        if not add:
+            old = OmegaConf.select(cfg, key, throw_on_missing=False)
+            parent, _, leaf = key.rpartition(".")
+            required = OmegaConf.is_missing(OmegaConf.select(cfg, parent) if parent else cfg, leaf)
+            if (isinstance(old, str) or required) and not isinstance(new, (list, dict)) and new is not None:
+                new = value  # paths and names stay strings ("2024", "1e-3_run")
+            _check_type(key, old, new)
+        try:
+            if add:
+                with _open(cfg):
+                    OmegaConf.update(cfg, key, new, force_add=True)
+            else:
+                OmegaConf.update(cfg, key, new, merge=True)
+        except (ConfigAttributeError, ConfigKeyError) as e:
+            raise UserError(f"unknown config key {key!r} for command {command!r}: {e.msg}") from None
+        except OmegaConfBaseException as e:
+            raise UserError(f"bad value for {key!r}: {e.msg}") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UserError(f"missing required config value(s): {', '.join(missing)} (e.g. {missing[0]}=...)")
+    return cfg
+
+
+def _check_type(key: str, old, new) -> None:
+    """An override keeps the type of the default (ints may become floats; null defaults take anything)."""
+    if old is None or new is None:
+        return
+    if isinstance(old, DictConfig) or isinstance(new, dict):
+        if not (isinstance(old, DictConfig) and isinstance(new, dict)):
+            raise UserError(f"{key} is a config group; set its fields ({key}.FIELD=...)")
+        return
+    if isinstance(old, bool) or isinstance(new, bool):
+        ok = isinstance(old, bool) and isinstance(new, bool)
+    elif isinstance(old, (int, float)):
+        ok = isinstance(new, (int, float)) and (isinstance(old, float) or isinstance(new, int))
+    elif isinstance(old, str):
+        return
+    else:
+        ok = type(old) is type(new) or not isinstance(new, (int, float, bool, str))
+    if not ok:
+        raise UserError(f"{key}={new!r} has the wrong type: expected {type(old).__name__} like the default {old!r}")
+
+
+def _has_key(cfg: DictConfig, key: str) -> bool:
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in list(node.keys()):
+            return False
+        node = node._get_node(part)
+    return True
+
+
+class _open:
+    """Temporarily lift struct mode on a node."""
+
+    def __init__(self, node):
+        self.node = node
+
+    def __enter__(self):
+        OmegaConf.set_struct(self.node, False)
+
+    def __exit__(self, *exc):
+        OmegaConf.set_struct(self.node, True)
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def header(command: str) -> str:
+    """The comment block at the top of ``conf/<command>.yaml`` (the command's description)."""
+    lines = []
+    for line in conf_path(command).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:].strip() if line.startswith("# ") else line[1:])
+    return "\n".join(lines)

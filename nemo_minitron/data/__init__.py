@@ -1,0 +1,1 @@
+"""Data: text/jsonl -> Megatron indexed datasets, tokenizers, and fixed-length token windows."""

@@ -1,0 +1,127 @@
+"""Megatron indexed datasets (``PREFIX.bin`` + ``PREFIX.idx``): writing from text, reading windows."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nemo_minitron.errors import UserError
+
+
+def exists(prefix) -> bool:
+    return Path(f"{prefix}.bin").is_file() and Path(f"{prefix}.idx").is_file()
+
+
+def check_prefix(prefix) -> None:
+    if not exists(prefix):
+        raise UserError(f"dataset {prefix}: {prefix}.bin / {prefix}.idx not found (run nemo-minitron preprocess)")
+
+
+def iter_documents(files, split: str = "file", text_key: str = "text"):
+    """Yield documents from plain-text and jsonl files.
+
+    Plain text: one document per file (``split=file``), per blank-line-separated paragraph
+    (``split=paragraph``) or per line (``split=line``). jsonl/json-lines: one document per line, the
+    ``text_key`` field.
+    """
+    for f in files:
+        f = Path(f)
+        if f.suffix in (".jsonl", ".json", ".ndjson"):
+            with f.open(encoding="utf-8") as fh:
+                for n, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        doc = json.loads(line)[text_key]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise UserError(f"{f}:{n}: not a JSON object with a {text_key!r} field") from None
+                    yield doc
+            continue
+        text = f.read_text(encoding="utf-8", errors="replace")
+        if split == "file":
+            yield text
+        elif split == "paragraph":
+            yield from (p for p in text.split("\n\n") if p.strip())
+        elif split == "line":
+            yield from (p for p in text.splitlines() if p.strip())
+        else:
+            raise UserError(f"unknown split {split!r} (file, paragraph, line)")
+
+
+def write(prefix, documents, tokenizer, append_eod: bool = True, total_bytes: int | None = None, progress=True):
+    """Tokenize ``documents`` into ``prefix.bin/.idx``. Returns {'documents', 'tokens'}."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from tqdm import tqdm
+
+    vocab = len(tokenizer)
+    dtype = DType.optimal_dtype(vocab)
+    eod = tokenizer.eos_token_id
+    if append_eod and eod is None:
+        raise UserError("tokenizer has no end-of-document token (eos); pass preprocess.append_eod=false")
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    tmp_bin, tmp_idx = Path(f"{prefix}.bin.partial"), Path(f"{prefix}.idx.partial")
+    builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
+    n_docs = n_tok = 0
+    start = time.time()
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
+    for doc in documents:
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        if append_eod:
+            ids.append(eod)
+        if not ids:
+            continue
+        builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+        n_docs += 1
+        n_tok += len(ids)
+        bar.update(len(doc.encode("utf-8")))
+        bar.set_postfix(docs=n_docs, tokens=n_tok, tok_per_s=int(n_tok / max(time.time() - start, 1e-9)))
+    bar.close()
+    if n_docs == 0:
+        tmp_bin.unlink(missing_ok=True)
+        raise UserError("no documents found in the input")
+    builder.finalize(str(tmp_idx))
+    tmp_bin.replace(f"{prefix}.bin")
+    tmp_idx.replace(f"{prefix}.idx")
+    return {"documents": n_docs, "tokens": n_tok}
+
+
+def token_stream(prefix) -> np.ndarray:
+    """All tokens of the dataset, documents concatenated in order (a memory map)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    check_prefix(prefix)
+    ds = IndexedDataset(str(prefix), mmap=True)  # validates the .idx header and reads its dtype
+    return np.memmap(f"{prefix}.bin", dtype=ds.index.dtype, mode="r")
+
+
+def num_tokens(prefix) -> int:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    check_prefix(prefix)
+    return int(IndexedDataset(str(prefix), mmap=True).sequence_lengths.sum())
+
+
+def windows(prefix, num_samples: int, seq_length: int, offset: int = 0) -> torch.Tensor:
+    """``num_samples`` consecutive, non-overlapping windows of ``seq_length + 1`` tokens.
+
+    Window ``i`` is tokens ``[offset + i*seq_length, offset + (i+1)*seq_length + 1)`` of the concatenated
+    stream (inputs are its first ``seq_length`` tokens, labels its last). Deterministic, so the same
+    tokens are measured by every evaluator. Refuses a request larger than the data.
+    """
+    stream = token_stream(prefix)
+    need = offset + num_samples * seq_length + 1
+    if num_samples < 1 or seq_length < 1:
+        raise UserError("num_samples and seq_length must be >= 1")
+    if need > len(stream):
+        avail = (len(stream) - 1 - offset) // seq_length
+        raise UserError(
+            f"dataset {prefix} has {len(stream)} tokens: {num_samples} samples of {seq_length} need {need} "
+            f"(at most {max(avail, 0)} samples fit)"
+        )
+    idx = offset + np.arange(num_samples)[:, None] * seq_length + np.arange(seq_length + 1)[None, :]
+    return torch.from_numpy(stream[idx].astype(np.int64))

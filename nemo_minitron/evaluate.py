@@ -1,0 +1,62 @@
+"""``nemo-minitron evaluate``: held-out LM loss and perplexity, at any TP/PP layout."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from nemo_minitron import parallel
+from nemo_minitron.checkpoint.loader import check_vocab, describe, load_model
+from nemo_minitron.data import indexed
+from nemo_minitron.errors import UserError
+from nemo_minitron.model.forward import lm_loss
+
+
+def heldout_loss(model, windows, micro_batch_size: int) -> dict:
+    """{'loss', 'perplexity', 'tokens'} of ``model`` on ``windows`` ([n, L+1] tokens)."""
+    import torch
+
+    losses, tokens = 0.0, 0.0
+    with torch.no_grad():
+        loss_sum, n = lm_loss(model, windows, micro_batch_size, forward_only=True)
+    losses += loss_sum
+    tokens += n
+    loss = losses / tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens)}
+
+
+def run(cfg) -> None:
+    e = cfg.eval
+    tp = cfg.trainer.strategy.tensor_model_parallel_size
+    pp = cfg.trainer.strategy.pipeline_model_parallel_size
+    for name in ("num_samples", "seq_length", "micro_batch_size"):
+        if e[name] < 1:
+            raise UserError(f"eval.{name} must be >= 1 (got {e[name]})")
+    if e.num_samples % e.micro_batch_size:
+        raise UserError(f"eval.num_samples={e.num_samples} is not divisible by eval.micro_batch_size={e.micro_batch_size}")
+    parallel.validate_layout(parallel.world_size_from_env(), tp, pp)
+    kind, path, spec = describe(cfg.model)
+    spec.validate_layout(tp, pp)
+    windows = indexed.windows(cfg.data, e.num_samples, e.seq_length, offset=e.offset)
+    check_vocab(spec, int(windows.max()), f"dataset {cfg.data}")
+    if cfg.output_json:
+        out = Path(cfg.output_json)
+        if not out.parent.exists():
+            raise UserError(f"output_json directory {out.parent} does not exist")
+
+    t0 = time.time()
+    parallel.initialize(tp, pp)
+    model, spec, kind = load_model(path, tp, pp)
+    res = heldout_loss(model, windows, e.micro_batch_size)
+    res.update(model=str(path), data=str(cfg.data), seq_length=e.seq_length, num_samples=e.num_samples)
+    if parallel.is_rank0():
+        print(f"{kind} model {path}: loss {res['loss']:.4f}  perplexity {res['perplexity']:.2f}  "
+              f"tokens {res['tokens']}  ({time.time() - t0:.1f}s, TP={tp} PP={pp})")
+        if cfg.output_json:
+            tmp = Path(str(cfg.output_json) + ".partial")
+            tmp.write_text(json.dumps(res, indent=2))
+            tmp.replace(cfg.output_json)
+            print(f"wrote metrics: {Path(cfg.output_json).absolute()}")
+    parallel.destroy()

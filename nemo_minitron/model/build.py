@@ -1,0 +1,55 @@
+"""Instantiate NeMo's config for this platform and layout, and build the megatron model chunk."""
+
+from __future__ import annotations
+
+import torch
+
+from nemo_minitron import platform
+from nemo_minitron.model.spec import ModelSpec
+
+
+def instantiate(spec: ModelSpec, tp: int = 1, pp: int = 1, **extra):
+    """NeMo config object for ``spec`` at TP/PP, with the platform's settings (fusions off on CPU)."""
+    cls = spec.config_cls()
+    args = dict(spec.args)
+    args.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    args.update(platform.config_overrides())
+    args.update(extra)
+    if not platform.has_cuda():
+        args.update(bf16=False, fp16=False)
+    elif "pipeline_dtype" not in args:
+        args["pipeline_dtype"] = (
+            torch.bfloat16 if args.get("bf16") else torch.float16 if args.get("fp16") else torch.float32
+        )
+    return cls(**args)
+
+
+def build(spec: ModelSpec, tp: int = 1, pp: int = 1, tokenizer=None, **extra):
+    """Build this rank's megatron ``GPTModel`` (TE spec with TE+CUDA, local spec otherwise).
+
+    Parallel state must be initialized (:func:`nemo_minitron.parallel.initialize`).
+    """
+    spec.validate_layout(tp, pp)
+    config = instantiate(spec, tp, pp, **extra)
+    model = config.configure_model(tokenizer)
+    model.to(platform.device())
+    if platform.has_cuda() and (config.bf16 or config.fp16):
+        dtype = torch.bfloat16 if config.bf16 else torch.float16
+        model.to(dtype)
+    return model
+
+
+def unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def count_params(spec: ModelSpec) -> int:
+    """Parameter count of the whole (unsharded) model, from its shapes alone."""
+    h, f, L = spec.hidden_size, spec.ffn_hidden_size, spec.num_layers
+    heads, groups, d = spec.num_attention_heads, spec.num_query_groups, spec.kv_channels
+    v = spec.vocab_size
+    per_layer = h * (heads + 2 * groups) * d + heads * d * h + 2 * h * f + f * h + 2 * h
+    emb = v * h * (1 if spec.tied else 2)
+    return L * per_layer + emb + h

@@ -1,0 +1,70 @@
+"""Forward (and backward) of the LM loss over micro-batches, with megatron's pipeline schedules.
+
+One code path for TP=1, TP>1 and PP>1: ``get_forward_backward_func()`` picks the schedule; the loss is
+computed on the last pipeline stage and its (sum, count) is broadcast to every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from nemo_minitron import platform
+
+
+def _position_ids(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+
+
+def split_window(window: torch.Tensor):
+    """[b, L+1] token windows -> (inputs [b, L], labels [b, L])."""
+    return window[:, :-1].contiguous(), window[:, 1:].contiguous()
+
+
+def lm_loss(model, windows: torch.Tensor, micro_batch_size: int, forward_only: bool = True):
+    """Mean per-token LM loss of ``windows`` ([n, L+1] tokens). Returns (loss_sum, num_tokens) as floats.
+
+    With ``forward_only=False`` the gradient of the *mean* loss is accumulated into the parameters'
+    ``.grad`` (or ``main_grad`` under megatron DDP), identically at any TP/PP layout.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    dev = platform.device()
+    n, L1 = windows.shape
+    if n % micro_batch_size:
+        raise ValueError(f"{n} samples do not split into micro-batches of {micro_batch_size}")
+    num_mb = n // micro_batch_size
+    total_tokens = float(n * (L1 - 1))
+    micro = list(windows.to(dev).split(micro_batch_size))
+
+    def forward_step(data_iterator, model):
+        inputs, labels = split_window(next(data_iterator))
+        out = model(inputs, _position_ids(inputs), None, labels=labels)
+
+        def loss_func(output_tensor):
+            loss_sum = output_tensor.float().sum()
+            # schedules divide by num_microbatches; scale so the backward is d(mean loss)
+            scaled = loss_sum * (num_mb / total_tokens)
+            return scaled, {"loss_sum": loss_sum.detach().clone()}
+
+        return out, loss_func
+
+    fwd_bwd = get_forward_backward_func()
+    out = fwd_bwd(
+        forward_step_func=forward_step,
+        data_iterator=iter(micro),
+        model=[model],
+        num_microbatches=num_mb,
+        seq_length=L1 - 1,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    loss_sum = torch.zeros(1, dtype=torch.float64, device=dev)
+    if parallel_state.is_pipeline_last_stage():
+        for d in out:
+            loss_sum += d["loss_sum"].double()
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        src = parallel_state.get_pipeline_model_parallel_last_rank()
+        dist.broadcast(loss_sum, src=src, group=parallel_state.get_pipeline_model_parallel_group())
+    return float(loss_sum.item()), total_tokens

@@ -1,0 +1,128 @@
+"""Tensor/pipeline sharding of megatron GPT parameters, by name (the rules in STACK.md).
+
+``linear_qkv`` rows are grouped per query group, so TP shards are contiguous row blocks; ``linear_fc1``
+holds [gate; up] and each rank holds [gate_r; up_r]; ``linear_proj``/``linear_fc2`` split columns;
+embedding and output layer split vocabulary rows; norms are replicated. Layer indices are local to a
+pipeline stage and offset by ``pp_rank * layers_per_stage``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+
+
+def split_kind(name: str) -> str:
+    """How a parameter is split over tensor-parallel ranks: 'row', 'col', 'fc1' or 'none'."""
+    if name.endswith("_extra_state") or "norm" in name.rsplit(".", 1)[-1] or "layernorm" in name:
+        return "none"
+    if name.endswith(("word_embeddings.weight", "output_layer.weight")):
+        return "row"
+    if ".linear_qkv." in name:
+        return "row"
+    if ".linear_fc1." in name:
+        return "fc1"
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return "col"
+    return "none"
+
+
+def to_shard(name: str, full: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
+    kind = split_kind(name)
+    if tp == 1 or kind == "none":
+        return full
+    if kind == "row":
+        return full.chunk(tp, dim=0)[tp_rank]
+    if kind == "col":
+        return full.chunk(tp, dim=1)[tp_rank]
+    gate, up = full.chunk(2, dim=0)
+    return torch.cat([gate.chunk(tp, 0)[tp_rank], up.chunk(tp, 0)[tp_rank]], dim=0)
+
+
+def from_shards(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
+    kind = split_kind(name)
+    if len(shards) == 1 or kind == "none":
+        return shards[0]
+    if kind == "row":
+        return torch.cat(shards, dim=0)
+    if kind == "col":
+        return torch.cat(shards, dim=1)
+    halves = [s.chunk(2, dim=0) for s in shards]
+    return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+
+
+def global_name(local: str, layer_offset: int) -> str:
+    m = _LAYER.match(local)
+    return f"decoder.layers.{int(m.group(1)) + layer_offset}.{m.group(2)}" if m else local
+
+
+def local_name(name: str, layer_offset: int, layers_here: int):
+    """Local name on a stage, or None when the tensor lives on another stage."""
+    m = _LAYER.match(name)
+    if not m:
+        return name
+    i = int(m.group(1)) - layer_offset
+    return f"decoder.layers.{i}.{m.group(2)}" if 0 <= i < layers_here else None
+
+
+def layer_offset(model) -> int:
+    from megatron.core import parallel_state
+
+    n = len(model.decoder.layers)
+    return parallel_state.get_pipeline_model_parallel_rank() * n
+
+
+def load_full_state_dict(model, full: dict) -> None:
+    """Load a full (unsharded, global layer numbering) state dict into this rank's chunk."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    off, here = layer_offset(model), len(model.decoder.layers)
+    local = {}
+    for name, tensor in full.items():
+        ln = local_name(name, off, here)
+        if ln is not None:
+            local[ln] = to_shard(name, tensor, tp_rank, tp)
+    own = model.state_dict()
+    for k in list(local):
+        if k not in own:
+            local.pop(k)  # e.g. output_layer on a non-last stage, embedding on a non-first stage
+    missing, _ = model.load_state_dict(local, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing:
+        raise KeyError(f"state dict lacks {missing[:5]}")
+
+
+def gather_full(model, which: str = "param") -> dict:
+    """Full tensors (params or grads) under global names, gathered on every rank (small models/tests)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    off = layer_offset(model)
+    mine = {}
+    for name, p in model.named_parameters():
+        t = p.detach() if which == "param" else (p.main_grad if hasattr(p, "main_grad") else p.grad)
+        if t is None:
+            continue
+        t = t.detach().float().cpu().contiguous()
+        if tp > 1:
+            bufs = [torch.empty_like(t) for _ in range(tp)]
+            dist.all_gather(bufs, t, group=tp_group)
+            t = from_shards(name, bufs)
+        mine[global_name(name, off)] = t
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if pp == 1:
+        return mine
+    parts = [None] * pp
+    dist.all_gather_object(parts, mine, group=parallel_state.get_pipeline_model_parallel_group())
+    full = {}
+    for part in parts:
+        for k, v in part.items():
+            full.setdefault(k, v)
+    return full

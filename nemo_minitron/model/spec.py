@@ -1,0 +1,196 @@
+"""Portable model description: NeMo config class + constructor args (what a checkpoint stores)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from nemo_minitron.errors import UserError
+
+# Fields that describe the run, not the model: never persisted, always set at build time.
+RUNTIME_FIELDS = {
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "virtual_pipeline_model_parallel_size",
+    "sequence_parallel",
+    "context_parallel_size",
+    "use_cpu_initialization",
+    "perform_initialization",
+    "pipeline_dtype",
+    "autocast_dtype",
+    "bias_dropout_fusion",
+    "masked_softmax_fusion",
+    "bias_activation_fusion",
+    "persist_layer_norm",
+    "apply_rope_fusion",
+    "gradient_accumulation_fusion",
+    "cross_entropy_loss_fusion",
+    "fp8",
+    "fp8_recipe",
+    "fp8_param",
+    "transformer_layer_spec",
+    "generation_config",
+}
+
+SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+@dataclass
+class ModelSpec:
+    """NeMo config class name (``LlamaConfig`` or ``Llama31Config``) plus its portable arguments."""
+
+    config_class: str = "LlamaConfig"
+    args: dict = field(default_factory=dict)
+
+    def get(self, key, default=None):
+        return self.args.get(key, default)
+
+    @property
+    def num_layers(self) -> int:
+        return self.args["num_layers"]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.args["hidden_size"]
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        return self.args["ffn_hidden_size"]
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.args["num_attention_heads"]
+
+    @property
+    def num_query_groups(self) -> int:
+        return self.args.get("num_query_groups") or self.args["num_attention_heads"]
+
+    @property
+    def kv_channels(self) -> int:
+        return self.args.get("kv_channels") or self.hidden_size // self.num_attention_heads
+
+    @property
+    def vocab_size(self) -> int:
+        return self.args["vocab_size"]
+
+    @property
+    def tied(self) -> bool:
+        return bool(self.args.get("share_embeddings_and_output_weights", False))
+
+    def replace(self, **changes) -> "ModelSpec":
+        args = copy.deepcopy(self.args)
+        args.update(changes)
+        return ModelSpec(self.config_class, args)
+
+    def config_cls(self):
+        from nemo.collections.llm.gpt.model import llama
+
+        cls = getattr(llama, self.config_class, None)
+        if cls is None:
+            raise UserError(f"unknown model config class {self.config_class!r}")
+        return cls
+
+    def validate_layout(self, tp: int, pp: int) -> None:
+        """Refuse a TP/PP layout this model cannot be split into (before any work)."""
+        h, g = self.num_attention_heads, self.num_query_groups
+        if h % g:
+            raise UserError(f"num_attention_heads={h} is not divisible by num_query_groups={g}")
+        for name, val in (
+            ("num_attention_heads", h),
+            ("num_query_groups", g),
+            ("ffn_hidden_size", self.ffn_hidden_size),
+            ("vocab_size", self.vocab_size),
+        ):
+            if val % tp:
+                raise UserError(f"{name}={val} is not divisible by tensor_model_parallel_size={tp}")
+        if self.num_layers % pp:
+            raise UserError(
+                f"num_layers={self.num_layers} is not divisible by pipeline_model_parallel_size={pp}"
+            )
+
+
+def from_hf_config(hf: dict) -> ModelSpec:
+    """Translate a Hugging Face Llama-family ``config.json`` (as a dict) into a :class:`ModelSpec`.
+
+    Mirrors NeMo 2.7.3's ``HFLlamaImporter.config`` (Llama-3.1 RoPE scaling, explicit ``head_dim``,
+    tied embeddings) and refuses what it cannot represent, instead of converting it wrongly.
+    """
+    archs = hf.get("architectures") or []
+    if not any(a in SUPPORTED_HF_ARCHITECTURES for a in archs):
+        raise UserError(
+            f"not a supported causal LM checkpoint: architectures={archs or 'missing'} "
+            f"(supported: {', '.join(SUPPORTED_HF_ARCHITECTURES)})"
+        )
+    if "rope_parameters" in hf and "rope_theta" not in hf:
+        # transformers 5.x layout; transformers 4.57 would silently fall back to rope_theta=10000
+        rp = hf["rope_parameters"]
+        hf = dict(hf, rope_theta=rp.get("rope_theta"), rope_scaling=rp if rp.get("rope_type") != "default" else None)
+    for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"):
+        if key not in hf:
+            raise UserError(f"config.json lacks {key!r}: not a Llama-family causal LM config")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise UserError("attention/MLP biases are not supported (Llama-family models have none)")
+    if hf.get("sliding_window"):
+        raise UserError("sliding-window attention is not supported")
+    args = dict(
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        ffn_hidden_size=hf["intermediate_size"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_query_groups=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        kv_channels=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        init_method_std=hf.get("initializer_range", 0.02),
+        layernorm_epsilon=hf.get("rms_norm_eps", 1e-5),
+        seq_length=hf.get("max_position_embeddings", 4096),
+        rotary_base=hf.get("rope_theta", 10000.0),
+        share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
+        vocab_size=hf["vocab_size"],
+        make_vocab_size_divisible_by=_divisor(hf["vocab_size"]),
+    )
+    dtype = str(hf.get("torch_dtype") or hf.get("dtype") or "float32")
+    if "bfloat16" in dtype:
+        args.update(bf16=True)
+    elif "float16" in dtype:
+        args.update(fp16=True)
+    scaling = hf.get("rope_scaling") or None
+    cls = "LlamaConfig"
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind != "llama3":
+            raise UserError(f"rope_scaling type {kind!r} is not supported (only Llama-3.1 'llama3')")
+        cls = "Llama31Config"
+        args.update(
+            scale_factor=scaling.get("factor", 8.0),
+            low_freq_factor=scaling.get("low_freq_factor", 1.0),
+            high_freq_factor=scaling.get("high_freq_factor", 4.0),
+            old_context_len=scaling.get("original_max_position_embeddings", 8192),
+        )
+    return ModelSpec(cls, args)
+
+
+def _divisor(vocab: int) -> int:
+    base = 128
+    while vocab % base:
+        base //= 2
+    return base
+
+
+def tiny_spec(**overrides) -> ModelSpec:
+    """A Llama-shaped model well under 1M parameters, for tests (GQA, SwiGLU, RMSNorm, RoPE)."""
+    args = dict(
+        num_layers=4,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        kv_channels=16,
+        init_method_std=0.02,
+        layernorm_epsilon=1e-5,
+        seq_length=64,
+        rotary_base=10000.0,
+        share_embeddings_and_output_weights=False,
+        vocab_size=256,
+        make_vocab_size_divisible_by=128,
+    )
+    args.update(overrides)
+    return ModelSpec("LlamaConfig", args)

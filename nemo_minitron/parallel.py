@@ -1,0 +1,94 @@
+"""Process group and megatron parallel state: the one place that initializes them.
+
+Works under ``torchrun`` (reads RANK/WORLD_SIZE/MASTER_ADDR), under SLURM ``srun`` (maps SLURM_PROCID etc.
+when torchrun's variables are absent) and in a plain single process (a private TCP store on a free port).
+The backend is NCCL with CUDA and gloo without (see :mod:`nemo_minitron.platform`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from nemo_minitron import platform
+from nemo_minitron.errors import UserError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env_from_slurm() -> None:
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+
+
+def world_size_from_env() -> int:
+    _env_from_slurm()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def validate_layout(world_size: int, tp: int, pp: int) -> None:
+    if tp < 1 or pp < 1:
+        raise UserError(f"tensor/pipeline parallel sizes must be >= 1 (got TP={tp}, PP={pp})")
+    if world_size % (tp * pp) != 0:
+        raise UserError(f"world size {world_size} is not divisible by TP*PP = {tp}*{pp}")
+
+
+def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
+    """Initialize torch.distributed (if needed), megatron parallel state and the model-parallel RNG."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    platform.activate()
+    world = world_size_from_env()
+    validate_layout(world, tp, pp)
+    if not dist.is_initialized():
+        if platform.has_cuda():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend=platform.backend(), timeout=timedelta(minutes=30))
+        else:
+            dist.init_process_group(
+                backend=platform.backend(),
+                init_method=f"tcp://127.0.0.1:{_free_port()}",
+                rank=0,
+                world_size=1,
+            )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+    )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

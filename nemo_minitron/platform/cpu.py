@@ -1,0 +1,248 @@
+"""CPU accommodations for NeMo 2.7.3 and megatron-core 0.15 (see ../shared/notes/STACK.md).
+
+megatron-core and NeMo assume CUDA in many places: ``torch.cuda.current_device()`` as a device argument,
+literal ``device="cuda"`` factories, ``torch.cuda.synchronize()``, CUDA RNG state tracking for dropout
+forks, optimizer dispatch on ``param.type() == "torch.cuda.FloatTensor"``, fused kernels that need
+Transformer Engine, and gloo's refusal of 0-dim all-gathers.
+
+:func:`activate` installs one accommodation for each of those, and only when CUDA is *not* available.
+On a machine with CUDA it returns immediately and changes nothing: the production path (TE layer spec,
+NCCL, bf16/FP8) runs exactly as NeMo and megatron-core ship it.
+
+What is changed, in one list:
+
+1. A global ``TorchFunctionMode`` rewrites every CUDA device argument (``"cuda"``, ``"cuda:N"``, an
+   integer ordinal) to ``cpu`` and makes ``Tensor.cuda()`` a no-op, so megatron's hard-coded CUDA
+   factories (schedules, p2p communication, rerun state machine, tensor-parallel buffers, causal mask)
+   allocate on the CPU.
+2. ``torch.cuda.current_device`` returns the CPU device, ``torch.cuda.synchronize`` /
+   ``torch.cuda.set_device`` / ``torch.cuda.empty_cache`` are no-ops, and ``torch.cuda.Stream`` /
+   ``torch.cuda.stream`` are inert stand-ins (NeMo's ``MegatronParallel`` uses a side stream).
+3. The CUDA RNG used by megatron's ``CudaRNGStatesTracker`` is mapped to the CPU generator, so
+   ``model_parallel_cuda_manual_seed`` and dropout forks work and stay reproducible.
+4. gloo: 0-dim tensors given to ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` are viewed 1-d,
+   and ``all_gather_into_tensor`` falls back to ``all_gather`` (gloo lacks the fused collective).
+5. :func:`config_overrides` names the megatron ``TransformerConfig`` fields that must be off without
+   TE/CUDA (every fusion, ``gradient_accumulation_fusion``); the model builder applies them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+
+import torch
+
+_ACTIVE = False
+_LOCK = threading.Lock()
+
+
+def has_cuda() -> bool:
+    """True when a usable CUDA device is present (the production target)."""
+    return torch.cuda.is_available()
+
+
+@functools.lru_cache(maxsize=1)
+def has_transformer_engine() -> bool:
+    """True when Transformer Engine imports (it never does on our CPU machines)."""
+    try:
+        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, or a broken TE build raising OSError/RuntimeError
+        return False
+    return True
+
+
+def device() -> torch.device:
+    """The device model tensors live on for this process."""
+    if has_cuda():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def backend() -> str:
+    """The torch.distributed backend: NCCL with CUDA, gloo without."""
+    return "nccl" if has_cuda() else "gloo"
+
+
+def cpu_mode_active() -> bool:
+    return _ACTIVE
+
+
+def config_overrides() -> dict:
+    """TransformerConfig fields to force when running without CUDA/TE (empty with CUDA)."""
+    if has_cuda():
+        return {}
+    return dict(
+        use_cpu_initialization=True,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+        fp16=False,
+        bf16=False,
+        params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
+        autocast_dtype=torch.float32,
+        fp8=None,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. device rewriting
+# --------------------------------------------------------------------------------------------------
+_CPU = torch.device("cpu")
+
+
+def _is_cuda_device(dev) -> bool:
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    if isinstance(dev, int) and not isinstance(dev, bool):
+        return True  # a bare ordinal means a CUDA device in torch
+    return False
+
+
+class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU for every torch function and tensor method."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name == "cuda":  # Tensor.cuda(...) / Module-free tensors
+            return args[0]
+        if name == "is_pinned":
+            return False
+        dev = kwargs.get("device")
+        if dev is not None and _is_cuda_device(dev):
+            kwargs = dict(kwargs)
+            kwargs["device"] = _CPU
+        if name == "to" and args and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU) + tuple(args[2:])
+        if "pin_memory" in kwargs and kwargs["pin_memory"]:
+            kwargs = dict(kwargs)
+            kwargs["pin_memory"] = False
+        if name == "pin_memory" and args:
+            return args[0]
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stand-in for torch.cuda.Stream: usable as a context and in wait/record calls."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return None
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: _CPU
+    cuda.synchronize = lambda *a, **k: None
+    cuda.set_device = lambda *a, **k: None
+    cuda.empty_cache = lambda *a, **k: None
+    cuda.Stream = _NullStream
+    cuda.current_stream = lambda *a, **k: _NullStream()
+    cuda.default_stream = lambda *a, **k: _NullStream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.reset_peak_memory_stats = lambda *a, **k: None
+    # 3. RNG: the "CUDA" generator is the CPU generator.
+    cuda.manual_seed = torch.manual_seed
+    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    cuda.random.get_rng_state = cuda.get_rng_state
+    cuda.random.set_rng_state = cuda.set_rng_state
+
+
+def _patch_megatron() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+
+def _patch_gloo_collectives() -> None:
+    import torch.distributed as dist
+
+    orig_gather = dist.all_gather_into_tensor
+
+    @functools.wraps(orig_gather)
+    def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
+        if dist.get_backend(group) != "gloo":
+            return orig_gather(output_tensor, input_tensor, group=group, async_op=async_op)
+        inp = input_tensor.reshape(-1)
+        world = dist.get_world_size(group)
+        chunks = list(output_tensor.reshape(world, -1).unbind(0))
+        work = dist.all_gather(chunks, inp.contiguous(), group=group, async_op=async_op)
+        return work
+
+    orig_rs = dist.reduce_scatter_tensor
+
+    @functools.wraps(orig_rs)
+    def reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if dist.get_backend(group) != "gloo":
+            return orig_rs(output, input, op=op, group=group, async_op=async_op)
+        world = dist.get_world_size(group)
+        rank = dist.get_rank(group)
+        buf = input.reshape(world, -1).clone()
+        dist.all_reduce(buf, op=op, group=group)
+        output.reshape(-1).copy_(buf[rank])
+        return None
+
+    dist.all_gather_into_tensor = all_gather_into_tensor
+    dist.reduce_scatter_tensor = reduce_scatter_tensor
+    # megatron aliases the fused collectives at import time in a few modules
+    import megatron.core.tensor_parallel.mappings as mappings
+
+    for mod in (mappings,):
+        if hasattr(mod, "dist_all_gather_func"):
+            mod.dist_all_gather_func = all_gather_into_tensor
+        if hasattr(mod, "dist_reduce_scatter_func"):
+            mod.dist_reduce_scatter_func = reduce_scatter_tensor
+
+
+def activate() -> bool:
+    """Install the CPU accommodations once per process. Returns True when they are active.
+
+    Does nothing (returns False) when CUDA is available, or when ``NEMO_MINITRON_NO_CPU_PLATFORM=1``.
+    """
+    global _ACTIVE
+    if has_cuda() or os.environ.get("NEMO_MINITRON_NO_CPU_PLATFORM") == "1":
+        return False
+    with _LOCK:
+        if _ACTIVE:
+            return True
+        _patch_torch_cuda()
+        _patch_megatron()
+        _patch_gloo_collectives()
+        _CudaToCpuMode().__enter__()  # stays pushed for the life of the process
+        _ACTIVE = True
+    return True
