@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny megatron models (well under 1M parameters), their NeMo checkpoints, token
+windows, and a torchrun launcher for 2-process CPU (gloo) runs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+WORKERS = Path(__file__).resolve().parent / "workers"
+CLI = [sys.executable, "-m", "nemo_minitron.cli"]
+
+os.environ.setdefault("PYTHONWARNINGS", "ignore")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd, timeout=600, check=True, env=None, cwd=None):
+    """Run a command; on failure show its output. Returns the CompletedProcess (text)."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    full_env.update(env or {})
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=cwd or REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n"
+                             f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def torchrun(args, nproc=2, timeout=600, check=True):
+    """``torchrun --nproc-per-node nproc`` on CPU: one gloo process per rank, 1 thread each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}", *args]
+    return run(cmd, timeout=timeout, check=check)
+
+
+def cli(*args, timeout=600, check=True):
+    return run([*CLI, *args], timeout=timeout, check=check)
+
+
+@pytest.fixture(scope="session")
+def dist_single():
+    """Single-process parallel state (TP=1, PP=1) in the pytest process."""
+    from nemo_minitron import parallel
+
+    parallel.initialize(1, 1)
+    yield
+    # left initialized for the session; the process ends after the tests
+
+
+@pytest.fixture(scope="session")
+def tiny_spec():
+    from nemo_minitron.model import tiny_spec
+
+    return tiny_spec()
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, tiny_spec, dist_single):
+    """A NeMo 2 checkpoint of a randomly initialized tiny Llama, saved at TP=1/PP=1."""
+    from nemo_minitron.checkpoint import nemo as ck
+    from nemo_minitron.model import build
+
+    torch.manual_seed(0)
+    model = build(tiny_spec)
+    with torch.no_grad():  # larger than megatron's init, so layers matter for the loss
+        for p in model.parameters():
+            p.normal_(0.0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("tiny") / "ckpt"
+    ck.save(path, model, tiny_spec)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_windows(tiny_spec, tmp_path_factory):
+    """Fixed token windows [8, 33] for the tiny model, also saved to disk for workers."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randint(0, tiny_spec.vocab_size, (8, 33), generator=g)
+    path = tmp_path_factory.mktemp("windows") / "windows.pt"
+    torch.save(w, path)
+    return w, path
