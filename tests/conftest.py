@@ -27,7 +27,7 @@ def free_port() -> int:
 
 def run(cmd, timeout=600, check=True, env=None, cwd=None):
     """Run a command; on failure show its output. Returns the CompletedProcess (text)."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1")
     full_env.update(env or {})
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
                           env=full_env, cwd=cwd or REPO)
