@@ -136,8 +136,12 @@ def tokenizer_dir(path: Path):
 # --------------------------------------------------------------------------------------------------
 # weights
 # --------------------------------------------------------------------------------------------------
-def save(path: Path, model, spec: ModelSpec, tokenizer_dir=None, overwrite: bool = False) -> Path:
-    """Write a NeMo 2 checkpoint of ``model`` (this rank's chunk; every rank calls it)."""
+def save(path: Path, model, spec: ModelSpec, tokenizer_dir=None, overwrite: bool = False, extra=None) -> Path:
+    """Write a NeMo 2 checkpoint of ``model`` (this rank's chunk; every rank calls it).
+
+    ``extra(tmp_dir)`` runs on rank 0 before the rename, so reports written beside the weights are part of
+    the same atomic step.
+    """
     from megatron.core import dist_checkpointing
 
     path = Path(path).absolute()
@@ -154,6 +158,8 @@ def save(path: Path, model, spec: ModelSpec, tokenizer_dir=None, overwrite: bool
     if parallel.is_rank0():
         write_context(tmp, spec, tokenizer_dir)
         (tmp / "weights" / "nemo_minitron.json").write_text(json.dumps({"complete": True}))
+        if extra is not None:
+            extra(tmp)
         if path.exists():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         tmp.rename(path)

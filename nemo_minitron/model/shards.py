@@ -97,8 +97,9 @@ def load_full_state_dict(model, full: dict) -> None:
         raise KeyError(f"state dict lacks {missing[:5]}")
 
 
-def gather_full(model, which: str = "param") -> dict:
-    """Full tensors (params or grads) under global names, gathered on every rank (small models/tests)."""
+def gather_full(model, which: str = "param", across_pp: bool = True) -> dict:
+    """Full tensors (params or grads) under global names, gathered over TP on every rank, and over PP
+    too unless ``across_pp=False`` (then each stage gets its own layers only)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -117,7 +118,7 @@ def gather_full(model, which: str = "param") -> dict:
             t = from_shards(name, bufs)
         mine[global_name(name, off)] = t
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if pp == 1:
+    if pp == 1 or not across_pp:
         return mine
     parts = [None] * pp
     dist.all_gather_object(parts, mine, group=parallel_state.get_pipeline_model_parallel_group())

@@ -1,0 +1,181 @@
+"""Activation-based importance, from forward passes only (Minitron, 2407.14679 §2).
+
+Per unit and per calibration sample, an activation magnitude is reduced over the sequence; the per-sample
+values are then reduced over the batch (all samples). Defaults: mean over sequence, L2 over batch (the
+paper's best; ModelOpt's choice).
+
+- attention heads: norm over head_dim of each head's attention output (input of ``linear_proj``);
+- MLP neurons: |activation| of each intermediate neuron (input of ``linear_fc2``, after the gated activation);
+- embedding channels: |output| of every RMSNorm/LayerNorm site (both norms of every layer), summed over
+  sites. With the Transformer Engine spec the norms are fused into ``linear_qkv``/``linear_fc1``; the norm
+  output is then recomputed from their input and ``layer_norm_weight``.
+
+``ImportanceRecorder`` holds this rank's hooks and accumulators (local layers, local TP shard);
+:func:`gather` turns them into full scores on every rank (TP all-gather, PP all-gather, summed embedding
+channels over pipeline stages).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+SEQ_AGGS = ("mean", "l2", "var", "max")
+BATCH_AGGS = ("l2", "mean", "var", "max")
+
+
+def _seq_reduce(x: torch.Tensor, how: str) -> torch.Tensor:
+    """x: [s, b, units] non-negative magnitudes (or signed values for var) -> [b, units]."""
+    if how == "mean":
+        return x.abs().mean(0)
+    if how == "l2":
+        return x.norm(dim=0)
+    if how == "var":
+        return x.var(0, unbiased=False)
+    if how == "max":
+        return x.abs().amax(0)
+    raise ValueError(how)
+
+
+class _Acc:
+    """Streaming batch reduction of per-sample values [b, units]."""
+
+    def __init__(self):
+        self.n = 0
+        self.sum = self.sumsq = self.max = None
+
+    def add(self, v: torch.Tensor) -> None:
+        v = v.detach().double()
+        s, sq, m = v.sum(0), (v * v).sum(0), v.amax(0)
+        if self.sum is None:
+            self.sum, self.sumsq, self.max = s, sq, m
+        else:
+            self.sum += s
+            self.sumsq += sq
+            self.max = torch.maximum(self.max, m)
+        self.n += v.shape[0]
+
+    def result(self, how: str) -> torch.Tensor:
+        if how == "l2":
+            return self.sumsq.sqrt()
+        if how == "mean":
+            return self.sum / self.n
+        if how == "var":
+            mean = self.sum / self.n
+            return (self.sumsq / self.n - mean * mean).clamp_min(0)
+        if how == "max":
+            return self.max
+        raise ValueError(how)
+
+
+def _rms_norm(x, weight, eps):
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+class ImportanceRecorder:
+    """Forward hooks on this rank's layers that accumulate head, neuron and channel activations."""
+
+    def __init__(self, model, seq_agg: str = "mean", batch_agg: str = "l2"):
+        if seq_agg not in SEQ_AGGS or batch_agg not in BATCH_AGGS:
+            raise ValueError(f"aggregation must be seq in {SEQ_AGGS}, batch in {BATCH_AGGS}")
+        self.model, self.seq_agg, self.batch_agg = model, seq_agg, batch_agg
+        cfg = model.config
+        self.d = cfg.kv_channels
+        self.eps = cfg.layernorm_epsilon
+        self.layers = list(model.decoder.layers)
+        self.heads = [_Acc() for _ in self.layers]
+        self.ffn = [_Acc() for _ in self.layers]
+        self.hidden = [(_Acc(), _Acc()) for _ in self.layers]  # (input norm, pre-MLP norm) sites
+        self.handles = []
+        self.samples = 0
+
+    # ---- hooks --------------------------------------------------------------------------------
+    def _heads_hook(self, i):
+        def hook(module, args):
+            x = args[0]  # [s, b, heads_local * d]
+            s, b = x.shape[:2]
+            per_head = x.detach().float().reshape(s, b, -1, self.d).norm(dim=-1)
+            self.heads[i].add(_seq_reduce(per_head, self.seq_agg))
+        return hook
+
+    def _ffn_hook(self, i):
+        def hook(module, args):
+            self.ffn[i].add(_seq_reduce(args[0].detach().float(), self.seq_agg))
+        return hook
+
+    def _norm_out_hook(self, acc):
+        def hook(module, args, output):
+            acc.add(_seq_reduce(output.detach().float(), self.seq_agg))
+        return hook
+
+    def _fused_norm_hook(self, acc):
+        def hook(module, args):
+            # TE spec: the norm lives inside linear_qkv / linear_fc1 (layer_norm_weight)
+            out = _rms_norm(args[0].detach(), module.layer_norm_weight, self.eps)
+            acc.add(_seq_reduce(out, self.seq_agg))
+        return hook
+
+    def attach(self) -> "ImportanceRecorder":
+        for i, layer in enumerate(self.layers):
+            att, mlp = layer.self_attention, layer.mlp
+            self.handles.append(att.linear_proj.register_forward_pre_hook(self._heads_hook(i)))
+            self.handles.append(mlp.linear_fc2.register_forward_pre_hook(self._ffn_hook(i)))
+            sites = ((layer.input_layernorm, att.linear_qkv), (layer.pre_mlp_layernorm, mlp.linear_fc1))
+            for (norm, fused), acc in zip(sites, self.hidden[i]):
+                if hasattr(fused, "layer_norm_weight"):
+                    self.handles.append(fused.register_forward_pre_hook(self._fused_norm_hook(acc)))
+                else:
+                    self.handles.append(norm.register_forward_hook(self._norm_out_hook(acc)))
+        return self
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def __enter__(self):
+        return self.attach()
+
+    def __exit__(self, *exc):
+        self.detach()
+
+    # ---- results ------------------------------------------------------------------------------
+    def local_scores(self) -> dict:
+        """This rank's scores: heads [L_local, H_local], ffn [L_local, F_local], hidden [h] (summed over sites)."""
+        if self.hidden[0][0].n == 0:
+            raise RuntimeError("no calibration forward pass was recorded")
+        ba = self.batch_agg
+        return {
+            "heads": torch.stack([a.result(ba) for a in self.heads]),
+            "ffn": torch.stack([a.result(ba) for a in self.ffn]),
+            "hidden": sum(a.result(ba) for pair in self.hidden for a in pair),  # summed over norm sites
+        }
+
+
+def gather(local: dict) -> dict:
+    """Full scores on every rank: heads [L, H], ffn [L, F], hidden [h] (float64)."""
+    if not dist.is_initialized():
+        return local
+    from megatron.core import parallel_state as ps
+
+    out = {}
+    tp = ps.get_tensor_model_parallel_world_size()
+    for key in ("heads", "ffn"):
+        t = local[key].contiguous()
+        if tp > 1:
+            parts = [torch.empty_like(t) for _ in range(tp)]
+            dist.all_gather(parts, t, group=ps.get_tensor_model_parallel_group())
+            t = torch.cat(parts, dim=1)
+        out[key] = t
+    hidden = local["hidden"].clone()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    if pp > 1:
+        group = ps.get_pipeline_model_parallel_group()
+        dist.all_reduce(hidden, group=group)
+        for key in ("heads", "ffn"):
+            parts = [None] * pp
+            dist.all_gather_object(parts, out[key], group=group)
+            out[key] = torch.cat(parts, dim=0)  # stages hold consecutive layers
+    out["hidden"] = hidden
+    return out

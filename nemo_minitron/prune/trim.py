@@ -1,0 +1,92 @@
+"""Apply a width plan to a full (TP-gathered) megatron state dict, local or Transformer Engine names.
+
+Works on whatever part of the model the dict holds (one pipeline stage's layers, with or without the
+embedding and output layer), so each stage trims its own layers. Trimmed tensors: embedding and output
+layer columns, every norm (also TE's fused ``layer_norm_weight``), ``linear_qkv`` rows (per kept group:
+its kept query heads, its key and value head) and columns, ``linear_proj`` rows and columns, the gate and
+up halves of ``linear_fc1``, ``linear_fc2``. ``_extra_state`` (TE FP8 scaling state) is dropped: it
+describes the old shapes and is re-created on load.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from nemo_minitron.model.spec import ModelSpec
+from nemo_minitron.prune.plan import WidthPlan
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def new_spec(spec: ModelSpec, targets: dict) -> ModelSpec:
+    """Pruned model config: the targets, with head_dim (kv_channels) preserved explicitly."""
+    return spec.replace(kv_channels=spec.kv_channels, **targets)
+
+
+def _qkv(w, spec, plan: WidthPlan, l: int):
+    G, d = spec.num_query_groups, spec.kv_channels
+    per = spec.num_attention_heads // G
+    x = w.reshape(G, per + 2, d, w.shape[-1])
+    if plan.groups is None:
+        return w
+    blocks = [torch.cat([x[g, hk], x[g, per:per + 2]]) for g, hk in zip(plan.groups[l].tolist(), plan.heads[l])]
+    return torch.stack(blocks).reshape(-1, w.shape[-1])
+
+
+def _proj(w, spec, plan: WidthPlan, l: int, merge: bool):
+    if plan.groups is None:
+        return w
+    G, d = spec.num_query_groups, spec.kv_channels
+    per = spec.num_attention_heads // G
+    y = w.reshape(w.shape[0], G, per, d)
+    cols = []
+    for j, g in enumerate(plan.groups[l].tolist()):
+        kept = y[:, g].clone()  # [h, per, d]
+        if merge:
+            # fold each pruned head's output projection into a kept head of the same group (they share
+            # K and V): pruned heads, most important first, pair with kept heads, least important first
+            # (the reverse pairing of 2407.14679); exact when the paired heads attend alike.
+            order = plan.kept_by_score[l][j].tolist()[::-1]
+            for i, p in enumerate(plan.pruned_heads[l][j].tolist()):
+                k = order[i % len(order)]
+                kept[:, k] += y[:, g, p]
+        cols.append(kept[:, plan.heads[l][j]])
+    return torch.stack(cols, dim=1).reshape(w.shape[0], -1)
+
+
+def trim(sd: dict, spec: ModelSpec, plan: WidthPlan, merge_pruned_heads: bool = False) -> dict:
+    hk, out = plan.hidden, {}
+    for name, w in sd.items():
+        if name.endswith("_extra_state"):
+            continue
+        m = _LAYER.match(name)
+        if m is None:
+            if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                w = w[:, hk] if hk is not None else w
+            elif name == "decoder.final_layernorm.weight":
+                w = w[hk] if hk is not None else w
+            out[name] = w.clone()
+            continue
+        l, suffix = int(m.group(1)), m.group(2)
+        if suffix.endswith("layernorm.weight") or suffix.endswith("layer_norm_weight"):
+            w = w[hk] if hk is not None else w
+        elif suffix == "self_attention.linear_qkv.weight":
+            w = _qkv(w, spec, plan, l)
+            w = w[:, hk] if hk is not None else w
+        elif suffix == "self_attention.linear_proj.weight":
+            w = _proj(w, spec, plan, l, merge_pruned_heads)
+            w = w[hk] if hk is not None else w
+        elif suffix == "mlp.linear_fc1.weight":
+            if plan.ffn is not None:
+                gate, up = w.chunk(2, dim=0)
+                w = torch.cat([gate[plan.ffn[l]], up[plan.ffn[l]]])
+            w = w[:, hk] if hk is not None else w
+        elif suffix == "mlp.linear_fc2.weight":
+            w = w[:, plan.ffn[l]] if plan.ffn is not None else w
+            w = w[hk] if hk is not None else w
+        else:
+            raise KeyError(f"do not know how to prune {name}")
+        out[name] = w.contiguous().clone()
+    return out

@@ -1,0 +1,59 @@
+"""Width pruning over megatron modules: calibrate -> plan -> trim this rank's shard into a new model.
+
+Plain functions, no trainer: :func:`calibrate` runs forward passes with the importance hooks and returns
+full scores on every rank; :func:`prune_model` builds the pruned model at the same TP/PP layout. Each rank
+gathers its stage's tensors over TP, trims them with the (identical) plan, and keeps its new TP shard.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from nemo_minitron.model import build
+from nemo_minitron.model.forward import lm_loss
+from nemo_minitron.model.shards import gather_full, load_full_state_dict
+from nemo_minitron.model.spec import ModelSpec
+from nemo_minitron.prune import importance
+from nemo_minitron.prune.plan import WidthPlan
+from nemo_minitron.prune.trim import new_spec, trim
+
+
+def calibrate(model, windows: torch.Tensor, micro_batch_size: int, seq_agg: str = "mean",
+              batch_agg: str = "l2", progress: bool = True) -> dict:
+    """Importance scores (heads [L, H], ffn [L, F], hidden [h]) from forward passes over ``windows``."""
+    from tqdm import tqdm
+
+    from nemo_minitron import parallel
+
+    n, L1 = windows.shape
+    step = micro_batch_size * max(1, min(8, n // micro_batch_size))
+    bar = tqdm(total=n, unit="sample", desc="calibration", disable=not (progress and parallel.is_rank0()))
+    t0, done, loss_sum = time.time(), 0, 0.0
+    model.eval()
+    with torch.no_grad(), importance.ImportanceRecorder(model, seq_agg, batch_agg) as rec:
+        for chunk in windows.split(step):
+            s, _ = lm_loss(model, chunk, micro_batch_size, forward_only=True)
+            loss_sum += s
+            done += chunk.shape[0]
+            bar.update(chunk.shape[0])
+            bar.set_postfix(tok_per_s=int(done * (L1 - 1) / max(time.time() - t0, 1e-9)),
+                            loss=f"{loss_sum / (done * (L1 - 1)):.3f}")
+        local = rec.local_scores()
+    bar.close()
+    scores = importance.gather(local)
+    scores["calibration_loss"] = loss_sum / (n * (L1 - 1))
+    return scores
+
+
+def prune_model(model, spec: ModelSpec, plan: WidthPlan, tp: int = 1, pp: int = 1,
+                merge_pruned_heads: bool = False):
+    """(pruned model chunk, pruned spec) at the same layout; ``model`` is left unchanged."""
+    full = gather_full(model, "param", across_pp=False)
+    trimmed = trim(full, spec, plan, merge_pruned_heads)
+    spec2 = new_spec(spec, plan.targets)
+    pruned = build(spec2, tp, pp)
+    load_full_state_dict(pruned, trimmed)
+    pruned.eval()
+    return pruned, spec2
