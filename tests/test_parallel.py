@@ -54,23 +54,11 @@ def test_forward_backward_matches_tp1(tp, pp, reference, tiny_ckpt, tiny_windows
     assert _eval_loss(out_ckpt, tiny_windows[0]) == pytest.approx(reference["loss"], rel=1e-6)
 
 
-def test_evaluate_cli_tp2_equals_tp1(tiny_ckpt, tmp_path):
+def test_evaluate_cli_tp2_equals_tp1(tiny_ckpt, tiny_data, tmp_path):
     """The evaluate command itself under torchrun at TP=2 reports TP=1's loss."""
     import json
 
-    from nemo_minitron.data import indexed
-
-    class Tok:  # a byte-level tokenizer small enough for the tiny vocab
-        eos_token_id = 255
-
-        def __len__(self):
-            return 256
-
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": list(text.encode("utf-8")[:4000])}
-
-    prefix = tmp_path / "bytes"
-    indexed.write(prefix, [("To be, or not to be: that is the question. " * 40)] * 4, Tok(), progress=False)
+    prefix = tiny_data
     args = ["evaluate", f"model={tiny_ckpt}", f"data={prefix}", "eval.num_samples=8", "eval.seq_length=32",
             "eval.micro_batch_size=2"]
     one = cli(*args, f"output_json={tmp_path / 'tp1.json'}")

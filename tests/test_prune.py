@@ -1,0 +1,207 @@
+"""Width pruning on tiny models: exactness of trimming, TE naming, TP/PP consistency, scores reuse, errors."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import cli, torchrun
+
+TARGETS = ["prune.hidden_size=48", "prune.ffn_hidden_size=96", "prune.num_attention_heads=2",
+           "prune.num_query_groups=2"]
+
+
+def _full(model):
+    from nemo_minitron.model.shards import gather_full
+
+    return gather_full(model)
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens, torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens), None)
+
+
+def _scores(spec, seed=0):
+    from nemo_minitron.prune.plan import random_scores
+
+    return random_scores(spec, seed)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_ckpt, dist_single):
+    from nemo_minitron.checkpoint.loader import load_model
+
+    model, spec, _ = load_model(tiny_ckpt)
+    return model, spec
+
+
+def test_ffn_and_head_pruning_equal_masking(tiny_model, tiny_windows):
+    """Removing neurons/heads gives exactly the unpruned model with those units' outputs zeroed."""
+    from nemo_minitron.model.shards import load_full_state_dict
+    from nemo_minitron.model import build
+    from nemo_minitron.prune.plan import make_plan
+    from nemo_minitron.prune.width import prune_model
+
+    model, spec = tiny_model
+    targets = {"ffn_hidden_size": 80, "num_attention_heads": 2}  # 2 groups x 1 head kept of 2 groups x 2
+    plan = make_plan(_scores(spec), spec, targets)
+    pruned, spec2 = prune_model(model, spec, plan)
+    assert (spec2.ffn_hidden_size, spec2.num_attention_heads, spec2.num_query_groups, spec2.kv_channels) == (80, 2, 2, 16)
+
+    masked = {k: v.clone() for k, v in _full(model).items()}
+    d, per = spec.kv_channels, 2
+    for l in range(spec.num_layers):
+        fc2 = masked[f"decoder.layers.{l}.mlp.linear_fc2.weight"]
+        drop = torch.ones(spec.ffn_hidden_size, dtype=torch.bool)
+        drop[plan.ffn[l]] = False
+        fc2[:, drop] = 0
+        proj = masked[f"decoder.layers.{l}.self_attention.linear_proj.weight"]
+        keep = {g * per + int(h) for g, hs in zip(plan.groups[l].tolist(), plan.heads[l]) for h in hs}
+        for head in range(spec.num_attention_heads):
+            if head not in keep:
+                proj[:, head * d:(head + 1) * d] = 0
+    ref = build(spec)
+    load_full_state_dict(ref, masked)
+    tokens = tiny_windows[0][:2, :-1]
+    torch.testing.assert_close(_logits(pruned, tokens), _logits(ref, tokens), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(_logits(pruned, tokens), _logits(model, tokens), atol=1e-3)  # it did prune
+
+
+def test_hidden_pruning_keeps_chosen_channels(tiny_model):
+    from nemo_minitron.prune.plan import make_plan
+    from nemo_minitron.prune.width import prune_model
+
+    model, spec = tiny_model
+    plan = make_plan(_scores(spec, 3), spec, {"hidden_size": 40})
+    pruned, spec2 = prune_model(model, spec, plan)
+    before, after = _full(model), _full(pruned)
+    hk = plan.hidden
+    assert torch.equal(after["embedding.word_embeddings.weight"], before["embedding.word_embeddings.weight"][:, hk])
+    assert torch.equal(after["decoder.layers.2.pre_mlp_layernorm.weight"], before["decoder.layers.2.pre_mlp_layernorm.weight"][hk])
+    assert torch.equal(after["decoder.layers.1.mlp.linear_fc2.weight"], before["decoder.layers.1.mlp.linear_fc2.weight"][hk])
+    assert after["decoder.layers.0.self_attention.linear_qkv.weight"].shape == (8 * 16, 40)
+    assert spec2.hidden_size == 40 and spec2.kv_channels == 16  # heads*head_dim (64) != hidden (40)
+
+
+def test_te_names_prune_like_local(tiny_model):
+    """A TE-spec state dict (fused norms, _extra_state) prunes to the same weights and the same HF export."""
+    from nemo_minitron.checkpoint.hf import TE_NORM_NAMES, mcore_to_hf
+    from nemo_minitron.prune.plan import make_plan
+    from nemo_minitron.prune.trim import new_spec, trim
+
+    model, spec = tiny_model
+    local = _full(model)
+    te = {}
+    for k, v in local.items():
+        for a, b in TE_NORM_NAMES.items():
+            k = k.replace(a, b)
+        te[k] = v
+        if k.endswith(".weight") and "linear" in k:
+            te[k.replace(".weight", "._extra_state")] = torch.tensor([1.0, 2.0])  # stale FP8 scaling state
+    targets = {"hidden_size": 48, "ffn_hidden_size": 64, "num_query_groups": 1, "num_attention_heads": 2}
+    plan = make_plan(_scores(spec, 5), spec, targets)
+    a, b = trim(local, spec, plan), trim(te, spec, plan)
+    assert not any(k.endswith("_extra_state") for k in b)
+    assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in b
+    ha, hb = mcore_to_hf(a, new_spec(spec, targets)), mcore_to_hf(b, new_spec(spec, targets))
+    assert ha.keys() == hb.keys()
+    for k in ha:
+        assert torch.equal(ha[k], hb[k]), k
+
+
+def test_merge_pruned_heads_folds_output_projection(tiny_model):
+    from nemo_minitron.prune.plan import make_plan
+    from nemo_minitron.prune.trim import trim
+
+    model, spec = tiny_model
+    full = _full(model)
+    plan = make_plan(_scores(spec, 7), spec, {"num_attention_heads": 2})
+    plain, merged = trim(full, spec, plan), trim(full, spec, plan, merge_pruned_heads=True)
+    name = "decoder.layers.0.self_attention.linear_proj.weight"
+    y = full[name].reshape(64, 2, 2, 16)
+    g0 = plan.groups[0][0]
+    kept, pruned = int(plan.heads[0][0][0]), int(plan.pruned_heads[0][0][0])
+    torch.testing.assert_close(merged[name][:, :16], y[:, g0, kept] + y[:, g0, pruned])
+    torch.testing.assert_close(plain[name][:, :16], y[:, g0, kept])
+    qkv = "decoder.layers.0.self_attention.linear_qkv.weight"
+    assert torch.equal(plain[qkv], merged[qkv])
+
+
+@pytest.mark.parametrize("targets,tp,needle", [
+    ({"hidden_size": 65}, 1, "larger than the source"),
+    ({"num_attention_heads": 3}, 1, "not divisible by num_query_groups"),
+    ({"num_attention_heads": 4, "num_query_groups": 1}, 1, "heads per group"),
+    ({"ffn_hidden_size": 99}, 2, "not divisible by tensor_model_parallel_size=2"),
+    ({"num_query_groups": 1, "num_attention_heads": 2}, 2, "not divisible by tensor_model_parallel_size=2"),
+    ({"num_layers_x": 3}, 1, "unknown pruning dimension"),
+    ({"hidden_size": 0}, 1, "positive integer"),
+])
+def test_bad_targets(tiny_spec, targets, tp, needle):
+    from nemo_minitron.errors import UserError
+    from nemo_minitron.prune.plan import validate_targets
+
+    with pytest.raises(UserError, match=needle):
+        validate_targets(tiny_spec, targets, tp)
+
+
+def test_cli_refuses_before_calibration(tiny_ckpt, tmp_path):
+    out = tmp_path / "out"
+    proc = cli("prune", f"model={tiny_ckpt}", f"output={out}", "data.calibration=/nonexistent/data",
+               "prune.ffn_hidden_size=999", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: prune.ffn_hidden_size=999")
+    proc = cli("prune", f"model={tiny_ckpt}", f"output={out}", "prune.heads=3", check=False)
+    assert proc.returncode == 2 and "unknown config key 'prune.heads'" in proc.stderr
+    assert "calibration" not in proc.stdout and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def pruned_tp1(tiny_ckpt, tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pruned") / "tp1"
+    proc = cli("prune", f"model={tiny_ckpt}", f"output={out}", f"data.calibration={tiny_data}",
+               "data.calibration_samples=16", "data.seq_length=32", *TARGETS)
+    assert proc.stdout.strip().splitlines()[-1] == f"wrote checkpoint: {out}"
+    return out
+
+
+def test_report_scores_and_reuse(pruned_tp1, tiny_ckpt, tmp_path, dist_single):
+    rep = json.loads((pruned_tp1 / "pruning" / "report.json").read_text())
+    assert rep["shapes"]["hidden_size"] == {"source": 64, "pruned": 48}
+    assert rep["params"]["pruned"] < rep["params"]["source"]
+    for png in rep["plots"].values():
+        assert (pruned_tp1 / "pruning" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # re-prune from the saved scores: no calibration, identical result
+    again = tmp_path / "again"
+    proc = cli("prune", f"model={tiny_ckpt}", f"output={again}", f"prune.scores={pruned_tp1}", *TARGETS)
+    assert "calibration:" not in proc.stderr  # no calibration progress bar: scores were reused
+    from nemo_minitron.checkpoint.loader import load_model
+
+    a, b = _full(load_model(pruned_tp1)[0]), _full(load_model(again)[0])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((again / "pruning" / "report.json").read_text())["scores_from"] == str(pruned_tp1)
+
+
+def test_pruned_checkpoint_evaluates_in_fresh_process(pruned_tp1, tiny_data):
+    proc = cli("evaluate", f"model={pruned_tp1}", f"data={tiny_data}", "eval.num_samples=4", "eval.seq_length=32")
+    assert "loss" in proc.stdout and "TP=1" in proc.stdout
+
+
+@pytest.mark.parallel
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["TP2", "PP2"])
+def test_pruning_identical_across_layouts(tp, pp, pruned_tp1, tiny_ckpt, tiny_data, tmp_path, dist_single):
+    out = tmp_path / "pruned"
+    torchrun(["-m", "nemo_minitron.cli", "prune", f"model={tiny_ckpt}", f"output={out}",
+              f"data.calibration={tiny_data}", "data.calibration_samples=16", "data.seq_length=32", *TARGETS,
+              f"trainer.strategy.tensor_model_parallel_size={tp}", f"trainer.strategy.pipeline_model_parallel_size={pp}"])
+    r1 = json.loads((pruned_tp1 / "pruning" / "report.json").read_text())
+    r2 = json.loads((out / "pruning" / "report.json").read_text())
+    assert r1["plan"] == r2["plan"]  # the same units kept
+    s1, s2 = (torch.load(p / "pruning" / "scores.pt") for p in (pruned_tp1, out))
+    for k in ("heads", "ffn", "hidden"):
+        torch.testing.assert_close(s1[k], s2[k], rtol=1e-5, atol=1e-8)
+    from nemo_minitron.checkpoint.loader import load_model
+
+    a, b = _full(load_model(pruned_tp1)[0]), _full(load_model(out)[0])
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
