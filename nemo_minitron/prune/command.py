@@ -14,7 +14,7 @@ from nemo_minitron.data import indexed
 from nemo_minitron.errors import UserError
 from nemo_minitron.model import count_params
 from nemo_minitron.prune import report
-from nemo_minitron.prune.importance import BATCH_AGGS, SEQ_AGGS
+from nemo_minitron.prune.importance import BATCH_AGGS, HEAD_IMPORTANCE, SEQ_AGGS
 from nemo_minitron.prune.plan import WIDTH_DIMS, check_scores, make_plan, validate_targets
 from nemo_minitron.prune.width import calibrate, prune_model
 
@@ -46,6 +46,8 @@ def run(cfg) -> None:
         raise UserError("no pruning target given (set any of " + ", ".join(f"prune.{k}" for k in WIDTH_DIMS) + ")")
     if p.seq_agg not in SEQ_AGGS or p.batch_agg not in BATCH_AGGS:
         raise UserError(f"prune.seq_agg must be one of {SEQ_AGGS}, prune.batch_agg one of {BATCH_AGGS}")
+    if p.head_importance not in HEAD_IMPORTANCE:
+        raise UserError(f"prune.head_importance must be one of {HEAD_IMPORTANCE}")
     ck.check_output(Path(cfg.output), cfg.overwrite)
     scores = None
     if p.scores:
@@ -66,9 +68,11 @@ def run(cfg) -> None:
     t0 = time.time()
     parallel.initialize(tp, pp)
     model, spec, _ = load_model(src_path, tp, pp)
-    meta = {"source": str(src_path), "seq_agg": p.seq_agg, "batch_agg": p.batch_agg}
+    meta = {"source": str(src_path), "seq_agg": p.seq_agg, "batch_agg": p.batch_agg,
+            "head_importance": p.head_importance}
     if scores is None:
-        scores = calibrate(model, windows, d.micro_batch_size, p.seq_agg, p.batch_agg)
+        scores = calibrate(model, windows, d.micro_batch_size, p.seq_agg, p.batch_agg,
+                           head_importance=p.head_importance)
         meta.update(calibration=str(d.calibration), calibration_samples=d.calibration_samples,
                     seq_length=d.seq_length, calibration_loss=round(scores["calibration_loss"], 5))
     else:

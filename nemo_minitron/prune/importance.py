@@ -4,7 +4,11 @@ Per unit and per calibration sample, an activation magnitude is reduced over the
 values are then reduced over the batch (all samples). Defaults: mean over sequence, L2 over batch (the
 paper's best; ModelOpt's choice).
 
-- attention heads: norm over head_dim of each head's attention output (input of ``linear_proj``);
+- attention heads: norm of each head's attention output (input of ``linear_proj``), either as it enters
+  ``linear_proj`` (``head_importance="activation"``, the paper's literal definition: norm over head_dim) or
+  as it reaches the residual stream (``"contribution"``, the default: the norm of the head's output through
+  its own ``linear_proj`` columns). On SmolLM2-135M the literal definition ranks heads no better than chance
+  (see the width-pruning issue note); the contribution is what the residual stream actually receives.
 - MLP neurons: |activation| of each intermediate neuron (input of ``linear_fc2``, after the gated activation);
 - embedding channels: |output| of every RMSNorm/LayerNorm site (both norms of every layer), summed over
   sites. With the Transformer Engine spec the norms are fused into ``linear_qkv``/``linear_fc1``; the norm
@@ -21,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 SEQ_AGGS = ("mean", "l2", "var", "max")
+HEAD_IMPORTANCE = ("contribution", "activation")
 BATCH_AGGS = ("l2", "mean", "var", "max")
 
 
@@ -76,10 +81,12 @@ def _rms_norm(x, weight, eps):
 class ImportanceRecorder:
     """Forward hooks on this rank's layers that accumulate head, neuron and channel activations."""
 
-    def __init__(self, model, seq_agg: str = "mean", batch_agg: str = "l2"):
-        if seq_agg not in SEQ_AGGS or batch_agg not in BATCH_AGGS:
-            raise ValueError(f"aggregation must be seq in {SEQ_AGGS}, batch in {BATCH_AGGS}")
+    def __init__(self, model, seq_agg: str = "mean", batch_agg: str = "l2", head_importance: str = "contribution"):
+        if seq_agg not in SEQ_AGGS or batch_agg not in BATCH_AGGS or head_importance not in HEAD_IMPORTANCE:
+            raise ValueError(f"aggregation must be seq in {SEQ_AGGS}, batch in {BATCH_AGGS}, "
+                             f"head_importance in {HEAD_IMPORTANCE}")
         self.model, self.seq_agg, self.batch_agg = model, seq_agg, batch_agg
+        self.head_importance = head_importance
         cfg = model.config
         self.d = cfg.kv_channels
         self.eps = cfg.layernorm_epsilon
@@ -93,9 +100,15 @@ class ImportanceRecorder:
     # ---- hooks --------------------------------------------------------------------------------
     def _heads_hook(self, i):
         def hook(module, args):
-            x = args[0]  # [s, b, heads_local * d]
+            x = args[0].detach()  # [s, b, heads_local * d]
             s, b = x.shape[:2]
-            per_head = x.detach().float().reshape(s, b, -1, self.d).norm(dim=-1)
+            x = x.reshape(s, b, -1, self.d)
+            if self.head_importance == "activation":
+                per_head = x.float().norm(dim=-1)
+            else:  # each head through its own linear_proj columns (one head at a time: memory s*b*h)
+                w = module.weight.detach().reshape(module.weight.shape[0], -1, self.d)
+                per_head = torch.stack([(x[:, :, j] @ w[:, j].t()).float().norm(dim=-1)
+                                        for j in range(x.shape[2])], dim=-1)
             self.heads[i].add(_seq_reduce(per_head, self.seq_agg))
         return hook
 

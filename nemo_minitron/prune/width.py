@@ -21,7 +21,7 @@ from nemo_minitron.prune.trim import new_spec, trim
 
 
 def calibrate(model, windows: torch.Tensor, micro_batch_size: int, seq_agg: str = "mean",
-              batch_agg: str = "l2", progress: bool = True) -> dict:
+              batch_agg: str = "l2", progress: bool = True, head_importance: str = "contribution") -> dict:
     """Importance scores (heads [L, H], ffn [L, F], hidden [h]) from forward passes over ``windows``."""
     from tqdm import tqdm
 
@@ -32,7 +32,7 @@ def calibrate(model, windows: torch.Tensor, micro_batch_size: int, seq_agg: str 
     bar = tqdm(total=n, unit="sample", desc="calibration", disable=not (progress and parallel.is_rank0()))
     t0, done, loss_sum = time.time(), 0, 0.0
     model.eval()
-    with torch.no_grad(), importance.ImportanceRecorder(model, seq_agg, batch_agg) as rec:
+    with torch.no_grad(), importance.ImportanceRecorder(model, seq_agg, batch_agg, head_importance) as rec:
         for chunk in windows.split(step):
             s, _ = lm_loss(model, chunk, micro_batch_size, forward_only=True)
             loss_sum += s
