@@ -19,7 +19,8 @@ What is changed, in one list:
    ``torch.cuda.set_device`` / ``torch.cuda.empty_cache`` are no-ops, and ``torch.cuda.Stream`` /
    ``torch.cuda.stream`` are inert stand-ins (NeMo's ``MegatronParallel`` uses a side stream).
 3. The CUDA RNG used by megatron's ``CudaRNGStatesTracker`` is mapped to the CPU generator, so
-   ``model_parallel_cuda_manual_seed`` and dropout forks work and stay reproducible.
+   ``model_parallel_cuda_manual_seed`` and dropout forks work and stay reproducible; a fork of a state
+   nobody added (NeMo seeds only on CUDA) seeds it by megatron's rule instead of failing.
 4. gloo: 0-dim tensors given to ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` are viewed 1-d,
    and ``all_gather_into_tensor`` falls back to ``all_gather`` (gloo lacks the fused collective).
 5. :func:`config_overrides` names the megatron ``TransformerConfig`` fields that must be off without
@@ -187,6 +188,22 @@ def _patch_megatron() -> None:
 
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+    # NeMo's strategy seeds the model-parallel RNG only on CUDA; seed a missing state on first use
+    # (megatron's own rule: seed + 2718 + tensor-parallel rank), instead of failing in dropout forks.
+    orig_fork = mrandom.CudaRNGStatesTracker.fork
+
+    @contextlib.contextmanager
+    def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        if name not in self.states_:
+            from megatron.core import parallel_state
+
+            rank = parallel_state.get_tensor_model_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
+            self.add(name, 1234 + 2718 + rank)
+        with orig_fork(self, name):
+            yield
+
+    mrandom.CudaRNGStatesTracker.fork = fork
 
 
 def _patch_gloo_collectives() -> None:

@@ -15,8 +15,8 @@ from nemo_minitron.errors import UserError
 from nemo_minitron.model import count_params
 from nemo_minitron.prune import report
 from nemo_minitron.prune.importance import BATCH_AGGS, HEAD_IMPORTANCE, SEQ_AGGS
-from nemo_minitron.prune.plan import WIDTH_DIMS, check_scores, make_plan, validate_targets
-from nemo_minitron.prune.width import calibrate, prune_model
+from nemo_minitron.prune.plan import WIDTH_DIMS, check_scores, validate_targets
+from nemo_minitron.prune.width import prune_width
 
 REPORT_DIR = "pruning"
 
@@ -69,24 +69,24 @@ def run(cfg) -> None:
     parallel.initialize(tp, pp)
     model, spec, _ = load_model(src_path, tp, pp)
     meta = {"source": str(src_path), "seq_agg": p.seq_agg, "batch_agg": p.batch_agg,
-            "head_importance": p.head_importance}
+            "head_importance": p.head_importance, "merge_pruned_heads": bool(p.merge_pruned_heads)}
     if scores is None:
-        scores = calibrate(model, windows, d.micro_batch_size, p.seq_agg, p.batch_agg,
-                           head_importance=p.head_importance)
         meta.update(calibration=str(d.calibration), calibration_samples=d.calibration_samples,
-                    seq_length=d.seq_length, calibration_loss=round(scores["calibration_loss"], 5))
+                    seq_length=d.seq_length)
     else:
         meta["scores_from"] = str(p.scores)
-    t_cal = time.time() - t0
-    plan = make_plan(scores, spec, targets)
-    pruned, spec2 = prune_model(model, spec, plan, tp, pp, merge_pruned_heads=p.merge_pruned_heads)
-    meta["merge_pruned_heads"] = bool(p.merge_pruned_heads)
+    pruned, spec2, scores, plan = prune_width(
+        model, spec, targets, windows=windows, scores=scores, micro_batch_size=d.micro_batch_size,
+        seq_agg=p.seq_agg, batch_agg=p.batch_agg, head_importance=p.head_importance,
+        merge_pruned_heads=p.merge_pruned_heads, tp=tp, pp=pp)
+    if "calibration_loss" in scores:
+        meta["calibration_loss"] = round(scores["calibration_loss"], 5)
     tok = ck.tokenizer_dir(src_path) if kind == "nemo" else src_path
     out = ck.save(cfg.output, pruned, spec2, tokenizer_dir=tok, overwrite=cfg.overwrite,
                   extra=lambda tmp: report.write(tmp / REPORT_DIR, spec, spec2, scores, plan, meta))
     if parallel.is_rank0():
         shape = ", ".join(f"{k} {getattr(spec, k)}->{getattr(spec2, k)}" for k in WIDTH_DIMS if k in targets)
         print(f"pruned {shape}: {count_params(spec) / 1e6:.2f}M -> {count_params(spec2) / 1e6:.2f}M params "
-              f"(calibration {t_cal:.1f}s, total {time.time() - t0:.1f}s); report in {out / REPORT_DIR}")
+              f"({time.time() - t0:.1f}s); report in {out / REPORT_DIR}")
         print(f"wrote checkpoint: {out}")
     parallel.destroy()

@@ -57,3 +57,20 @@ def prune_model(model, spec: ModelSpec, plan: WidthPlan, tp: int = 1, pp: int = 
     load_full_state_dict(pruned, trimmed)
     pruned.eval()
     return pruned, spec2
+
+
+def prune_width(model, spec: ModelSpec, targets: dict, windows=None, scores=None, micro_batch_size: int = 4,
+                seq_agg: str = "mean", batch_agg: str = "l2", head_importance: str = "contribution",
+                merge_pruned_heads: bool = False, tp: int = 1, pp: int = 1, progress: bool = True):
+    """The whole width-pruning stage: (calibrate unless ``scores``) -> plan -> trim.
+
+    Returns (pruned model chunk, pruned spec, scores, plan). Used by ``nemo-minitron prune`` and by
+    :class:`~nemo_minitron.prune.callbacks.WidthPruningCallback`.
+    """
+    from nemo_minitron.prune.plan import make_plan
+
+    if scores is None:
+        scores = calibrate(model, windows, micro_batch_size, seq_agg, batch_agg, progress, head_importance)
+    plan = make_plan(scores, spec, targets)
+    pruned, spec2 = prune_model(model, spec, plan, tp, pp, merge_pruned_heads)
+    return pruned, spec2, scores, plan
