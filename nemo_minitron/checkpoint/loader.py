@@ -34,7 +34,7 @@ def load_model(source, tp: int = 1, pp: int = 1):
     """(model chunk, spec, kind) for ``source`` at the current parallel layout (state must be initialized)."""
     kind, path, spec = describe(source)
     spec.validate_layout(tp, pp)
-    model = build(spec, tp, pp)
+    model = build(spec, tp, pp, initialize=False)
     if kind == "nemo":
         nemo.load_weights(path, model)
     else:

@@ -156,10 +156,14 @@ def save(path: Path, model, spec: ModelSpec, tokenizer_dir=None, overwrite: bool
     dist_checkpointing.save(sharded, str(tmp / "weights"), content_metadata=CONTENT_METADATA)
     parallel.barrier()
     if parallel.is_rank0():
-        write_context(tmp, spec, tokenizer_dir)
-        (tmp / "weights" / "nemo_minitron.json").write_text(json.dumps({"complete": True}))
-        if extra is not None:
-            extra(tmp)
+        try:
+            write_context(tmp, spec, tokenizer_dir)
+            (tmp / "weights" / "nemo_minitron.json").write_text(json.dumps({"complete": True}))
+            if extra is not None:
+                extra(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial checkpoint behind
+            raise
         if path.exists():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         tmp.rename(path)

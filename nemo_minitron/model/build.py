@@ -24,13 +24,14 @@ def instantiate(spec: ModelSpec, tp: int = 1, pp: int = 1, **extra):
     return cls(**args)
 
 
-def build(spec: ModelSpec, tp: int = 1, pp: int = 1, tokenizer=None, **extra):
+def build(spec: ModelSpec, tp: int = 1, pp: int = 1, tokenizer=None, initialize: bool = True, **extra):
     """Build this rank's megatron ``GPTModel`` (TE spec with TE+CUDA, local spec otherwise).
 
-    Parallel state must be initialized (:func:`nemo_minitron.parallel.initialize`).
+    Parallel state must be initialized (:func:`nemo_minitron.parallel.initialize`). ``initialize=False``
+    skips random weight init, for models whose weights are loaded right after.
     """
     spec.validate_layout(tp, pp)
-    config = instantiate(spec, tp, pp, **extra)
+    config = instantiate(spec, tp, pp, perform_initialization=initialize, **extra)
     model = config.configure_model(tokenizer)
     model.to(platform.device())
     if platform.has_cuda() and (config.bf16 or config.fp16):

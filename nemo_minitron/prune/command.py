@@ -1,4 +1,8 @@
-"""``nemo-minitron prune``: width pruning of a NeMo checkpoint, written as a smaller NeMo checkpoint."""
+"""``nemo-minitron prune``: depth and/or width pruning of a checkpoint, written as a smaller NeMo checkpoint.
+
+Order when both are asked: depth first (layers scored on the source model and removed), then width
+(importance calibrated on the depth-pruned model, so it measures the network that will be trained).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from nemo_minitron.data import indexed
 from nemo_minitron.errors import UserError
 from nemo_minitron.model import count_params
 from nemo_minitron.prune import report
+from nemo_minitron.prune.depth import drop_layers, layer_scores, validate_depth
 from nemo_minitron.prune.importance import BATCH_AGGS, HEAD_IMPORTANCE, SEQ_AGGS
 from nemo_minitron.prune.plan import WIDTH_DIMS, check_scores, validate_targets
 from nemo_minitron.prune.width import prune_width
@@ -41,52 +46,78 @@ def run(cfg) -> None:
     parallel.validate_layout(parallel.world_size_from_env(), tp, pp)
     kind, src_path, spec = describe(cfg.model)
     spec.validate_layout(tp, pp)
+    explicit_drop = validate_depth(spec, p.num_layers, p.drop_layers, pp, p.depth_method)
+    depth = bool(explicit_drop) or (p.num_layers is not None and p.num_layers != spec.num_layers)
     targets = validate_targets(spec, {k: p[k] for k in WIDTH_DIMS}, tp)
-    if not targets:
-        raise UserError("no pruning target given (set any of " + ", ".join(f"prune.{k}" for k in WIDTH_DIMS) + ")")
+    if not targets and not depth:
+        raise UserError("no pruning target given (set prune.num_layers / prune.drop_layers or any of "
+                        + ", ".join(f"prune.{k}" for k in WIDTH_DIMS) + ")")
     if p.seq_agg not in SEQ_AGGS or p.batch_agg not in BATCH_AGGS:
         raise UserError(f"prune.seq_agg must be one of {SEQ_AGGS}, prune.batch_agg one of {BATCH_AGGS}")
     if p.head_importance not in HEAD_IMPORTANCE:
         raise UserError(f"prune.head_importance must be one of {HEAD_IMPORTANCE}")
     ck.check_output(Path(cfg.output), cfg.overwrite)
-    scores = None
+    scores = windows = None
     if p.scores:
+        if depth:
+            raise UserError("prune.scores holds width scores of a full-depth model; it cannot be combined "
+                            "with depth pruning (run depth and width as two prune commands)")
         scores = load_scores(p.scores)
         check_scores(scores, spec, f"prune.scores={p.scores}")
-        windows = None
-    else:
+    needs_data = (targets and scores is None) or (depth and not explicit_drop)
+    if needs_data:
         if not d.calibration:
             raise UserError("data.calibration=PREFIX is required (or prune.scores=PATH from an earlier run)")
-        if d.calibration_samples < 1 or d.seq_length < 1 or d.micro_batch_size < 1:
-            raise UserError("data.calibration_samples, data.seq_length and data.micro_batch_size must be >= 1")
-        if d.calibration_samples % d.micro_batch_size:
-            raise UserError("data.calibration_samples must be divisible by data.micro_batch_size")
-        windows = indexed.windows(d.calibration, d.calibration_samples, d.seq_length)
+        if min(d.calibration_samples, d.seq_length, d.micro_batch_size, p.depth_samples) < 1:
+            raise UserError("data.calibration_samples, data.seq_length, data.micro_batch_size and "
+                            "prune.depth_samples must be >= 1")
+        if d.calibration_samples % d.micro_batch_size or p.depth_samples % d.micro_batch_size:
+            raise UserError("data.calibration_samples and prune.depth_samples must be divisible by data.micro_batch_size")
+        windows = indexed.windows(d.calibration, max(d.calibration_samples, p.depth_samples), d.seq_length)
         check_vocab(spec, int(windows.max()), f"dataset {d.calibration}")
 
     # ---- work --------------------------------------------------------------------------------------
     t0 = time.time()
     parallel.initialize(tp, pp)
     model, spec, _ = load_model(src_path, tp, pp)
+    src_spec = spec
     meta = {"source": str(src_path), "seq_agg": p.seq_agg, "batch_agg": p.batch_agg,
-            "head_importance": p.head_importance, "merge_pruned_heads": bool(p.merge_pruned_heads)}
-    if scores is None:
-        meta.update(calibration=str(d.calibration), calibration_samples=d.calibration_samples,
-                    seq_length=d.seq_length)
-    else:
-        meta["scores_from"] = str(p.scores)
-    pruned, spec2, scores, plan = prune_width(
-        model, spec, targets, windows=windows, scores=scores, micro_batch_size=d.micro_batch_size,
-        seq_agg=p.seq_agg, batch_agg=p.batch_agg, head_importance=p.head_importance,
-        merge_pruned_heads=p.merge_pruned_heads, tp=tp, pp=pp)
-    if "calibration_loss" in scores:
-        meta["calibration_loss"] = round(scores["calibration_loss"], 5)
+            "head_importance": p.head_importance, "merge_pruned_heads": bool(p.merge_pruned_heads),
+            "order": "depth, then width"}
+    depth_info = None
+    if depth:
+        if explicit_drop:
+            depth_info = {"method": "explicit", "drop": sorted(i - 1 for i in explicit_drop), "scores": None}
+        else:
+            n = spec.num_layers if p.num_layers is None else p.num_layers
+            depth_info = layer_scores(model, spec, windows[: p.depth_samples], d.micro_batch_size,
+                                      p.depth_method, n)
+            meta["depth_samples"] = p.depth_samples
+        model, spec = drop_layers(model, spec, depth_info["drop"], tp, pp)
+    mid_spec, plan = spec, None
+    if targets:
+        if scores is None:
+            meta.update(calibration=str(d.calibration), calibration_samples=d.calibration_samples,
+                        seq_length=d.seq_length)
+        else:
+            meta["scores_from"] = str(p.scores)
+        model, spec, scores, plan = prune_width(
+            model, spec, targets, windows=None if windows is None else windows[: d.calibration_samples],
+            scores=scores, micro_batch_size=d.micro_batch_size, seq_agg=p.seq_agg, batch_agg=p.batch_agg,
+            head_importance=p.head_importance, merge_pruned_heads=p.merge_pruned_heads, tp=tp, pp=pp)
+        if "calibration_loss" in scores:
+            meta["calibration_loss"] = round(scores["calibration_loss"], 5)
     tok = ck.tokenizer_dir(src_path) if kind == "nemo" else src_path
-    out = ck.save(cfg.output, pruned, spec2, tokenizer_dir=tok, overwrite=cfg.overwrite,
-                  extra=lambda tmp: report.write(tmp / REPORT_DIR, spec, spec2, scores, plan, meta))
+    out = ck.save(cfg.output, model, spec, tokenizer_dir=tok, overwrite=cfg.overwrite,
+                  extra=lambda tmp: report.write(tmp / REPORT_DIR, src_spec, spec, scores, plan, meta,
+                                                 depth=depth_info, mid=mid_spec))
     if parallel.is_rank0():
-        shape = ", ".join(f"{k} {getattr(spec, k)}->{getattr(spec2, k)}" for k in WIDTH_DIMS if k in targets)
-        print(f"pruned {shape}: {count_params(spec) / 1e6:.2f}M -> {count_params(spec2) / 1e6:.2f}M params "
+        dims = ("num_layers", *WIDTH_DIMS)
+        shape = ", ".join(f"{k} {getattr(src_spec, k)}->{getattr(spec, k)}" for k in dims
+                          if getattr(src_spec, k) != getattr(spec, k))
+        if depth_info:
+            shape += f" (dropped layers {[i + 1 for i in depth_info['drop']]}, {depth_info['method']})"
+        print(f"pruned {shape}: {count_params(src_spec) / 1e6:.2f}M -> {count_params(spec) / 1e6:.2f}M params "
               f"({time.time() - t0:.1f}s); report in {out / REPORT_DIR}")
         print(f"wrote checkpoint: {out}")
     parallel.destroy()

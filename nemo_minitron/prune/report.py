@@ -37,11 +37,49 @@ def _plot(path: Path, values: torch.Tensor, kept: torch.Tensor | None, title: st
     plt.close(fig)
 
 
-def write(out_dir: Path, src: ModelSpec, dst: ModelSpec, scores: dict, plan: WidthPlan, meta: dict) -> dict:
+def _plot_depth(path: Path, depth: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    v = depth["scores"].double()
+    per_block = depth["method"] == "contiguous"
+    drop = set(depth["drop"])
+    x = list(range(1, len(v) + 1))
+    colors = ["#cc0000" if (i - 1 == depth["drop"][0] if per_block else i - 1 in drop) else "#3465a4" for i in x]
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    ax.bar(x, v.numpy(), color=colors)
+    ax.set_xlabel("first layer of the dropped block (1-indexed)" if per_block else "layer (1-indexed)")
+    ax.set_ylabel({"block_influence": "block influence (1 - cos)", "lm_loss": "LM loss without the layer",
+                   "contiguous": "LM loss without the block"}[depth["method"]])
+    ax.set_title(f"depth importance ({depth['method']}); red = dropped")
+    if depth["method"] != "block_influence":
+        ax.axhline(depth["base_loss"], color="black", lw=0.8, ls=":", label=f"all layers {depth['base_loss']:.3f}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write(out_dir: Path, src: ModelSpec, dst: ModelSpec, scores: dict | None, plan: WidthPlan | None,
+          meta: dict, depth: dict | None = None, mid: ModelSpec | None = None) -> dict:
+    """``src`` -> (depth) -> ``mid`` -> (width) -> ``dst``; width scores are those of ``mid``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({k: scores[k] for k in ("heads", "ffn", "hidden")} | {"meta": meta}, out_dir / "scores.pt")
+    mid = mid or src
     plots = {}
+    rep_depth = None
+    if depth is not None:
+        rep_depth = {"method": depth["method"], "dropped_layers": [i + 1 for i in depth["drop"]],
+                     "scores": [round(float(x), 6) for x in (depth.get("scores") if depth.get("scores") is not None else [])],
+                     "base_loss": depth.get("base_loss")}
+        if depth.get("scores") is not None and len(depth["scores"]):
+            _plot_depth(out_dir / "depth_scores.png", depth)
+            plots["depth"] = "depth_scores.png"
+    if plan is None:
+        return _finish(out_dir, src, dst, plots, meta, rep_depth, None)
+    torch.save({k: scores[k] for k in ("heads", "ffn", "hidden")} | {"meta": meta}, out_dir / "scores.pt")
     _plot(out_dir / "importance_hidden.png", scores["hidden"], plan.hidden, "embedding channels", "channel (sorted)")
     plots["hidden"] = "importance_hidden.png"
     _plot(out_dir / "importance_ffn.png", scores["ffn"][0],
@@ -53,16 +91,26 @@ def write(out_dir: Path, src: ModelSpec, dst: ModelSpec, scores: dict, plan: Wid
         heads_kept = torch.cat([g * per + h for g, h in zip(plan.groups[0].tolist(), plan.heads[0])])
     _plot(out_dir / "importance_heads.png", scores["heads"][0], heads_kept, "attention heads, layer 1", "head (sorted)")
     plots["heads"] = "importance_heads.png"
-    shapes = {d: {"source": getattr(src, d), "pruned": getattr(dst, d)} for d in WIDTH_DIMS}
+    return _finish(out_dir, src, dst, plots, meta, rep_depth, plan)
+
+
+def _finish(out_dir, src, dst, plots, meta, depth, plan) -> dict:
+    shapes = {d: {"source": getattr(src, d), "pruned": getattr(dst, d)} for d in ("num_layers", *WIDTH_DIMS)}
     rep = {"shapes": shapes, "kv_channels": dst.kv_channels,
            "params": {"source": count_params(src), "pruned": count_params(dst)},
-           "plots": plots, "plan": plan.summary(), **meta}
+           "plots": plots, "plan": None if plan is None else plan.summary(), "depth": depth, **meta}
     (out_dir / "report.json").write_text(json.dumps(rep, indent=2))
     lines = ["# Pruning report", "", "| dimension | source | pruned |", "|---|---|---|"]
     lines += [f"| {d} | {s['source']} | {s['pruned']} |" for d, s in shapes.items()]
     lines += [f"| parameters | {rep['params']['source']:,} | {rep['params']['pruned']:,} |", "",
-              f"head_dim (kv_channels) kept at {dst.kv_channels}. Scores: `scores.pt` "
-              f"(reuse with `prune.scores=...`).", ""]
+              f"head_dim (kv_channels) kept at {dst.kv_channels}."
+              + (" Width scores: `scores.pt` (reuse with `prune.scores=...`)." if plan is not None else ""), ""]
+    if depth is not None:
+        lines += [f"Depth ({depth['method']}): dropped layers {depth['dropped_layers']} (1-indexed)."]
+        if depth["scores"]:
+            lines += ["", "| " + ("block start" if depth["method"] == "contiguous" else "layer") + " | score |",
+                      "|---|---|"] + [f"| {i + 1} | {v:.4f} |" for i, v in enumerate(depth["scores"])]
+        lines.append("")
     for k in ("calibration_samples", "seq_length", "seq_agg", "batch_agg", "calibration_loss", "scores_from"):
         if k in meta:
             lines.append(f"- {k}: {meta[k]}")

@@ -53,7 +53,7 @@ def prune_model(model, spec: ModelSpec, plan: WidthPlan, tp: int = 1, pp: int = 
     full = gather_full(model, "param", across_pp=False)
     trimmed = trim(full, spec, plan, merge_pruned_heads)
     spec2 = new_spec(spec, plan.targets)
-    pruned = build(spec2, tp, pp)
+    pruned = build(spec2, tp, pp, initialize=False)
     load_full_state_dict(pruned, trimmed)
     pruned.eval()
     return pruned, spec2

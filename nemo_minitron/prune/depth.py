@@ -1,0 +1,159 @@
+"""Depth pruning: layer importance and removal of whole transformer layers.
+
+Methods (``prune.depth_method``):
+
+- ``block_influence``: BI_i = 1 - mean cosine(x_in, x_out) of layer i over calibration tokens (ShortGPT;
+  ModelOpt's choice). Low BI = the layer barely changes the residual stream -> dropped first.
+- ``lm_loss``: calibration LM loss with layer i skipped (identity), per layer. Lowest loss -> dropped first.
+- ``contiguous``: calibration LM loss with each contiguous block of ``L - N`` layers skipped; the block
+  with the lowest loss is dropped (the paper found one contiguous block beat independently ranked layers).
+
+Layers are skipped at run time (their forward returns the input), so scoring works unchanged under TP
+and PP; every rank computes the same loss (broadcast from the last stage). Layer numbers in the API and
+the report are 1-indexed, like NeMo's ``drop_layers``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+from nemo_minitron.errors import UserError
+from nemo_minitron.model import build
+from nemo_minitron.model.forward import lm_loss
+from nemo_minitron.model.shards import gather_full, layer_offset, load_full_state_dict
+from nemo_minitron.model.spec import ModelSpec
+
+DEPTH_METHODS = ("block_influence", "lm_loss", "contiguous")
+
+
+def validate_depth(spec: ModelSpec, num_layers=None, drop_layers=None, pp: int = 1, method: str = "lm_loss") -> list | None:
+    """Check depth targets before any work. Returns the 1-indexed explicit drop list (or None)."""
+    L = spec.num_layers
+    if method not in DEPTH_METHODS:
+        raise UserError(f"prune.depth_method={method!r}: one of {', '.join(DEPTH_METHODS)}")
+    if num_layers is not None:
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= L:
+            raise UserError(f"prune.num_layers={num_layers!r} must be between 1 and the source's {L} layers")
+    drop = None
+    if drop_layers:
+        drop = list(drop_layers)
+        bad = [d for d in drop if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= L]
+        if bad:
+            raise UserError(f"prune.drop_layers: {bad} out of range 1..{L} (layers are 1-indexed)")
+        if len(set(drop)) != len(drop):
+            raise UserError(f"prune.drop_layers repeats a layer: {drop}")
+        if len(drop) >= L:
+            raise UserError("prune.drop_layers would drop every layer")
+        if num_layers is not None and L - len(drop) != num_layers:
+            raise UserError(f"prune.num_layers={num_layers} disagrees with dropping {len(drop)} of {L} layers")
+    remaining = L - len(drop) if drop else num_layers
+    if remaining is not None and remaining % pp:
+        raise UserError(f"{remaining} remaining layers cannot be split over pipeline_model_parallel_size={pp}")
+    return drop
+
+
+@contextlib.contextmanager
+def skipping(model, global_layers: set):
+    """Run ``model`` with the given global (0-indexed) layers replaced by the identity."""
+    off = layer_offset(model)
+    saved = []
+    for j, layer in enumerate(model.decoder.layers):
+        if off + j in global_layers:
+            saved.append((layer, layer.forward))
+            layer.forward = lambda hidden_states=None, *a, **k: (hidden_states if hidden_states is not None else a[0], None)
+    try:
+        yield
+    finally:
+        for layer, fwd in saved:
+            layer.forward = fwd
+
+
+def _loss(model, windows, mbs) -> float:
+    with torch.no_grad():
+        s, n = lm_loss(model, windows, mbs)
+    return s / n
+
+
+def block_influence(model, windows, micro_batch_size: int) -> torch.Tensor:
+    """BI per global layer [L] (gathered over pipeline stages)."""
+    from megatron.core import parallel_state as ps
+
+    n_local = len(model.decoder.layers)
+    sums = torch.zeros(n_local, dtype=torch.float64)
+    counts = torch.zeros(n_local, dtype=torch.float64)
+    handles = []
+    for j, layer in enumerate(model.decoder.layers):
+        def hook(module, args, kwargs, output, j=j):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            y = output[0] if isinstance(output, tuple) else output
+            cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)  # [s, b]
+            sums[j] += cos.double().sum().cpu()
+            counts[j] += cos.numel()
+        handles.append(layer.register_forward_hook(hook, with_kwargs=True))
+    try:
+        _loss(model, windows, micro_batch_size)
+    finally:
+        for h in handles:
+            h.remove()
+    local = 1.0 - sums / counts
+    if dist.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
+        parts = [None] * ps.get_pipeline_model_parallel_world_size()
+        dist.all_gather_object(parts, local, group=ps.get_pipeline_model_parallel_group())
+        local = torch.cat(parts)
+    return local
+
+
+def layer_scores(model, spec: ModelSpec, windows, micro_batch_size: int, method: str, num_layers: int,
+                 progress: bool = True) -> dict:
+    """{'method', 'scores' (per layer or per block start), 'drop' (0-indexed layers), 'base_loss'}."""
+    from tqdm import tqdm
+
+    from nemo_minitron import parallel
+
+    L = spec.num_layers
+    k = L - num_layers
+    quiet = not (progress and parallel.is_rank0())
+    base = _loss(model, windows, micro_batch_size)
+    if method == "block_influence":
+        scores = block_influence(model, windows, micro_batch_size)
+        drop = torch.argsort(scores)[:k].tolist()
+    elif method == "lm_loss":
+        vals = []
+        for i in tqdm(range(L), desc="depth: loss without each layer", disable=quiet):
+            with skipping(model, {i}):
+                vals.append(_loss(model, windows, micro_batch_size))
+        scores = torch.tensor(vals, dtype=torch.float64)
+        drop = torch.argsort(scores)[:k].tolist()
+    else:
+        vals = []
+        for start in tqdm(range(L - k + 1), desc=f"depth: loss without each block of {k}", disable=quiet):
+            with skipping(model, set(range(start, start + k))):
+                vals.append(_loss(model, windows, micro_batch_size))
+        scores = torch.tensor(vals, dtype=torch.float64)
+        best = int(torch.argmin(scores))
+        drop = list(range(best, best + k))
+    return {"method": method, "scores": scores, "drop": sorted(drop), "base_loss": base}
+
+
+def drop_layers(model, spec: ModelSpec, drop: list, tp: int = 1, pp: int = 1):
+    """(new model chunk, new spec) without the given global 0-indexed layers, renumbered, re-split over PP."""
+    keep = [i for i in range(spec.num_layers) if i not in set(drop)]
+    if len(keep) % pp:
+        raise UserError(f"{len(keep)} remaining layers cannot be split over pipeline_model_parallel_size={pp}")
+    full = gather_full(model, "param", across_pp=True)
+    new = {}
+    for name, t in full.items():
+        if name.startswith("decoder.layers."):
+            i, rest = name[len("decoder.layers."):].split(".", 1)
+            if int(i) not in keep:
+                continue
+            name = f"decoder.layers.{keep.index(int(i))}.{rest}"
+        new[name] = t
+    spec2 = spec.replace(num_layers=len(keep))
+    model2 = build(spec2, tp, pp, initialize=False)
+    load_full_state_dict(model2, new)
+    model2.eval()
+    return model2, spec2

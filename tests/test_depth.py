@@ -1,0 +1,127 @@
+"""Depth pruning: exactness (pruned == unpruned with layers skipped), PP/TP consistency, errors, real model."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import cli, torchrun
+
+DEPTH_ARGS = ["data.calibration_samples=8", "data.seq_length=32", "prune.depth_samples=8", "data.micro_batch_size=4"]
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens, torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens), None)
+
+
+@pytest.mark.parametrize("method", ["block_influence", "lm_loss", "contiguous"])
+def test_pruned_equals_skipped(method, tiny_ckpt, tiny_data, dist_single):
+    from nemo_minitron.checkpoint.loader import load_model
+    from nemo_minitron.data import indexed
+    from nemo_minitron.prune.depth import drop_layers, layer_scores, skipping
+
+    model, spec, _ = load_model(tiny_ckpt)
+    windows = indexed.windows(tiny_data, 8, 32)
+    info = layer_scores(model, spec, windows, 4, method, num_layers=2, progress=False)
+    assert len(info["drop"]) == 2 and len(info["scores"]) == (3 if method == "contiguous" else 4)
+    if method == "contiguous":
+        assert info["drop"][1] == info["drop"][0] + 1
+    pruned, spec2 = drop_layers(model, spec, info["drop"])
+    assert spec2.num_layers == 2
+    tokens = windows[:2, :-1]
+    with skipping(model, set(info["drop"])):
+        ref = _logits(model, tokens)
+    torch.testing.assert_close(_logits(pruned, tokens), ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(_logits(pruned, tokens), _logits(model, tokens), atol=1e-3)
+
+
+def test_lm_loss_scores_are_losses_without_each_layer(tiny_ckpt, tiny_data, dist_single):
+    from nemo_minitron.checkpoint.loader import load_model
+    from nemo_minitron.data import indexed
+    from nemo_minitron.evaluate import heldout_loss
+    from nemo_minitron.prune.depth import drop_layers, layer_scores
+
+    model, spec, _ = load_model(tiny_ckpt)
+    windows = indexed.windows(tiny_data, 8, 32)
+    info = layer_scores(model, spec, windows, 4, "lm_loss", num_layers=3, progress=False)
+    only, _ = drop_layers(model, spec, [2])
+    assert info["scores"][2].item() == pytest.approx(heldout_loss(only, windows, 4)["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,pp,needle", [
+    (dict(num_layers=5), 1, "between 1 and the source's 4"),
+    (dict(num_layers=0), 1, "between 1 and"),
+    (dict(drop_layers=[0]), 1, "out of range 1..4"),
+    (dict(drop_layers=[5]), 1, "out of range"),
+    (dict(drop_layers=[2, 2]), 1, "repeats"),
+    (dict(num_layers=3), 2, "cannot be split over pipeline_model_parallel_size=2"),
+    (dict(num_layers=2, drop_layers=[1]), 1, "disagrees"),
+    (dict(num_layers=2, method="random"), 1, "depth_method"),
+])
+def test_bad_depth_targets(tiny_spec, kwargs, pp, needle):
+    from nemo_minitron.errors import UserError
+    from nemo_minitron.prune.depth import validate_depth
+
+    method = kwargs.pop("method", "lm_loss")
+    with pytest.raises(UserError, match=needle):
+        validate_depth(tiny_spec, pp=pp, method=method, **kwargs)
+
+
+def test_explicit_drop_layers_cli(tiny_ckpt, tmp_path, dist_single):
+    from nemo_minitron.checkpoint.loader import load_model
+    from nemo_minitron.model.shards import gather_full
+
+    out = tmp_path / "d"
+    proc = cli("prune", f"model={tiny_ckpt}", f"output={out}", "prune.drop_layers=[2,4]")
+    assert "dropped layers [2, 4]" in proc.stdout
+    a, b = gather_full(load_model(tiny_ckpt)[0]), gather_full(load_model(out)[0])
+    for suffix in ("mlp.linear_fc1.weight", "self_attention.linear_qkv.weight", "input_layernorm.weight"):
+        assert torch.equal(b[f"decoder.layers.0.{suffix}"], a[f"decoder.layers.0.{suffix}"])
+        assert torch.equal(b[f"decoder.layers.1.{suffix}"], a[f"decoder.layers.2.{suffix}"])
+    bad = cli("prune", f"model={tiny_ckpt}", f"output={tmp_path / 'x'}", "prune.num_layers=9", check=False)
+    assert bad.returncode == 2 and "prune.num_layers=9" in bad.stderr and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parallel
+@pytest.mark.parametrize("tp,pp", [(1, 2), (2, 1)], ids=["PP2", "TP2"])
+def test_same_layers_across_layouts(tp, pp, tiny_ckpt, tiny_data, tmp_path, dist_single):
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = [f"model={tiny_ckpt}", f"data.calibration={tiny_data}", *DEPTH_ARGS, "prune.num_layers=2",
+            "prune.depth_method=lm_loss"]
+    cli("prune", *args, f"output={one}")
+    torchrun(["-m", "nemo_minitron.cli", "prune", *args, f"output={two}",
+              f"trainer.strategy.tensor_model_parallel_size={tp}", f"trainer.strategy.pipeline_model_parallel_size={pp}"])
+    r1, r2 = (json.loads((p / "pruning" / "report.json").read_text())["depth"] for p in (one, two))
+    assert r1["dropped_layers"] == r2["dropped_layers"]
+    assert r1["scores"] == pytest.approx(r2["scores"], rel=1e-5)
+    from nemo_minitron.checkpoint.loader import load_model
+    from nemo_minitron.model.shards import gather_full
+
+    a, b = gather_full(load_model(one)[0]), gather_full(load_model(two)[0])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_smollm2_30_to_20_layers(smol, dist_single):
+    """Held-out loss after dropping 10 of SmolLM2's 30 layers, no retraining, for each method."""
+    from nemo_minitron.checkpoint.loader import load_model
+    from nemo_minitron.data import indexed
+    from nemo_minitron.evaluate import heldout_loss
+    from nemo_minitron.prune.depth import drop_layers, layer_scores
+
+    model, spec, _ = load_model(smol / "ckpt")
+    calib = indexed.windows(smol / "calibration", 4, 128)
+    heldout = indexed.windows(smol / "heldout", 8, 256)
+    rows, losses = ["| method | dropped layers (1-indexed) | held-out loss |", "|---|---|---|"], {}
+    choices = {"keep first 20": list(range(20, 30))}
+    for method in ("block_influence", "lm_loss", "contiguous"):
+        choices[method] = layer_scores(model, spec, calib, 4, method, num_layers=20, progress=False)["drop"]
+    for name, drop in choices.items():
+        pruned, _ = drop_layers(model, spec, drop)
+        losses[name] = heldout_loss(pruned, heldout, 4)["loss"]
+        rows.append(f"| {name} | {[i + 1 for i in drop]} | {losses[name]:.3f} |")
+        del pruned
+    rows.append(f"| (teacher, 30 layers) | | {heldout_loss(model, heldout, 4)['loss']:.3f} |")
+    print("\n" + "\n".join(rows))
+    assert min(losses["lm_loss"], losses["contiguous"]) <= losses["block_influence"]
