@@ -18,10 +18,10 @@ from nemo_minitron.data import indexed
 from nemo_minitron.errors import UserError
 from nemo_minitron.model import count_params
 from nemo_minitron.prune import report
-from nemo_minitron.prune.depth import drop_layers, layer_scores, validate_depth
+from nemo_minitron.prune.depth import validate_depth
 from nemo_minitron.prune.importance import BATCH_AGGS, HEAD_IMPORTANCE, SEQ_AGGS
 from nemo_minitron.prune.plan import WIDTH_DIMS, check_scores, validate_targets
-from nemo_minitron.prune.width import prune_width
+from nemo_minitron.prune.stage import prune
 
 REPORT_DIR = "pruning"
 
@@ -84,33 +84,26 @@ def run(cfg) -> None:
     meta = {"source": str(src_path), "seq_agg": p.seq_agg, "batch_agg": p.batch_agg,
             "head_importance": p.head_importance, "merge_pruned_heads": bool(p.merge_pruned_heads),
             "order": "depth, then width"}
-    depth_info = None
-    if depth:
-        if explicit_drop:
-            depth_info = {"method": "explicit", "drop": sorted(i - 1 for i in explicit_drop), "scores": None}
-        else:
-            n = spec.num_layers if p.num_layers is None else p.num_layers
-            depth_info = layer_scores(model, spec, windows[: p.depth_samples], d.micro_batch_size,
-                                      p.depth_method, n)
-            meta["depth_samples"] = p.depth_samples
-        model, spec = drop_layers(model, spec, depth_info["drop"], tp, pp)
-    mid_spec, plan = spec, None
+    if depth and not explicit_drop:
+        meta["depth_samples"] = p.depth_samples
     if targets:
         if scores is None:
             meta.update(calibration=str(d.calibration), calibration_samples=d.calibration_samples,
                         seq_length=d.seq_length)
         else:
             meta["scores_from"] = str(p.scores)
-        model, spec, scores, plan = prune_width(
-            model, spec, targets, windows=None if windows is None else windows[: d.calibration_samples],
-            scores=scores, micro_batch_size=d.micro_batch_size, seq_agg=p.seq_agg, batch_agg=p.batch_agg,
-            head_importance=p.head_importance, merge_pruned_heads=p.merge_pruned_heads, tp=tp, pp=pp)
-        if "calibration_loss" in scores:
-            meta["calibration_loss"] = round(scores["calibration_loss"], 5)
+    model, spec, depth_info, scores, plan = prune(
+        model, spec, targets, num_layers=p.num_layers, explicit_drop=explicit_drop, depth_method=p.depth_method,
+        depth_windows=None if windows is None else windows[: p.depth_samples],
+        windows=None if windows is None else windows[: d.calibration_samples], scores=scores,
+        micro_batch_size=d.micro_batch_size, tp=tp, pp=pp, seq_agg=p.seq_agg, batch_agg=p.batch_agg,
+        head_importance=p.head_importance, merge_pruned_heads=p.merge_pruned_heads)
+    if scores is not None and "calibration_loss" in scores:
+        meta["calibration_loss"] = round(scores["calibration_loss"], 5)
     tok = ck.tokenizer_dir(src_path) if kind == "nemo" else src_path
     out = ck.save(cfg.output, model, spec, tokenizer_dir=tok, overwrite=cfg.overwrite,
                   extra=lambda tmp: report.write(tmp / REPORT_DIR, src_spec, spec, scores, plan, meta,
-                                                 depth=depth_info, mid=mid_spec))
+                                                 depth=depth_info))
     if parallel.is_rank0():
         dims = ("num_layers", *WIDTH_DIMS)
         shape = ", ".join(f"{k} {getattr(src_spec, k)}->{getattr(spec, k)}" for k in dims

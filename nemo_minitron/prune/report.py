@@ -63,11 +63,10 @@ def _plot_depth(path: Path, depth: dict) -> None:
 
 
 def write(out_dir: Path, src: ModelSpec, dst: ModelSpec, scores: dict | None, plan: WidthPlan | None,
-          meta: dict, depth: dict | None = None, mid: ModelSpec | None = None) -> dict:
-    """``src`` -> (depth) -> ``mid`` -> (width) -> ``dst``; width scores are those of ``mid``."""
+          meta: dict, depth: dict | None = None) -> dict:
+    """``src`` -> (depth) -> (width) -> ``dst``; width scores are those of the depth-pruned model."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    mid = mid or src
     plots = {}
     rep_depth = None
     if depth is not None:
