@@ -56,7 +56,11 @@ def _plot_depth(path: Path, depth: dict) -> None:
     ax.set_title(f"depth importance ({depth['method']}); red = dropped")
     if depth["method"] != "block_influence":
         ax.axhline(depth["base_loss"], color="black", lw=0.8, ls=":", label=f"all layers {depth['base_loss']:.3f}")
+        lo, hi = min(float(v.min()), depth["base_loss"]), float(v.max())
+        pad = 0.05 * (hi - lo) + 1e-6
+        ax.set_ylim(lo - pad, hi + pad)  # losses differ by little: show the differences, not the zero
         ax.legend(fontsize=8)
+    ax.set_xticks(x if len(x) <= 32 else x[:: max(1, len(x) // 16)])
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
