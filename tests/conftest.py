@@ -132,3 +132,26 @@ def smol(tmp_path_factory):
     return d
 
 
+
+
+def nemo_fit_with_callback(source_ckpt, callback, data_prefix, steps: int):
+    """Run NeMo's trainer (nl.Trainer + MegatronStrategy, CPU, fp32) with ``callback`` for ``steps`` steps
+    at lr=0, on a LlamaModel configured like ``source_ckpt``. Returns the trained megatron module."""
+    from megatron.core.optimizer import OptimizerConfig
+    from nemo import lightning as nl
+    from nemo.collections import llm
+
+    from nemo_minitron.checkpoint import nemo as ck
+    from nemo_minitron.data.module import TokenWindowDataModule
+    from nemo_minitron.model.build import instantiate
+
+    model = llm.LlamaModel(instantiate(ck.read_spec(source_ckpt)), optim=nl.MegatronOptimizerModule(
+        OptimizerConfig(optimizer="adam", lr=0.0, use_distributed_optimizer=False, clip_grad=0.0)))
+    trainer = nl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[callback],
+                         strategy=nl.MegatronStrategy(), plugins=nl.MegatronMixedPrecision(precision="32"))
+    trainer.fit(model, TokenWindowDataModule(str(data_prefix), 32, 2, 2, num_train_samples=4 * steps))
+    trained = model.module
+    while hasattr(trained, "module"):
+        trained = trained.module
+    return model, trained

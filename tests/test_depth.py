@@ -129,14 +129,8 @@ def test_smollm2_30_to_20_layers(smol, dist_single):
 
 def test_depth_callback_in_nemo_run(tiny_ckpt, tiny_data, tmp_path, dist_single):
     """DepthPruningCallback in a real NeMo run gives the layers `nemo-minitron prune` chooses."""
-    from megatron.core.optimizer import OptimizerConfig
-    from nemo import lightning as nl
-    from nemo.collections import llm
-
-    from nemo_minitron.checkpoint import nemo as ck
+    from conftest import nemo_fit_with_callback
     from nemo_minitron.checkpoint.loader import load_model
-    from nemo_minitron.data.module import TokenWindowDataModule
-    from nemo_minitron.model.build import instantiate
     from nemo_minitron.model.shards import gather_full
     from nemo_minitron.prune.callbacks import DepthPruningCallback
 
@@ -145,17 +139,9 @@ def test_depth_callback_in_nemo_run(tiny_ckpt, tiny_data, tmp_path, dist_single)
         "prune.num_layers=2", "prune.depth_method=contiguous")
     cb = DepthPruningCallback(source=tiny_ckpt, num_layers=2, depth_method="contiguous", calibration=str(tiny_data),
                               calibration_samples=8, depth_samples=8, seq_length=32, micro_batch_size=4)
-    model = llm.LlamaModel(instantiate(ck.read_spec(tiny_ckpt)), optim=nl.MegatronOptimizerModule(
-        OptimizerConfig(optimizer="adam", lr=0.0, use_distributed_optimizer=False, clip_grad=0.0)))
-    trainer = nl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[cb],
-                         strategy=nl.MegatronStrategy(), plugins=nl.MegatronMixedPrecision(precision="32"))
-    trainer.fit(model, TokenWindowDataModule(str(tiny_data), 32, 2, 2, num_train_samples=4))
+    model, trained = nemo_fit_with_callback(tiny_ckpt, cb, tiny_data, steps=1)
     ref_report = json.loads((ref_dir / "pruning" / "report.json").read_text())["depth"]
     assert [i + 1 for i in cb.depth["drop"]] == ref_report["dropped_layers"]
     assert model.config.num_layers == 2
-    trained = model.module
-    while hasattr(trained, "module"):
-        trained = trained.module
     a, b = gather_full(load_model(ref_dir)[0]), gather_full(trained)
     assert all(torch.equal(a[k], b[k]) for k in a)

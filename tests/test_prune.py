@@ -209,30 +209,16 @@ def test_pruning_identical_across_layouts(tp, pp, pruned_tp1, tiny_ckpt, tiny_da
 
 
 def test_callback_prunes_then_nemo_trains(pruned_tp1, tiny_ckpt, tiny_data, dist_single):
-    from megatron.core.optimizer import OptimizerConfig
-    from nemo import lightning as nl
-    from nemo.collections import llm
-
-    from nemo_minitron.checkpoint import nemo as ck
+    from conftest import nemo_fit_with_callback
     from nemo_minitron.checkpoint.loader import load_model
-    from nemo_minitron.data.module import TokenWindowDataModule
-    from nemo_minitron.model.build import instantiate
     from nemo_minitron.prune.callbacks import WidthPruningCallback
 
     targets = {t.split("=")[0].split(".")[1]: int(t.split("=")[1]) for t in TARGETS}
     cb = WidthPruningCallback(source=tiny_ckpt, targets=targets, calibration=str(tiny_data),
                               calibration_samples=16, seq_length=32, micro_batch_size=4)
-    model = llm.LlamaModel(instantiate(ck.read_spec(tiny_ckpt)), optim=nl.MegatronOptimizerModule(
-        OptimizerConfig(optimizer="adam", lr=0.0, use_distributed_optimizer=False, clip_grad=0.0)))
-    trainer = nl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
-                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[cb],
-                         strategy=nl.MegatronStrategy(), plugins=nl.MegatronMixedPrecision(precision="32"))
-    trainer.fit(model, TokenWindowDataModule(str(tiny_data), 32, 2, 2, num_train_samples=8))
+    model, trained = nemo_fit_with_callback(tiny_ckpt, cb, tiny_data, steps=2)
 
     assert cb.pruned_spec.hidden_size == 48 and model.config.ffn_hidden_size == 96
-    trained = model.module
-    while hasattr(trained, "module"):
-        trained = trained.module
     assert trained.decoder.layers[0].mlp.linear_fc2.weight.shape == (48, 96)
     # lr=0: the weights NeMo trained are exactly what `nemo-minitron prune` writes for the same inputs
     ref = _full(load_model(pruned_tp1)[0])
