@@ -22,6 +22,7 @@ COMMANDS = {
     "import": ("nemo_minitron.checkpoint.importer", "Hugging Face Llama-family checkpoint -> NeMo 2 checkpoint"),
     "preprocess": ("nemo_minitron.data.preprocess", "text / jsonl -> Megatron indexed dataset (PREFIX.bin/.idx)"),
     "evaluate": ("nemo_minitron.evaluate", "held-out LM loss and perplexity of a NeMo or HF checkpoint"),
+    "export": ("nemo_minitron.checkpoint.export", "NeMo checkpoint -> Hugging Face directory (transformers-loadable)"),
     "prune": ("nemo_minitron.prune.command", "width pruning (heads, query groups, MLP neurons, channels) -> NeMo checkpoint"),
 }
 

@@ -52,6 +52,18 @@ def test_forward_backward_matches_tp1(tp, pp, reference, tiny_ckpt, tiny_windows
     assert reference["loss"] > 1.0  # a real loss, not a degenerate zero
     # and back: the checkpoint written at TP=2 / PP=2 loads at TP=1 with the identical loss
     assert _eval_loss(out_ckpt, tiny_windows[0]) == pytest.approx(reference["loss"], rel=1e-6)
+    # and it exports to Hugging Face: transformers gives the same loss as the TP=1 reference
+    from transformers import AutoModelForCausalLM
+
+    from nemo_minitron.checkpoint.export import export_hf
+
+    hf_dir = export_hf(out_ckpt, tmp_path / "hf", dtype="fp32")
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    w = tiny_windows[0]
+    with torch.no_grad():
+        logits = hf(w[:, :-1]).logits
+    hf_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1)).item()
+    assert hf_loss == pytest.approx(reference["loss"], rel=1e-5)
 
 
 def test_evaluate_cli_tp2_equals_tp1(tiny_ckpt, tiny_data, tmp_path):

@@ -1,0 +1,113 @@
+"""``nemo-minitron export``: a NeMo 2 checkpoint (any TP/PP layout it was saved at, local or TE names)
+-> a Hugging Face Llama directory that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
+
+The config carries the real (pruned) shapes, with an explicit ``head_dim`` (heads x head_dim may differ
+from hidden after width pruning), the RoPE base and Llama-3.1 scaling, tied or untied embeddings, and
+the tokenizer's special tokens; vocabulary rows beyond the tokenizer (megatron padding) are removed.
+Written to ``OUTPUT.partial`` and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from nemo_minitron import parallel
+from nemo_minitron.checkpoint import hf, nemo
+from nemo_minitron.errors import UserError
+from nemo_minitron.model.spec import ModelSpec
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def hf_config(spec: ModelSpec, vocab_size: int, dtype: str, tokenizer=None) -> dict:
+    cfg = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": spec.hidden_size, "intermediate_size": spec.ffn_hidden_size,
+        "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_attention_heads,
+        "num_key_value_heads": spec.num_query_groups, "head_dim": spec.kv_channels,
+        "vocab_size": vocab_size, "max_position_embeddings": spec.get("seq_length", 4096),
+        "rms_norm_eps": spec.get("layernorm_epsilon", 1e-5), "rope_theta": float(spec.get("rotary_base", 10000.0)),
+        "tie_word_embeddings": spec.tied, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "initializer_range": spec.get("init_method_std", 0.02), "torch_dtype": str(DTYPES[dtype]).split(".")[1],
+        "rope_scaling": None,
+    }
+    if spec.config_class == "Llama31Config":
+        cfg["rope_scaling"] = {"rope_type": "llama3", "factor": spec.get("scale_factor", 8.0),
+                               "low_freq_factor": spec.get("low_freq_factor", 1.0),
+                               "high_freq_factor": spec.get("high_freq_factor", 4.0),
+                               "original_max_position_embeddings": spec.get("old_context_len", 8192)}
+    if tokenizer is not None:
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(tokenizer, key, None) is not None:
+                cfg[key] = getattr(tokenizer, key)
+    return cfg
+
+
+def export_hf(source, output, dtype: str = "bf16", overwrite: bool = False, max_shard_size: str = "5GB") -> Path:
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from nemo_minitron.checkpoint.loader import describe, load_model
+    from nemo_minitron.model.shards import gather_full
+
+    if dtype not in DTYPES:
+        raise UserError(f"export.dtype={dtype!r}: one of {', '.join(DTYPES)}")
+    output = Path(output)
+    nemo.check_output(output, overwrite)
+    kind, path, spec = describe(source)
+    if kind != "nemo":
+        raise UserError(f"{path} is already a Hugging Face checkpoint; export takes a NeMo checkpoint")
+    tok_dir = nemo.tokenizer_dir(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir else None
+
+    t0 = time.time()
+    parallel.initialize(1, 1)
+    print(f"loading {path} ...", flush=True)
+    model, spec, _ = load_model(path)
+    sd = hf.mcore_to_hf(gather_full(model), spec)
+    del model
+    vocab = spec.vocab_size
+    if tokenizer is not None and len(tokenizer) < vocab and spec.get("make_vocab_size_divisible_by", 1) > 1:
+        vocab = len(tokenizer)  # drop megatron's padding rows
+        for k in ("model.embed_tokens.weight", "lm_head.weight"):
+            sd[k] = sd[k][:vocab]
+    sd = {k: v.to(DTYPES[dtype]).contiguous() for k, v in sd.items()}
+    cfg = hf_config(spec, vocab, dtype, tokenizer)
+    tmp = output.with_name(output.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        with torch.device("meta"):
+            hf_model = LlamaForCausalLM(LlamaConfig(**cfg))
+        if spec.tied:
+            sd.pop("lm_head.weight")
+        hf_model.load_state_dict(sd, strict=not spec.tied, assign=True)
+        if spec.tied:
+            hf_model.tie_weights()
+        hf_model.save_pretrained(str(tmp), max_shard_size=max_shard_size, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+            GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id).save_pretrained(str(tmp))
+        (tmp / "nemo_minitron_export.json").write_text(json.dumps({"source": str(path), "dtype": dtype}, indent=2))
+        if output.exists():
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"exported {spec.num_layers} layers, hidden {spec.hidden_size}, ffn {spec.ffn_hidden_size}, "
+          f"heads {spec.num_attention_heads}/{spec.num_query_groups}, head_dim {spec.kv_channels}, vocab {vocab}, "
+          f"{dtype} ({time.time() - t0:.1f}s)")
+    return output
+
+
+def run(cfg) -> None:
+    if cfg.format != "hf":
+        raise UserError(f"format={cfg.format!r}: only 'hf' is implemented so far")
+    out = export_hf(cfg.model, cfg.output, dtype=cfg.export.dtype, overwrite=cfg.overwrite,
+                    max_shard_size=cfg.export.max_shard_size)
+    print(f"wrote checkpoint: {out.absolute()}")
