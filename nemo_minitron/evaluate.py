@@ -18,12 +18,9 @@ def heldout_loss(model, windows, micro_batch_size: int) -> dict:
     """{'loss', 'perplexity', 'tokens'} of ``model`` on ``windows`` ([n, L+1] tokens)."""
     import torch
 
-    losses, tokens = 0.0, 0.0
     with torch.no_grad():
-        loss_sum, n = lm_loss(model, windows, micro_batch_size, forward_only=True)
-    losses += loss_sum
-    tokens += n
-    loss = losses / tokens
+        loss_sum, tokens = lm_loss(model, windows, micro_batch_size, forward_only=True)
+    loss = loss_sum / tokens
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens)}
 
 
