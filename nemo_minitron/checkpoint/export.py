@@ -93,9 +93,7 @@ def export_hf(source, output, dtype: str = "bf16", overwrite: bool = False, max_
             tokenizer.save_pretrained(str(tmp))
             GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id).save_pretrained(str(tmp))
         (tmp / "nemo_minitron_export.json").write_text(json.dumps({"source": str(path), "dtype": dtype}, indent=2))
-        if output.exists():
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        tmp.rename(output)
+        nemo.publish(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -37,6 +37,13 @@ def check_output(path: Path, overwrite: bool) -> None:
         raise UserError(f"output {path} exists and is not empty (pass overwrite=true to replace it)")
 
 
+def publish(tmp: Path, path: Path) -> None:
+    """Move a completely written ``tmp`` directory to ``path``, replacing what was there."""
+    if path.exists():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    tmp.rename(path)
+
+
 def is_checkpoint(path: Path) -> bool:
     path = Path(path)
     return (path / "context" / "io.json").is_file() and (path / "weights").is_dir()
@@ -164,9 +171,7 @@ def save(path: Path, model, spec: ModelSpec, tokenizer_dir=None, overwrite: bool
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial checkpoint behind
             raise
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        tmp.rename(path)
+        publish(tmp, path)
     parallel.barrier()
     return path
 

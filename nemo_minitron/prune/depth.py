@@ -77,8 +77,8 @@ def _loss(model, windows, mbs) -> float:
     return s / n
 
 
-def block_influence(model, windows, micro_batch_size: int) -> torch.Tensor:
-    """BI per global layer [L] (gathered over pipeline stages)."""
+def block_influence(model, windows, micro_batch_size: int):
+    """(BI per global layer [L] gathered over pipeline stages, LM loss of the same pass)."""
     from megatron.core import parallel_state as ps
 
     n_local = len(model.decoder.layers)
@@ -94,7 +94,7 @@ def block_influence(model, windows, micro_batch_size: int) -> torch.Tensor:
             counts[j] += cos.numel()
         handles.append(layer.register_forward_hook(hook, with_kwargs=True))
     try:
-        _loss(model, windows, micro_batch_size)
+        loss = _loss(model, windows, micro_batch_size)
     finally:
         for h in handles:
             h.remove()
@@ -103,7 +103,7 @@ def block_influence(model, windows, micro_batch_size: int) -> torch.Tensor:
         parts = [None] * ps.get_pipeline_model_parallel_world_size()
         dist.all_gather_object(parts, local, group=ps.get_pipeline_model_parallel_group())
         local = torch.cat(parts)
-    return local
+    return local, loss
 
 
 def layer_scores(model, spec: ModelSpec, windows, micro_batch_size: int, method: str, num_layers: int,
@@ -116,11 +116,12 @@ def layer_scores(model, spec: ModelSpec, windows, micro_batch_size: int, method:
     L = spec.num_layers
     k = L - num_layers
     quiet = not (progress and parallel.is_rank0())
-    base = _loss(model, windows, micro_batch_size)
     if method == "block_influence":
-        scores = block_influence(model, windows, micro_batch_size)
+        scores, base = block_influence(model, windows, micro_batch_size)  # one pass gives both
         drop = torch.argsort(scores)[:k].tolist()
-    elif method == "lm_loss":
+        return {"method": method, "scores": scores, "drop": sorted(drop), "base_loss": base}
+    base = _loss(model, windows, micro_batch_size)
+    if method == "lm_loss":
         vals = []
         for i in tqdm(range(L), desc="depth: loss without each layer", disable=quiet):
             with skipping(model, {i}):
