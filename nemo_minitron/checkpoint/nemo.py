@@ -21,7 +21,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 
 from nemo_minitron import parallel
 from nemo_minitron.errors import UserError

@@ -33,17 +33,17 @@ class PruningCallback(pl.Callback):
         from nemo_minitron.checkpoint.loader import describe
         from nemo_minitron.prune.depth import validate_depth
         from nemo_minitron.prune.plan import validate_targets
+        from nemo_minitron.prune.stage import inputs
 
         # validate now, before the trainer starts: the error names the problem, nothing runs
         _, self._path, self.spec = describe(source)
         self.targets = validate_targets(self.spec, dict(targets or {}))
         self.drop = validate_depth(self.spec, num_layers, drop_layers, 1, depth_method)
         self.num_layers, self.depth_method = num_layers, depth_method
-        needs_data = (self.targets and scores is None) or (num_layers is not None and not self.drop)
-        if needs_data and calibration is None:
-            raise ValueError("pruning needs calibration=PREFIX (or scores=PATH for width-only pruning)")
-        self.calibration, self.samples, self.depth_samples = calibration, calibration_samples, depth_samples
-        self.seq_length, self.micro_batch_size, self.scores_path = seq_length, micro_batch_size, scores
+        self.samples, self.depth_samples, self.micro_batch_size = calibration_samples, depth_samples, micro_batch_size
+        depth = bool(self.drop) or (num_layers is not None and num_layers != self.spec.num_layers)
+        self.given_scores, self.windows = inputs(self.spec, self.targets, depth, self.drop, scores, calibration,
+                                                 calibration_samples, depth_samples, seq_length, micro_batch_size)
         self.kw = dict(seq_agg=seq_agg, batch_agg=batch_agg, head_importance=head_importance,
                        merge_pruned_heads=merge_pruned_heads)
         self.pruned_spec = self.scores = self.plan = self.depth = None
@@ -54,26 +54,19 @@ class PruningCallback(pl.Callback):
         from megatron.core import parallel_state as ps
 
         from nemo_minitron.checkpoint.loader import load_model
-        from nemo_minitron.data import indexed
-        from nemo_minitron.prune.command import load_scores
         from nemo_minitron.prune.depth import validate_depth
-        from nemo_minitron.prune.plan import check_scores, validate_targets
+        from nemo_minitron.prune.plan import validate_targets
         from nemo_minitron.prune.stage import prune
 
         tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
         validate_targets(self.spec, self.targets, tp)
         validate_depth(self.spec, self.num_layers, self.drop, pp, self.depth_method)
         model, spec, _ = load_model(self._path, tp, pp)
-        scores = windows = None
-        if self.scores_path:
-            scores = load_scores(self.scores_path)
-            check_scores(scores, spec, f"scores={self.scores_path}")
-        if self.calibration is not None:
-            windows = indexed.windows(self.calibration, max(self.samples, self.depth_samples), self.seq_length)
+        w = self.windows
         pruned, self.pruned_spec, self.depth, self.scores, self.plan = prune(
             model, spec, self.targets, num_layers=self.num_layers, explicit_drop=self.drop,
-            depth_method=self.depth_method, depth_windows=None if windows is None else windows[: self.depth_samples],
-            windows=None if windows is None else windows[: self.samples], scores=scores,
+            depth_method=self.depth_method, depth_windows=None if w is None else w[: self.depth_samples],
+            windows=None if w is None else w[: self.samples], scores=self.given_scores,
             micro_batch_size=self.micro_batch_size, tp=tp, pp=pp, **self.kw)
         del model
         pruned.train()

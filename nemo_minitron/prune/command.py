@@ -9,34 +9,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from nemo_minitron import parallel
 from nemo_minitron.checkpoint import nemo as ck
-from nemo_minitron.checkpoint.loader import check_vocab, describe, load_model
-from nemo_minitron.data import indexed
+from nemo_minitron.checkpoint.loader import describe, load_model
 from nemo_minitron.errors import UserError
 from nemo_minitron.model import count_params
 from nemo_minitron.prune import report
 from nemo_minitron.prune.depth import validate_depth
 from nemo_minitron.prune.importance import BATCH_AGGS, HEAD_IMPORTANCE, SEQ_AGGS
-from nemo_minitron.prune.plan import WIDTH_DIMS, check_scores, validate_targets
-from nemo_minitron.prune.stage import prune
-
-REPORT_DIR = "pruning"
-
-
-def load_scores(path) -> dict:
-    p = Path(path)
-    if p.is_dir():
-        p = p / REPORT_DIR / "scores.pt" if (p / REPORT_DIR).is_dir() else p / "scores.pt"
-    if not p.is_file():
-        raise UserError(f"prune.scores={path}: no scores.pt found")
-    try:
-        return torch.load(p, weights_only=False)
-    except Exception as e:
-        raise UserError(f"prune.scores={p}: cannot read ({e.__class__.__name__})") from None
-
+from nemo_minitron.prune.plan import WIDTH_DIMS, validate_targets
+from nemo_minitron.prune.stage import REPORT_DIR, inputs, prune
 
 def run(cfg) -> None:
     tp = cfg.trainer.strategy.tensor_model_parallel_size
@@ -57,24 +39,8 @@ def run(cfg) -> None:
     if p.head_importance not in HEAD_IMPORTANCE:
         raise UserError(f"prune.head_importance must be one of {HEAD_IMPORTANCE}")
     ck.check_output(Path(cfg.output), cfg.overwrite)
-    scores = windows = None
-    if p.scores:
-        if depth:
-            raise UserError("prune.scores holds width scores of a full-depth model; it cannot be combined "
-                            "with depth pruning (run depth and width as two prune commands)")
-        scores = load_scores(p.scores)
-        check_scores(scores, spec, f"prune.scores={p.scores}")
-    needs_data = (targets and scores is None) or (depth and not explicit_drop)
-    if needs_data:
-        if not d.calibration:
-            raise UserError("data.calibration=PREFIX is required (or prune.scores=PATH from an earlier run)")
-        if min(d.calibration_samples, d.seq_length, d.micro_batch_size, p.depth_samples) < 1:
-            raise UserError("data.calibration_samples, data.seq_length, data.micro_batch_size and "
-                            "prune.depth_samples must be >= 1")
-        if d.calibration_samples % d.micro_batch_size or p.depth_samples % d.micro_batch_size:
-            raise UserError("data.calibration_samples and prune.depth_samples must be divisible by data.micro_batch_size")
-        windows = indexed.windows(d.calibration, max(d.calibration_samples, p.depth_samples), d.seq_length)
-        check_vocab(spec, int(windows.max()), f"dataset {d.calibration}")
+    scores, windows = inputs(spec, targets, depth, explicit_drop, p.scores, d.calibration, d.calibration_samples,
+                             p.depth_samples, d.seq_length, d.micro_batch_size)
 
     # ---- work --------------------------------------------------------------------------------------
     t0 = time.time()

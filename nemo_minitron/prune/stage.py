@@ -5,9 +5,57 @@ Used by ``nemo-minitron prune`` and by the NeMo callbacks, so both do exactly th
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
+from nemo_minitron.errors import UserError
 from nemo_minitron.model.spec import ModelSpec
 from nemo_minitron.prune.depth import drop_layers, layer_scores
 from nemo_minitron.prune.width import prune_width
+
+REPORT_DIR = "pruning"  # beside the pruned checkpoint's context/ and weights/
+
+
+def load_scores(path) -> dict:
+    """Width scores saved by an earlier run: a pruned checkpoint directory or a scores.pt."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / REPORT_DIR / "scores.pt" if (p / REPORT_DIR).is_dir() else p / "scores.pt"
+    if not p.is_file():
+        raise UserError(f"prune.scores={path}: no scores.pt found")
+    try:
+        return torch.load(p, weights_only=False)
+    except Exception as e:
+        raise UserError(f"prune.scores={p}: cannot read ({e.__class__.__name__})") from None
+
+
+def inputs(spec: ModelSpec, targets: dict, depth: bool, explicit_drop, scores_path, calibration,
+           calibration_samples: int, depth_samples: int, seq_length: int, micro_batch_size: int):
+    """Validate and read what :func:`prune` consumes, before any model is built: (width scores or None,
+    calibration windows or None; enough windows for both width calibration and depth scoring)."""
+    from nemo_minitron.checkpoint.loader import check_vocab
+    from nemo_minitron.data import indexed
+    from nemo_minitron.prune.plan import check_scores
+
+    scores = windows = None
+    if scores_path:
+        if depth:
+            raise UserError("prune.scores holds width scores of a full-depth model; it cannot be combined "
+                            "with depth pruning (run depth and width as two prune commands)")
+        scores = load_scores(scores_path)
+        check_scores(scores, spec, f"prune.scores={scores_path}")
+    if (targets and scores is None) or (depth and not explicit_drop):
+        if not calibration:
+            raise UserError("data.calibration=PREFIX is required (or prune.scores=PATH from an earlier run)")
+        if min(calibration_samples, seq_length, micro_batch_size, depth_samples) < 1:
+            raise UserError("data.calibration_samples, data.seq_length, data.micro_batch_size and "
+                            "prune.depth_samples must be >= 1")
+        if calibration_samples % micro_batch_size or depth_samples % micro_batch_size:
+            raise UserError("data.calibration_samples and prune.depth_samples must be divisible by data.micro_batch_size")
+        windows = indexed.windows(calibration, max(calibration_samples, depth_samples), seq_length)
+        check_vocab(spec, int(windows.max()), f"dataset {calibration}")
+    return scores, windows
 
 
 def prune(model, spec: ModelSpec, targets: dict, *, num_layers=None, explicit_drop=None,
