@@ -24,6 +24,8 @@ COMMANDS = {
     "evaluate": ("nemo_minitron.evaluate", "held-out LM loss and perplexity of a NeMo or HF checkpoint"),
     "export": ("nemo_minitron.checkpoint.export", "NeMo checkpoint -> Hugging Face directory (transformers-loadable)"),
     "prune": ("nemo_minitron.prune.command", "width pruning (heads, query groups, MLP neurons, channels) -> NeMo checkpoint"),
+    "distill": ("nemo_minitron.distill.command", "knowledge distillation of a student from a frozen teacher (NeMo trainer)"),
+    "finetune": ("nemo_minitron.distill.command:run_finetune", "LM fine-tuning (teacher correction) with NeMo's trainer"),
 }
 
 
@@ -74,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             print(config.to_yaml(cfg), end="")
             return 0
         _quiet()
-        module = importlib.import_module(COMMANDS[command][0])
-        module.run(cfg)
+        mod_name, _, fn = COMMANDS[command][0].partition(":")
+        getattr(importlib.import_module(mod_name), fn or "run")(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -23,7 +23,11 @@ What is changed, in one list:
    nobody added (NeMo seeds only on CUDA) seeds it by megatron's rule instead of failing.
 4. gloo: 0-dim tensors given to ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` are viewed 1-d,
    and ``all_gather_into_tensor`` falls back to ``all_gather`` (gloo lacks the fused collective).
-5. :func:`config_overrides` names the megatron ``TransformerConfig`` fields that must be off without
+5. Gradient clipping: megatron's ``clip_grad_by_total_norm_fp32`` asserts CUDA grads; a CPU version
+   scales the same grads by the same coefficient.
+6. NeMo's checkpoint loader asserts ``torch.cuda.is_initialized()`` to move loaded tensors to the
+   current GPU (``nemo.lightning.io.pl._fix_tensors_device``): on CPU there is nothing to move.
+7. :func:`config_overrides` names the megatron ``TransformerConfig`` fields that must be off without
    TE/CUDA (every fusion, ``gradient_accumulation_fusion``); the model builder applies them.
 """
 
@@ -204,6 +208,26 @@ def _patch_megatron() -> None:
             yield
 
     mrandom.CudaRNGStatesTracker.fork = fork
+
+    import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.optimizer.optimizer as optimizer
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        coeff = max_norm / (total_norm + 1.0e-6)
+        if coeff < 1.0:
+            for p in parameters:
+                g = getattr(p, "decoupled_grad", None) if use_decoupled_grad else p.grad
+                if g is not None:
+                    g.detach().mul_(coeff)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+    import nemo.lightning.io.pl as nemo_io_pl
+
+    nemo_io_pl._fix_tensors_device = lambda ckpt: ckpt
 
 
 def _patch_gloo_collectives() -> None:

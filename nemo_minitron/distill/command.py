@@ -1,0 +1,225 @@
+"""``nemo-minitron distill`` and ``nemo-minitron finetune``: NeMo-trainer runs with exact resume.
+
+Every check that can fail (checkpoints, vocabularies, layouts, batch sizes, data length) runs before the
+trainer or any model is built.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from nemo_minitron import parallel, platform
+from nemo_minitron.checkpoint import nemo as ck
+from nemo_minitron.checkpoint.loader import check_vocab, describe
+from nemo_minitron.data import indexed
+from nemo_minitron.errors import UserError
+from nemo_minitron.model import count_params
+
+STUDENT_DIR, MODEL_DIR, CORRECTED_DIR = "student", "model", "teacher_corrected"
+
+
+def _nemo_source(source, what: str):
+    kind, path, spec = describe(source)
+    if kind != "nemo":
+        raise UserError(f"{what}={source} is a Hugging Face directory: import it first "
+                        "(nemo-minitron import source=... output=CKPT)")
+    return path, spec
+
+
+def _check_batch(d, tp: int, pp: int, world: int) -> int:
+    dp = world // (tp * pp)
+    if d.micro_batch_size < 1 or d.global_batch_size < 1 or d.seq_length < 1:
+        raise UserError("data.seq_length, data.micro_batch_size and data.global_batch_size must be >= 1")
+    if d.global_batch_size % (d.micro_batch_size * dp):
+        raise UserError(f"data.global_batch_size={d.global_batch_size} is not divisible by "
+                        f"data.micro_batch_size={d.micro_batch_size} x data-parallel size {dp}")
+    return dp
+
+
+def _check_data(prefix, spec, seq_length: int, what: str, need: int = 1) -> None:
+    from nemo_minitron.data.module import available_windows
+
+    try:
+        have = available_windows(prefix, seq_length)  # validates the files
+    except UserError as e:
+        raise UserError(f"{what}: {e}") from None
+    if have < need:
+        raise UserError(f"{what} {prefix} holds {have} windows of {seq_length}+1 tokens, needs at least {need}")
+    check_vocab(spec, int(indexed.token_stream(prefix).max()), f"{what} {prefix}")
+
+
+def _prepare_run_dir(out: Path, overwrite: bool, final: str) -> bool:
+    """False when the run already finished (its final checkpoint is complete)."""
+    if out.exists() and out.is_file():
+        raise UserError(f"output {out} is a file, not a run directory")
+    if overwrite and out.exists() and parallel.is_rank0():
+        shutil.rmtree(out)
+    parallel.barrier()
+    if (out / final).exists() and ck.is_checkpoint(out / final):
+        return False
+    if parallel.is_rank0():
+        out.mkdir(parents=True, exist_ok=True)
+    return True
+
+
+def _data_module(d, max_steps: int):
+    from nemo_minitron.data.module import TokenWindowDataModule
+
+    return TokenWindowDataModule(
+        str(d.train), d.seq_length, d.micro_batch_size, d.global_batch_size,
+        num_train_samples=max_steps * d.global_batch_size,
+        validation=str(d.validation) if d.validation else None,
+        num_val_samples=d.num_val_samples if d.validation else 0)
+
+
+def _common_checks(cfg, tp: int, pp: int, spec):
+    d, t = cfg.data, cfg.trainer
+    world = parallel.world_size_from_env()
+    parallel.validate_layout(world, tp, pp)
+    if world % t.num_nodes:
+        raise UserError(f"world size {world} is not divisible by trainer.num_nodes={t.num_nodes}")
+    _check_batch(d, tp, pp, world)
+    if t.max_steps < 1:
+        raise UserError("trainer.max_steps must be >= 1")
+    _check_data(d.train, spec, d.seq_length, "data.train")
+    if d.validation:
+        if d.num_val_samples < d.global_batch_size or d.num_val_samples % d.global_batch_size:
+            raise UserError(f"data.num_val_samples={d.num_val_samples} must be a positive multiple of "
+                            f"data.global_batch_size={d.global_batch_size}")
+        _check_data(d.validation, spec, d.seq_length, "data.validation", d.num_val_samples)
+    o = cfg.optim
+    if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+        raise UserError(f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr (got {o.lr}, {o.min_lr})")
+
+
+def _fit(model, cfg, run_dir: Path, tp: int, pp: int, max_steps: int, opt):
+    from nemo_minitron.distill.train import MetricsLog, build_trainer, resume
+
+    d, t = cfg.data, cfg.trainer
+    val_every = min(t.val_check_interval, max_steps)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", d.global_batch_size * d.seq_length, max_steps,
+                         every=t.log_every_n_steps)
+    trainer = build_trainer(run_dir, tp, pp, max_steps, val_every,
+                            d.num_val_samples // d.global_batch_size if d.validation else 0,
+                            cfg.checkpoint.every_n_steps, cfg.checkpoint.keep, [metrics],
+                            num_nodes=t.num_nodes)
+    model.optim = opt
+    opt.connect(model)
+    res = resume(run_dir)
+    res.setup(trainer, model)
+    if trainer.ckpt_path and parallel.is_rank0():
+        print(f"resuming from {trainer.ckpt_path}", flush=True)
+    from nemo.lightning.callback_group import CallbackGroup
+
+    data = _data_module(d, max_steps)
+    CallbackGroup.get_instance().update_config(nemo_version="v2", trainer=trainer, data=data)  # as llm.train
+    trainer.fit(model, data, ckpt_path=trainer.ckpt_path)
+    return trainer
+
+
+def _optim(o, max_steps: int, lr=None, min_lr=None, warmup=None):
+    from nemo_minitron.distill.train import optimizer
+
+    return optimizer(lr or o.lr, o.min_lr if min_lr is None else min_lr,
+                     o.warmup_steps if warmup is None else warmup, max_steps, o.weight_decay, o.clip_grad,
+                     o.adam_beta1, o.adam_beta2)
+
+
+def finetune_run(cfg, model_path: Path, spec, run_dir: Path, tp: int, pp: int, max_steps: int, opt) -> Path:
+    """LM fine-tuning of ``model_path`` into ``run_dir/model`` (resumable). Returns the checkpoint path."""
+    from nemo_minitron.distill.model import InitializedGPTModel, save_student
+    from nemo_minitron.model.build import instantiate
+
+    final = run_dir / MODEL_DIR
+    if not _prepare_run_dir(run_dir, False, MODEL_DIR):
+        if parallel.is_rank0():
+            print(f"fine-tuned model already complete: {final}")
+        return final
+    t0 = time.time()
+    model = InitializedGPTModel(instantiate(spec, tp, pp), init_from=str(model_path))
+    _fit(model, cfg, run_dir, tp, pp, max_steps, opt)
+    save_student(model, final, spec, ck.tokenizer_dir(model_path))
+    if parallel.is_rank0():
+        print(f"fine-tuned {max_steps} steps in {time.time() - t0:.0f}s: {final}", flush=True)
+    return final
+
+
+def run_finetune(cfg) -> None:
+    tp, pp = cfg.trainer.strategy.tensor_model_parallel_size, cfg.trainer.strategy.pipeline_model_parallel_size
+    path, spec = _nemo_source(cfg.model, "model")
+    spec.validate_layout(tp, pp)
+    _common_checks(cfg, tp, pp, spec)
+    out = Path(cfg.output).absolute()
+    if not cfg.overwrite and (out / MODEL_DIR).exists() and ck.is_checkpoint(out / MODEL_DIR):
+        pass  # finished before: finetune_run says so
+    elif cfg.overwrite:
+        _prepare_run_dir(out, True, MODEL_DIR)
+    final = finetune_run(cfg, path, spec, out, tp, pp, cfg.trainer.max_steps, _optim(cfg.optim, cfg.trainer.max_steps))
+    if parallel.is_rank0():
+        print(f"wrote checkpoint: {final}")
+
+
+def settings_from(cfg):
+    from nemo_minitron.distill.pair import DistillSettings
+
+    k = cfg.distill
+    s = DistillSettings(kd_weight=k.kd_weight, lm_weight=k.lm_weight, temperature=k.temperature,
+                        reverse_kl=k.reverse_kl, chunk_tokens=k.chunk_tokens,
+                        intermediate_pairs=[list(p) for p in k.intermediate_pairs],
+                        intermediate_loss=k.intermediate_loss, intermediate_weight=k.intermediate_weight,
+                        intermediate_balance=k.intermediate_balance,
+                        intermediate_projection=k.intermediate_projection)
+    s.validate()
+    if k.chunk_tokens < 1:
+        raise UserError("distill.chunk_tokens must be >= 1")
+    return s
+
+
+def run(cfg) -> None:
+    from nemo_minitron.distill.pair import check_vocab as check_pair_vocab
+
+    tp, pp = cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size
+    # ---- everything that can be refused is refused here ---------------------------------------------
+    t_path, t_spec = _nemo_source(cfg.teacher, "teacher")
+    s_path, s_spec = _nemo_source(cfg.student, "student")
+    check_pair_vocab(s_spec, t_spec, tp)
+    for what, spec in (("teacher", t_spec), ("student", s_spec)):
+        try:
+            spec.validate_layout(tp, pp)
+        except UserError as e:
+            raise UserError(f"{what}: {e}") from None
+    settings = settings_from(cfg)
+    for s_layer, t_layer in settings.intermediate_pairs:
+        if not (-s_spec.num_layers <= s_layer < s_spec.num_layers and -t_spec.num_layers <= t_layer < t_spec.num_layers):
+            raise UserError(f"distill.intermediate_pairs [{s_layer}, {t_layer}] is out of range (student has "
+                            f"{s_spec.num_layers} layers, teacher {t_spec.num_layers})")
+    _common_checks(cfg, tp, pp, s_spec)
+    out = Path(cfg.output).absolute()
+    if not _prepare_run_dir(out, cfg.overwrite, STUDENT_DIR):
+        if parallel.is_rank0():
+            print(f"distillation already complete (overwrite=true to redo)\nwrote checkpoint: {out / STUDENT_DIR}")
+        return
+
+    # ---- work ---------------------------------------------------------------------------------------
+    from nemo_minitron.distill.model import DistillationGPTModel, save_student
+    from nemo_minitron.model.build import instantiate
+
+    platform.activate()
+    t0 = time.time()
+    if cfg.distill.teacher_correction:
+        f = cfg.finetune
+        t_path = finetune_run(cfg, t_path, t_spec, out / CORRECTED_DIR, tp, pp, f.max_steps,
+                              _optim(cfg.optim, f.max_steps, lr=f.lr, min_lr=f.min_lr, warmup=f.warmup_steps))
+    if parallel.is_rank0():
+        print(f"distilling {count_params(t_spec) / 1e6:.1f}M-param teacher -> {count_params(s_spec) / 1e6:.1f}M-param "
+              f"student, {cfg.trainer.max_steps} steps x {cfg.data.global_batch_size} x {cfg.data.seq_length} tokens "
+              f"(TP={tp} PP={pp})", flush=True)
+    model = DistillationGPTModel(instantiate(s_spec, tp, pp), teacher_ckpt=str(t_path), settings=settings,
+                                 init_from=str(s_path))
+    _fit(model, cfg, out, tp, pp, cfg.trainer.max_steps, _optim(cfg.optim, cfg.trainer.max_steps))
+    final = save_student(model, out / STUDENT_DIR, s_spec, ck.tokenizer_dir(s_path) or ck.tokenizer_dir(t_path))
+    if parallel.is_rank0():
+        print(f"distilled in {time.time() - t0:.0f}s; metrics in {out / 'metrics.jsonl'}, TensorBoard in {out / 'tb'}")
+        print(f"wrote checkpoint: {final}")

@@ -1,0 +1,164 @@
+"""NeMo integration of distillation: a NeMo GPT model holding the student and a frozen teacher.
+
+:class:`DistillationGPTModel` extends NeMo's ``GPTModel``: ``self.module`` is the trainable student (what
+NeMo's strategy wraps in DDP, gives to the Megatron optimizer and checkpoints), the teacher is kept outside
+the module tree (never wrapped, never in the optimizer, never saved). Training steps run
+:class:`~nemo_minitron.distill.pair.DistillationPair`; validation steps are the student's own LM loss.
+:class:`PipelineTeacherActivations` tells megatron's pipeline schedule about the widened inter-stage tensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from nemo.collections import llm
+import lightning.pytorch as pl
+from nemo.lightning.megatron_parallel import MaskedTokenLossReduction
+
+from nemo_minitron.distill.pair import DistillationPair, DistillSettings
+
+TERMS = ("kd_loss", "lm_loss", "intermediate_loss")
+
+
+class InitializedGPTModel(llm.GPTModel):
+    """NeMo ``GPTModel`` whose weights come from a NeMo 2 checkpoint when the model is configured
+    (a resumed run then overwrites them with its own checkpoint)."""
+
+    def __init__(self, config, init_from: str | None = None, **kwargs):
+        super().__init__(config, **kwargs)
+        self.init_from = init_from
+
+    def configure_model(self, vp_stage=None) -> None:
+        if hasattr(self, "module"):
+            return
+        super().configure_model(vp_stage)
+        if self.init_from:
+            from nemo_minitron.checkpoint import nemo as ck
+
+            ck.load_weights(self.init_from, self.module)
+
+
+class _DistillLossReduction(MaskedTokenLossReduction):
+    def __init__(self, owner: "DistillationGPTModel"):
+        super().__init__()
+        self._owner = [owner]  # a list: not a submodule
+
+    def forward(self, batch, forward_out):
+        pair = self._owner[0].pair
+        total, tokens, terms = pair.loss(forward_out, batch["labels"], batch["loss_mask"])
+        ub = torch.cat([total.detach().clone().view(1), tokens.detach().view(1)])
+        report = {"loss_sum_and_ub_size": ub}
+        for k in TERMS:
+            report[k] = terms.get(k, torch.zeros((), device=total.device)).view(1)
+        return total, tokens.clone().detach().to(torch.int), report
+
+    def reduce(self, losses_reduced_per_micro_batch):
+        from megatron.core import parallel_state
+
+        loss = super().reduce(losses_reduced_per_micro_batch)
+        if losses_reduced_per_micro_batch:
+            sums = torch.stack([torch.cat([x[k] for k in TERMS] + [x["loss_sum_and_ub_size"][1:].float()])
+                                for x in losses_reduced_per_micro_batch]).sum(0)
+            torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+            active = self._owner[0].pair.active_terms()
+            self._owner[0].last_terms = {k: float(sums[i] / sums[-1]) for i, k in enumerate(TERMS) if k in active}
+        return loss
+
+
+class DistillationGPTModel(InitializedGPTModel):
+    """Student (``self.module``) trained against a frozen teacher loaded from ``teacher_ckpt``."""
+
+    def __init__(self, config, teacher_ckpt: str, settings: DistillSettings, init_from: str | None = None,
+                 **kwargs):
+        super().__init__(config, init_from=init_from, **kwargs)
+        self.teacher_ckpt = str(teacher_ckpt)
+        self.settings = settings
+        self.last_terms: dict = {}
+
+    def configure_model(self, vp_stage=None) -> None:
+        if hasattr(self, "module"):
+            return
+        super().configure_model(vp_stage)
+        from nemo_minitron.checkpoint import nemo as ck
+        from nemo_minitron.model import build
+
+        t_spec = ck.read_spec(self.teacher_ckpt)
+        teacher = build(t_spec, self.config.tensor_model_parallel_size, self.config.pipeline_model_parallel_size,
+                        initialize=False)
+        ck.load_weights(self.teacher_ckpt, teacher)
+        # outside the module tree: Lightning, DDP, the optimizer and checkpoints never see the teacher
+        object.__setattr__(self, "teacher", teacher)
+        pair = DistillationPair(self.module, teacher, self.settings, self.config.vocab_size,
+                                self.config.num_layers, t_spec.num_layers)
+        pair.make_projections()
+        object.__setattr__(self, "pair", pair)
+
+    def student(self):
+        from nemo_minitron.model.build import unwrap
+
+        return unwrap(self.module)
+
+    # -- what megatron's schedule calls -----------------------------------------------------------
+    def _distilling(self) -> bool:
+        trainer = getattr(self, "_trainer", None)
+        return trainer is not None and trainer.training
+
+    def set_input_tensor(self, input_tensor) -> None:
+        if self._distilling():
+            self.pair.set_input_tensor(input_tensor)
+        else:
+            self.student().set_input_tensor(input_tensor)
+
+    def forward_step(self, batch):
+        if not self._distilling():
+            return super().forward_step(batch)  # validation: the student's own LM loss
+        return self.pair.forward(batch.get("tokens"), batch.get("position_ids"), batch.get("attention_mask"))
+
+    def configure_callbacks(self):
+        return [PipelineTeacherActivations(self)]
+
+    @property
+    def training_loss_reduction(self):
+        if not self._training_loss_reduction:
+            self._training_loss_reduction = _DistillLossReduction(self)
+        return self._training_loss_reduction
+
+
+class PipelineTeacherActivations(pl.Callback):
+    """Tells megatron's pipeline schedule that inter-stage tensors carry the teacher's hidden states too.
+
+    NeMo builds a ``MegatronStep`` per training step and lets callbacks transform it
+    (``on_megatron_step_start``); its ``adjust_tensor_shapes_fn`` is what the schedule uses for the
+    send/receive shapes. Validation (the student alone) keeps the default shapes.
+    """
+
+    def __init__(self, module: "DistillationGPTModel"):
+        self._module = [module]  # configured (and its pair made) after callbacks are attached
+
+    def on_megatron_step_start(self, step):
+        from megatron.core import parallel_state
+
+        if step.forward_only or parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            return step
+        pair = self._module[0].pair
+        step.__class__ = type("DistillationMegatronStep", (step.__class__,),
+                              {"adjust_tensor_shapes_fn": property(lambda _: pair.tensor_shapes)})
+        return step
+
+
+def save_student(model: InitializedGPTModel, path: Path, spec, tokenizer_dir, overwrite: bool = True) -> Path:
+    """Write the trained student (without distillation projections) as a plain NeMo 2 checkpoint."""
+    from nemo_minitron.checkpoint import nemo as ck
+    from nemo_minitron.model.build import unwrap
+
+    student = unwrap(model.module)
+    pair = getattr(model, "pair", None)
+    projections = getattr(student, "kd_projections", None)
+    if pair is not None:
+        pair.detach_projections()
+    try:
+        return ck.save(path, student, spec, tokenizer_dir, overwrite=overwrite)
+    finally:
+        if projections is not None:
+            student.kd_projections = projections

@@ -1,0 +1,292 @@
+"""A trainable student and a frozen teacher run side by side on the same micro-batch.
+
+Plain megatron-core, no trainer: :class:`DistillationPair` is what both the NeMo model
+(:mod:`nemo_minitron.distill.model`) and the tests drive.
+
+Pipeline parallelism: student and teacher are split over the same stages. A stage that is not the last
+sends ``cat([student_hidden, teacher_hidden], -1)`` to the next one (:meth:`tensor_shapes` tells
+megatron's schedule the widened shape), and :meth:`set_input_tensor` splits what it receives, so the
+teacher's activations travel with the student's and the loss is computed on the last stage. The teacher
+part is detached: no gradient flows into or out of the teacher.
+
+Tensor parallelism: the logits stay vocab-sharded; :func:`nemo_minitron.distill.losses.kl_div` reduces
+only per-token statistics across the tensor-parallel group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from nemo_minitron.distill import losses
+from nemo_minitron.errors import UserError
+
+
+@dataclass
+class DistillSettings:
+    """The objective: ``kd_weight * KL + lm_weight * CE + intermediate_weight * sum(hidden losses)``."""
+
+    kd_weight: float = 1.0
+    lm_weight: float = 0.0
+    temperature: float = 1.0
+    reverse_kl: bool = False
+    chunk_tokens: int = losses.DEFAULT_CHUNK_TOKENS
+    # [[student_layer, teacher_layer], ...], global 0-based layer numbers (negative: from the end)
+    intermediate_pairs: list = field(default_factory=list)
+    intermediate_loss: str = "cosine"  # cosine | mse
+    intermediate_weight: float = 1.0
+    # scale the intermediate term to the logit term's magnitude each step (then weight multiplies that)
+    intermediate_balance: bool = False
+    intermediate_projection: str = "learned"  # learned | fixed (when hidden sizes differ)
+
+    def validate(self) -> None:
+        if self.kd_weight < 0 or self.lm_weight < 0 or self.intermediate_weight < 0:
+            raise UserError("distill.kd_weight, distill.lm_weight and distill.intermediate_weight must be >= 0")
+        if self.kd_weight == 0 and self.lm_weight == 0 and not self.intermediate_pairs:
+            raise UserError("the objective is empty: set distill.kd_weight or distill.lm_weight above 0")
+        if self.temperature <= 0:
+            raise UserError(f"distill.temperature must be > 0, got {self.temperature}")
+        if self.intermediate_loss not in ("cosine", "mse"):
+            raise UserError(f"distill.intermediate_loss must be cosine or mse, got {self.intermediate_loss!r}")
+        if self.intermediate_projection not in ("learned", "fixed"):
+            raise UserError("distill.intermediate_projection must be learned or fixed")
+        for p in self.intermediate_pairs:
+            if len(p) != 2 or not all(isinstance(i, int) for i in p):
+                raise UserError(f"distill.intermediate_pairs entries are [student_layer, teacher_layer], got {p}")
+
+
+def padded_vocab(config) -> int:
+    """The (padded) vocabulary width megatron builds for ``config`` at its TP size."""
+    div = config.make_vocab_size_divisible_by * config.tensor_model_parallel_size
+    return ((config.vocab_size + div - 1) // div) * div
+
+
+def check_vocab(student_spec, teacher_spec, tp: int) -> None:
+    """Refuse teacher/student pairs whose vocabularies differ by more than padding (before any work)."""
+    vs, vt = student_spec.vocab_size, teacher_spec.vocab_size
+    if vs != vt:
+        raise UserError(f"teacher vocabulary ({vt} tokens) and student vocabulary ({vs} tokens) differ: "
+                        "distillation needs the same tokenizer (padding differences are fine)")
+    ds = student_spec.get("make_vocab_size_divisible_by", 128)
+    dt = teacher_spec.get("make_vocab_size_divisible_by", 128)
+    if tp > 1 and ds != dt:
+        pad = lambda d: ((vs + d * tp - 1) // (d * tp)) * d * tp  # noqa: E731
+        if pad(ds) != pad(dt):
+            raise UserError(f"at TP={tp} the teacher's vocabulary is padded to {pad(dt)} and the student's to "
+                            f"{pad(ds)}: their vocab shards would not line up; re-import one of them with "
+                            f"make_vocab_size_divisible_by={dt if ds != dt else ds}")
+
+
+def _layers(model):
+    return model.decoder.layers
+
+
+def _layer_offset(model) -> int:
+    from nemo_minitron.model.shards import layer_offset
+
+    return layer_offset(model)
+
+
+class DistillationPair:
+    """Student (trainable megatron ``GPTModel`` chunk) + teacher (frozen chunk on the same stage)."""
+
+    def __init__(self, student, teacher, settings: DistillSettings, vocab_size: int,
+                 student_layers: int, teacher_layers: int):
+        from megatron.core import parallel_state
+
+        settings.validate()
+        self.student, self.teacher, self.settings = student, teacher, settings
+        self.vocab_size = vocab_size
+        self.h_student = student.config.hidden_size
+        self.h_teacher = teacher.config.hidden_size
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self.last_stage = parallel_state.is_pipeline_last_stage()
+        self._pairs = self._resolve_pairs(student_layers, teacher_layers)
+        self._captured: dict = {}
+        self._hooks = []
+        for k, (si, ti) in enumerate(self._pairs):
+            self._hooks.append(_layers(student)[si].register_forward_hook(self._capture(("s", k))))
+            self._hooks.append(_layers(teacher)[ti].register_forward_hook(self._capture(("t", k))))
+
+    # ---------------------------------------------------------------------------------------------
+    def _resolve_pairs(self, n_s: int, n_t: int):
+        """Global layer pairs -> local indices on this stage; they must all live on the last stage."""
+        out = []
+        for s_layer, t_layer in self.settings.intermediate_pairs:
+            s_layer, t_layer = s_layer % n_s, t_layer % n_t
+            s_loc = s_layer - _layer_offset(self.student)
+            t_loc = t_layer - _layer_offset(self.teacher)
+            s_here = 0 <= s_loc < len(_layers(self.student))
+            t_here = 0 <= t_loc < len(_layers(self.teacher))
+            if self.last_stage and not (s_here and t_here):
+                raise UserError(f"intermediate pair [{s_layer}, {t_layer}] is not on the last pipeline stage: "
+                                "choose layers of the last stage (intermediate losses are computed there)")
+            if self.last_stage:
+                out.append((s_loc, t_loc))
+        return out
+
+    def _capture(self, key):
+        def hook(module, args, output):
+            self._captured[key] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def active_terms(self) -> list:
+        st = self.settings
+        return [k for k, on in (("kd_loss", st.kd_weight > 0), ("lm_loss", st.lm_weight > 0),
+                                ("intermediate_loss", bool(st.intermediate_pairs))) if on]
+
+    def make_projections(self):
+        """Projections student hidden -> teacher hidden for intermediate pairs (None when widths match).
+
+        ``learned``: a trainable bias-free linear layer, attached to the student chunk as ``kd_projections``
+        (so the optimizer and resume checkpoints include it; :meth:`detach_projections` removes it before the
+        student is exported). ``fixed``: a frozen random orthogonal map.
+        """
+        if not self._pairs or self.h_student == self.h_teacher:
+            return None
+        projs = torch.nn.ModuleList()
+        gen = torch.Generator().manual_seed(0)
+        for _ in self._pairs:
+            lin = torch.nn.Linear(self.h_student, self.h_teacher, bias=False)
+            w = torch.linalg.qr(torch.randn(self.h_teacher, self.h_student, generator=gen))[0]
+            lin.weight.data.copy_(w[:, : self.h_student] if w.shape[1] >= self.h_student else w)
+            lin.weight.requires_grad_(self.settings.intermediate_projection == "learned")
+            projs.append(lin)
+        dev = next(self.student.parameters()).device
+        self.student.kd_projections = projs.to(dev)
+        return projs
+
+    def detach_projections(self):
+        if hasattr(self.student, "kd_projections"):
+            del self.student.kd_projections
+
+    # ---------------------------------------------------------------------------------------------
+    def set_input_tensor(self, input_tensor) -> None:
+        """Split what the previous stage sent into the student's and the teacher's input."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        if input_tensor is None:
+            self.student.set_input_tensor(None)
+            self.teacher.set_input_tensor(None)
+            return
+        self.student.set_input_tensor(input_tensor[..., : self.h_student])
+        self.teacher.set_input_tensor(input_tensor[..., self.h_student:].detach())
+
+    def forward(self, input_ids, position_ids, attention_mask=None):
+        """Non-last stage: the concatenated hidden states to send on. Last stage: logits of both (and the
+        captured hidden states), consumed by :meth:`loss`."""
+        self._captured = {}
+        student_out = self.student(input_ids, position_ids, attention_mask)
+        with torch.no_grad():
+            teacher_out = self.teacher(input_ids, position_ids, attention_mask)
+        if not self.last_stage:
+            return torch.cat([student_out, teacher_out.detach().to(student_out.dtype)], dim=-1)
+        hidden = [(self._captured[("s", k)], self._captured[("t", k)]) for k in range(len(self._pairs))]
+        return {"student_logits": student_out, "teacher_logits": teacher_out, "hidden": hidden}
+
+    def tensor_shapes(self, recv_shapes, send_shapes):
+        """megatron ``adjust_tensor_shapes_fn``: widen the inter-stage tensors by the teacher's hidden."""
+        def widen(shapes):
+            return [tuple(s[:-1]) + (s[-1] + self.h_teacher,) for s in shapes]
+        return widen(recv_shapes), widen(send_shapes)
+
+    # ---------------------------------------------------------------------------------------------
+    def loss(self, out: dict, labels: torch.Tensor, loss_mask: torch.Tensor):
+        """(weighted loss sum, token count, {term: sum}) for one micro-batch on the last stage."""
+        from megatron.core import tensor_parallel
+
+        st = self.settings
+        s_logits, t_logits = out["student_logits"], out["teacher_logits"]
+        if s_logits.shape[-1] != t_logits.shape[-1]:
+            s_logits, t_logits = losses.match_vocab(s_logits, t_logits)  # TP=1, padding differs
+        mask = loss_mask.float()
+        tokens = mask.sum()
+        terms = {}
+        total = torch.zeros((), dtype=torch.float32, device=s_logits.device)
+        if st.kd_weight > 0:
+            kl = losses.kl_div(s_logits, t_logits, st.temperature, st.reverse_kl, self.vocab_size, st.chunk_tokens)
+            terms["kd_loss"] = (kl * mask).sum()
+            total = total + st.kd_weight * terms["kd_loss"]
+        if st.lm_weight > 0:
+            ce = tensor_parallel.vocab_parallel_cross_entropy(s_logits.float().transpose(0, 1).contiguous(),
+                                                              labels.transpose(0, 1).contiguous())
+            terms["lm_loss"] = (ce.transpose(0, 1) * mask).sum()
+            total = total + st.lm_weight * terms["lm_loss"]
+        if out["hidden"]:
+            projs = getattr(self.student, "kd_projections", None)
+            inter = torch.zeros((), dtype=torch.float32, device=s_logits.device)
+            smask = mask.transpose(0, 1)  # hidden states are [s, b, h]
+            for k, (hs, ht) in enumerate(out["hidden"]):
+                if projs is not None:
+                    hs = projs[k](hs)
+                inter = inter + (losses.hidden_loss(hs, ht, st.intermediate_loss) * smask).sum()
+            terms["intermediate_loss"] = inter
+            scale = st.intermediate_weight
+            if st.intermediate_balance and "kd_loss" in terms and inter.detach() > 0:
+                scale = scale * (terms["kd_loss"].detach() / inter.detach())
+            total = total + scale * inter
+        return total, tokens, {k: v.detach().clone() for k, v in terms.items()}
+
+
+def distill_step(pair: DistillationPair, windows: torch.Tensor, micro_batch_size: int,
+                 forward_only: bool = False) -> dict:
+    """One distillation forward (+ backward) over ``windows`` ([n, L+1] tokens) with megatron's schedules,
+    without a trainer. Returns mean per-token values of ``loss`` and each term (on every rank); gradients
+    of the mean loss are accumulated in the student's ``.grad``."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from nemo_minitron import platform
+    from nemo_minitron.model.forward import _position_ids, split_window
+
+    dev = platform.device()
+    n, L1 = windows.shape
+    num_mb = n // micro_batch_size
+    micro = list(windows.to(dev).split(micro_batch_size))
+    total_tokens = float(n * (L1 - 1))
+
+    class _Chunk(torch.nn.Module):  # what the schedule calls: set_input_tensor + forward of the pair
+        def __init__(self):
+            super().__init__()
+            self.module = pair.student
+            self.config = pair.student.config
+
+        def set_input_tensor(self, t):
+            pair.set_input_tensor(t)
+
+    chunk = _Chunk()
+
+    def forward_step(data_iterator, model):
+        inputs, labels = split_window(next(data_iterator))
+        out = pair.forward(inputs, _position_ids(inputs), None)
+
+        def loss_func(output):
+            total, tokens, terms = pair.loss(output, labels, torch.ones_like(labels, dtype=torch.float32))
+            scaled = total * (num_mb / total_tokens)
+            return scaled, {"loss_sum": total.detach().clone(), **terms}
+
+        return out, loss_func
+
+    fwd_bwd = get_forward_backward_func()
+    kwargs = {}
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        kwargs["adjust_tensor_shapes_fn"] = pair.tensor_shapes
+    out = fwd_bwd(forward_step_func=forward_step, data_iterator=iter(micro), model=[chunk],
+                  num_microbatches=num_mb, seq_length=L1 - 1, micro_batch_size=micro_batch_size,
+                  forward_only=forward_only, **kwargs)
+    names = ["loss_sum", "kd_loss", "lm_loss", "intermediate_loss"]
+    vals = torch.zeros(len(names), dtype=torch.float64, device=dev)
+    if parallel_state.is_pipeline_last_stage():
+        for d in out:
+            for i, k in enumerate(names):
+                if k in d:
+                    vals[i] += d[k].double()
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(vals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+    res = {k.replace("loss_sum", "loss"): float(v) / total_tokens for k, v in zip(names, vals.tolist())}
+    return res

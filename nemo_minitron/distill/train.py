@@ -1,0 +1,167 @@
+"""NeMo's trainer for distillation and fine-tuning: strategy, optimizer + schedule, data, logging, resume.
+
+One run directory holds everything a run writes:
+
+    RUN/checkpoints/   NeMo trainer checkpoints (student weights + optimizer + schedule + data position),
+                       the resume points; the teacher is never saved
+    RUN/tb/            TensorBoard events (loss terms, lr, validation loss, throughput)
+    RUN/metrics.jsonl  the same numbers, one JSON line per logged step (re-runs append; last one wins)
+
+Re-running the same command resumes from the newest complete checkpoint (NeMo's ``AutoResume``; a
+checkpoint still being written when a run died is marked unfinished and skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from nemo_minitron import parallel, platform
+
+
+class MetricsLog(pl.Callback):
+    """Per-step loss terms, lr, tokens/s to metrics.jsonl, TensorBoard and a one-line progress print."""
+
+    def __init__(self, path: Path, tokens_per_step: int, max_steps: int, every: int = 1):
+        self.path, self.tokens_per_step, self.max_steps, self.every = Path(path), tokens_per_step, max_steps, every
+        self._t = None
+        self._t0 = None
+
+    def _write(self, rec: dict) -> None:
+        if parallel.is_rank0():
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._t = time.perf_counter()
+        if self._t0 is None:
+            self._t0 = self._t
+
+    def _last_stage_values(self, pl_module, outputs) -> list:
+        """[loss, kd, lm, intermediate] from the last pipeline stage, on every rank."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        terms = getattr(pl_module, "last_terms", {}) or {}
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        vals = torch.tensor([float(loss) if loss is not None else float("nan"),
+                             *[terms.get(k, float("nan")) for k in ("kd_loss", "lm_loss", "intermediate_loss")]],
+                            dtype=torch.float64)
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            vals = vals.to(platform.device())
+            dist.broadcast(vals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                           group=parallel_state.get_pipeline_model_parallel_group())
+        return vals.cpu().tolist()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        dt = time.perf_counter() - self._t
+        loss, kd, lm, inter = self._last_stage_values(pl_module, outputs)
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        rec = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": self.tokens_per_step / dt,
+               "consumed_tokens": step * self.tokens_per_step}
+        for k, v in (("kd_loss", kd), ("lm_loss", lm), ("intermediate_loss", inter)):
+            if not math.isnan(v):
+                rec[k] = v
+        self._write(rec)
+        for k, v in rec.items():
+            if k != "step":
+                pl_module.log(f"train/{k}", float(v), on_step=True, rank_zero_only=True, batch_size=1)
+        if parallel.is_rank0() and (step % self.every == 0 or step == self.max_steps):
+            eta = (time.perf_counter() - self._t0) / max(1, step - self._first_step(step)) * (self.max_steps - step)
+            extra = "".join(f"  {k.replace('_loss', '')} {rec[k]:.4f}" for k in ("kd_loss", "lm_loss", "intermediate_loss")
+                            if k in rec)
+            print(f"step {step}/{self.max_steps}  loss {loss:.4f}{extra}  lr {lr:.2e}  "
+                  f"{rec['tokens_per_s']:.0f} tok/s  eta {eta:.0f}s", flush=True)
+
+    def _first_step(self, step):
+        if not hasattr(self, "_start_step"):
+            self._start_step = step - 1
+        return self._start_step
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        val = trainer.callback_metrics.get("val_loss")
+        if val is None:
+            return
+        rec = {"step": trainer.global_step, "val_loss": float(val)}
+        self._write(rec)
+        if parallel.is_rank0():
+            print(f"validation at step {trainer.global_step}: student LM loss {float(val):.4f}", flush=True)
+
+
+def read_metrics(path: Path) -> dict:
+    """metrics.jsonl -> {'train': {step: rec}, 'val': {step: val_loss}} (a re-logged step keeps its last value)."""
+    train, val = {}, {}
+    if Path(path).is_file():
+        for line in Path(path).read_text().splitlines():
+            rec = json.loads(line)
+            if "val_loss" in rec:
+                val[rec["step"]] = rec["val_loss"]
+            else:
+                train[rec["step"]] = rec
+    return {"train": train, "val": val}
+
+
+def build_trainer(run_dir: Path, tp: int, pp: int, max_steps: int, val_check_interval: int, limit_val_batches: int,
+                  ckpt_every: int, keep: int, callbacks: list, num_nodes: int = 1):
+    """nl.Trainer + MegatronStrategy for this platform, with checkpointing and resume under ``run_dir``."""
+    from nemo import lightning as nl
+    from nemo.lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    platform.activate()
+    world = parallel.world_size_from_env()
+    devices = max(1, world // num_nodes)
+    strategy = nl.MegatronStrategy(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        ckpt_async_save=False, ckpt_parallel_save=False, ckpt_load_strictness="log_all",
+        pipeline_dtype=None if not platform.has_cuda() else torch.bfloat16,
+    )
+    checkpoint = ModelCheckpoint(
+        dirpath=str(run_dir / "checkpoints"), filename="{step}", monitor="step", mode="max",
+        every_n_train_steps=ckpt_every, save_top_k=keep, save_last=True, save_on_train_epoch_end=False,
+        always_save_context=False, save_context_on_train_end=False, save_optim_on_train_end=True,
+    )
+    precision = "bf16-mixed" if platform.has_cuda() else "32"
+    trainer = nl.Trainer(
+        accelerator="gpu" if platform.has_cuda() else "cpu", devices=devices, num_nodes=num_nodes,
+        max_steps=max_steps, val_check_interval=val_check_interval, limit_val_batches=limit_val_batches,
+        num_sanity_val_steps=0, log_every_n_steps=1, enable_progress_bar=False,
+        check_val_every_n_epoch=None,  # val_check_interval counts global steps (survives resume)
+        logger=False, callbacks=list(callbacks), strategy=strategy,
+        plugins=nl.MegatronMixedPrecision(precision=precision),
+    )
+    log = nl.NeMoLogger(explicit_log_dir=str(run_dir), ckpt=checkpoint, use_datetime_version=False,
+                        tensorboard=TensorBoardLogger(save_dir="tb", name="", version=""))  # NeMo puts it under run_dir
+    app_state = log.setup(trainer, resume_if_exists=True)
+    # NeMo moves a restarted run's top-level files into run_N/; metrics.jsonl spans restarts: keep it
+    app_state.files_to_move = [f for f in app_state.files_to_move if Path(f).name != "metrics.jsonl"]
+    return trainer
+
+
+def optimizer(lr: float, min_lr: float, warmup_steps: int, max_steps: int, weight_decay: float,
+              clip_grad: float, beta1: float = 0.9, beta2: float = 0.95):
+    """Megatron Adam + linear warmup and cosine decay to ``min_lr`` (NeMo's scheduler)."""
+    from megatron.core.optimizer import OptimizerConfig
+    from nemo import lightning as nl
+    from nemo.lightning.pytorch.optim import CosineAnnealingScheduler
+
+    cfg = OptimizerConfig(optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=weight_decay,
+                          adam_beta1=beta1, adam_beta2=beta2, clip_grad=clip_grad,
+                          use_distributed_optimizer=platform.has_cuda(), bf16=platform.has_cuda())
+    sched = CosineAnnealingScheduler(warmup_steps=warmup_steps, constant_steps=0, max_steps=max_steps, min_lr=min_lr)
+    return nl.MegatronOptimizerModule(config=cfg, lr_scheduler=sched)
+
+
+def resume(run_dir: Path):
+    from nemo import lightning as nl
+
+    return nl.AutoResume(resume_if_exists=True, resume_ignore_no_checkpoint=True,
+                         resume_from_directory=str(run_dir / "checkpoints"))
