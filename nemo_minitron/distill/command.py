@@ -172,8 +172,8 @@ def settings_from(cfg):
                         intermediate_balance=k.intermediate_balance,
                         intermediate_projection=k.intermediate_projection)
     s.validate()
-    if k.chunk_tokens < 1:
-        raise UserError("distill.chunk_tokens must be >= 1")
+    if k.chunk_tokens < 0:
+        raise UserError("distill.chunk_tokens must be >= 0 (0: automatic)")
     return s
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-DEFAULT_CHUNK_TOKENS = 1024
+DEFAULT_CHUNK_TOKENS = 0  # 0: automatic, ~16M logits (64 MiB fp32) per chunk
 
 
 def _tp_group():
@@ -43,60 +43,93 @@ def _valid_columns(local_vocab: int, rank: int, vocab_size: int | None) -> int:
     return max(0, min(local_vocab, vocab_size - rank * local_vocab))
 
 
-def _log_softmax_stats(x: torch.Tensor, group, world: int):
-    """Per-row global max and log-sum-exp of a vocab-sharded [n, v_local] fp32 block."""
-    m = x.max(dim=-1).values
+def _chunk_rows(chunk: int, v_local: int) -> int:
+    """Rows per chunk: ``chunk`` if given, else about 8M elements (32 MiB in fp32) per block."""
+    return chunk if chunk > 0 else max(1, (1 << 23) // max(1, v_local))
+
+
+_WORKSPACE: dict = {}
+
+
+def _workspace(rows: int, cols: int, device) -> torch.Tensor:
+    """Four reusable fp32 blocks [4, rows, cols] (fresh allocations per chunk cost page faults on CPU)."""
+    key = str(device)
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.numel() < 4 * rows * cols:
+        buf = torch.empty(4 * rows * cols, dtype=torch.float32, device=device)
+        _WORKSPACE[key] = buf
+    return buf[: 4 * rows * cols].view(4, rows, cols)
+
+
+def release_workspace() -> None:
+    _WORKSPACE.clear()
+
+
+def _softmax_block(logits: torch.Tensor, a: int, b: int, keep: int, temperature: float, group, world: int,
+                   x: torch.Tensor, p: torch.Tensor):
+    """Rows [a, b) of vocab-sharded logits -> log p into ``x`` and p into ``p`` (fp32 blocks), normalized
+    over the full vocabulary (all-reduce of the row max and of the row sum of exponentials)."""
+    x.copy_(logits[a:b, :keep])
+    if temperature != 1.0:
+        x.div_(temperature)
+    m = x.amax(dim=-1, keepdim=True)
     _all_reduce(m, dist.ReduceOp.MAX, group, world)
-    s = torch.exp(x - m.unsqueeze(-1)).sum(dim=-1)
-    _all_reduce(s, dist.ReduceOp.SUM, group, world)
-    return m + torch.log(s)
+    x.sub_(m)
+    torch.exp(x, out=p)
+    z = p.sum(dim=-1, keepdim=True)
+    _all_reduce(z, dist.ReduceOp.SUM, group, world)
+    x.sub_(torch.log(z))
+    p.div_(z)
 
 
 class _VocabParallelKL(torch.autograd.Function):
+    """Per-token KL over vocab-sharded logits, fused with its gradient.
+
+    One pass over the logits in chunks of rows computes both distributions (two ``exp`` per logit in
+    all), the KL and d KL / d student; the backward only scales that gradient by the incoming one, in
+    place. Peak extra memory: the gradient (one copy of the logits, in their dtype, which any backward
+    must produce) plus a reusable workspace of four fp32 blocks of one chunk (32 MiB each by default).
+    """
+
     @staticmethod
     def forward(ctx, student, teacher, temperature, reverse, vocab_size, chunk):
         group, rank, world = _tp_group()
         n, v = student.shape
         keep = _valid_columns(v, rank, vocab_size)
+        rows = min(n, _chunk_rows(chunk, v))
+        need_grad = ctx.needs_input_grad[0]
         out = torch.empty(n, dtype=torch.float32, device=student.device)
-        lse_s = torch.empty_like(out)
-        lse_t = torch.empty_like(out)
-        for a in range(0, n, chunk):
-            b = min(n, a + chunk)
-            s = student[a:b, :keep].float() / temperature
-            t = teacher[a:b, :keep].float() / temperature
-            ls, lt = _log_softmax_stats(s, group, world), _log_softmax_stats(t, group, world)
-            lse_s[a:b], lse_t[a:b] = ls, lt
-            log_ps, log_pt = s - ls.unsqueeze(-1), t - lt.unsqueeze(-1)
-            if reverse:  # sum_v p_s (log p_s - log p_t)
-                part = (log_ps.exp() * (log_ps - log_pt)).sum(-1)
-            else:  # sum_v p_t (log p_t - log p_s)
-                part = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
-            out[a:b] = part
-            del s, t, log_ps, log_pt
-        _all_reduce(out, dist.ReduceOp.SUM, group, world)
-        ctx.save_for_backward(student, teacher, lse_s, lse_t, out)
-        ctx.cfg = (temperature, reverse, keep, chunk)
+        grad = None
+        if need_grad:
+            grad = torch.empty_like(student)
+            if keep < v:
+                grad[:, keep:] = 0  # padding columns
+        ws = _workspace(rows, keep, student.device)
+        for a in range(0, n, rows):
+            b = min(n, a + rows)
+            log_ps, ps, log_pt, pt = (w[: b - a] for w in ws)
+            _softmax_block(student, a, b, keep, temperature, group, world, log_ps, ps)
+            _softmax_block(teacher, a, b, keep, temperature, group, world, log_pt, pt)
+            if reverse:  # KL = sum_v p_s (log p_s - log p_t); dKL/ds = p_s (log p_s - log p_t - KL) / T
+                diff = log_ps.sub_(log_pt)
+                kl = torch.einsum("ij,ij->i", ps, diff)
+                _all_reduce(kl, dist.ReduceOp.SUM, group, world)
+                if need_grad:
+                    grad[a:b, :keep] = diff.sub_(kl.unsqueeze(-1)).mul_(ps).div_(temperature)
+            else:  # KL = sum_v p_t (log p_t - log p_s); dKL/ds = (p_s - p_t) / T
+                kl = torch.einsum("ij,ij->i", pt, log_pt.sub_(log_ps))
+                _all_reduce(kl, dist.ReduceOp.SUM, group, world)
+                if need_grad:
+                    grad[a:b, :keep] = ps.sub_(pt).div_(temperature) if temperature != 1.0 else ps.sub_(pt)
+            out[a:b] = kl
+        if need_grad:
+            ctx.save_for_backward(grad)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        student, teacher, lse_s, lse_t, kl = ctx.saved_tensors
-        temperature, reverse, keep, chunk = ctx.cfg
-        grad = torch.zeros_like(student)
-        n = student.shape[0]
-        for a in range(0, n, chunk):
-            b = min(n, a + chunk)
-            log_ps = student[a:b, :keep].float() / temperature - lse_s[a:b].unsqueeze(-1)
-            log_pt = teacher[a:b, :keep].float() / temperature - lse_t[a:b].unsqueeze(-1)
-            ps = log_ps.exp()
-            if reverse:  # d/ds_i: p_s,i (log p_s,i - log p_t,i - KL)
-                g = ps * (log_ps - log_pt - kl[a:b].unsqueeze(-1))
-            else:  # d/ds_i: p_s,i - p_t,i
-                g = ps - log_pt.exp()
-            g *= (grad_out[a:b] / temperature).unsqueeze(-1)
-            grad[a:b, :keep] = g.to(grad.dtype)
-            del log_ps, log_pt, ps, g
+        (grad,) = ctx.saved_tensors
+        grad.mul_(grad_out.unsqueeze(-1).to(grad.dtype))  # in place: the saved gradient is used once
         return grad, None, None, None, None, None
 
 
