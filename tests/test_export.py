@@ -59,6 +59,57 @@ def test_export_refuses_corrupt_and_existing(tiny_ckpt, tmp_path):
     assert (out / "x").read_text() == "keep"
 
 
+def test_nemo_archive_round_trip(tiny_ckpt, tiny_windows, tmp_path, dist_single):
+    """export format=nemo -> one tar file; NeMo unpacks and restores it (its own SaveRestoreConnector and
+    load_context); import source=FILE.nemo reads it back; logits identical throughout."""
+    import tarfile
+
+    from nemo.core.connectors.save_restore_connector import SaveRestoreConnector
+    from nemo.lightning.io import load_context
+
+    from nemo_minitron import platform
+    from nemo_minitron.checkpoint import nemo as ck
+
+    tokens = tiny_windows[0][:2, :-1]
+    ref = _megatron_logits(tiny_ckpt, tokens)
+    archive = tmp_path / "tiny.nemo"
+    p = cli("export", f"model={tiny_ckpt}", "format=nemo", f"output={archive}")
+    assert p.stdout.strip().splitlines()[-1] == f"wrote checkpoint: {archive}"
+    assert archive.is_file() and tarfile.is_tarfile(archive)
+    assert not list(tmp_path.glob("*.partial"))
+
+    # NeMo restores it: its .nemo unpacker, its context loader (LlamaModel + config + tokenizer), weights
+    unpacked = tmp_path / "unpacked"
+    SaveRestoreConnector._unpack_nemo_file(str(archive), str(unpacked))
+    import fiddle as fdl
+
+    cfg = load_context(unpacked / "context", subpath="model", build=False)
+    for k, v in platform.config_overrides().items():  # on GPU: nothing (NeMo's defaults need TE fusions)
+        setattr(cfg.config, k, v)
+    lm = fdl.build(cfg)
+    assert type(lm).__name__ == "LlamaModel" and lm.config.num_layers == 4
+    module = lm.config.configure_model(None)
+    ck.load_weights(unpacked, module)
+    module.eval()
+    with torch.no_grad():
+        nemo_logits = module(tokens, torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens), None)
+    assert torch.equal(nemo_logits, ref)
+
+    back = tmp_path / "back"
+    p = cli("import", f"source={archive}", f"output={back}")
+    assert p.stdout.strip().splitlines()[-1] == f"wrote checkpoint: {back}"
+    assert torch.equal(_megatron_logits(back, tokens), ref)
+
+    # a truncated archive is refused with the reason, nothing written
+    bad = tmp_path / "bad.nemo"
+    bad.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    p = cli("import", f"source={bad}", f"output={tmp_path / 'never'}", check=False)
+    assert p.returncode == 2 and ("incomplete" in p.stderr or "not a readable" in p.stderr), p.stderr[-300:]
+    assert not (tmp_path / "never").exists() and not (tmp_path / "never.partial").exists()
+    p = cli("export", f"model={tiny_ckpt}", "format=nemo", f"output={archive}", check=False)
+    assert p.returncode == 2 and "exists" in p.stderr
+
+
 @pytest.mark.slow
 def test_export_smollm2_and_pruned_variants(smol, tmp_path, dist_single):
     """SmolLM2-135M, a width-pruned (hidden 384 / ffn 1024 / 6 heads) and a depth-pruned (20 layers) variant."""

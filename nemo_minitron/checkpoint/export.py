@@ -103,9 +103,30 @@ def export_hf(source, output, dtype: str = "bf16", overwrite: bool = False, max_
     return output
 
 
+def export_nemo(source, output, overwrite: bool = False) -> Path:
+    """A NeMo 2 checkpoint -> one ``.nemo`` file (weights kept in the checkpoint's own precision)."""
+    from nemo_minitron.checkpoint import archive
+    from nemo_minitron.checkpoint.loader import describe
+
+    output = Path(output)
+    if output.suffix != ".nemo":
+        raise UserError(f"format=nemo writes a single file: output must end in .nemo (got {output})")
+    kind, path, spec = describe(source)
+    if kind != "nemo":
+        raise UserError(f"{path} is a Hugging Face checkpoint; export takes a NeMo checkpoint")
+    t0 = time.time()
+    archive.pack(path, output, overwrite=overwrite)
+    print(f"packed {path} ({spec.num_layers} layers, hidden {spec.hidden_size}) into {output.stat().st_size / 2**20:.1f} MiB "
+          f"({time.time() - t0:.1f}s)")
+    return output
+
+
 def run(cfg) -> None:
-    if cfg.format != "hf":
-        raise UserError(f"format={cfg.format!r}: only 'hf' is implemented so far")
-    out = export_hf(cfg.model, cfg.output, dtype=cfg.export.dtype, overwrite=cfg.overwrite,
-                    max_shard_size=cfg.export.max_shard_size)
+    if cfg.format == "hf":
+        out = export_hf(cfg.model, cfg.output, dtype=cfg.export.dtype, overwrite=cfg.overwrite,
+                        max_shard_size=cfg.export.max_shard_size)
+    elif cfg.format == "nemo":
+        out = export_nemo(cfg.model, cfg.output, overwrite=cfg.overwrite)
+    else:
+        raise UserError(f"format={cfg.format!r}: one of hf, nemo")
     print(f"wrote checkpoint: {out.absolute()}")

@@ -46,6 +46,27 @@ def import_hf(source, output, overwrite: bool = False) -> Path:
     return output
 
 
+def import_nemo(source, output, overwrite: bool = False) -> Path:
+    """A ``.nemo`` archive -> a NeMo 2 checkpoint directory (validated, published atomically)."""
+    from nemo_minitron.checkpoint import archive
+
+    t0 = time.time()
+    out = archive.unpack(source, output, overwrite=overwrite)
+    spec = nemo.read_spec(out)
+    print(f"imported {source}: {spec.config_class}, {spec.num_layers} layers, hidden {spec.hidden_size}, "
+          f"{count_params(spec) / 1e6:.1f}M params ({time.time() - t0:.1f}s)")
+    return out
+
+
 def run(cfg) -> None:
-    out = import_hf(cfg.source, cfg.output, overwrite=cfg.overwrite)
+    from nemo_minitron.checkpoint import archive
+
+    if str(cfg.source).endswith(".nemo"):
+        if not archive.is_archive(cfg.source):
+            from nemo_minitron.errors import UserError
+
+            raise UserError(f"source {cfg.source} does not exist or is not a file")
+        out = import_nemo(cfg.source, cfg.output, overwrite=cfg.overwrite)
+    else:
+        out = import_hf(cfg.source, cfg.output, overwrite=cfg.overwrite)
     print(f"wrote checkpoint: {out.absolute()}")

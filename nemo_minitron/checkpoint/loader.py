@@ -13,6 +13,10 @@ from nemo_minitron.model.shards import load_full_state_dict
 def describe(source) -> tuple[str, Path, ModelSpec]:
     """Validate a source without loading weights: ('nemo'|'hf', path, spec). Errors name the problem."""
     path = hf.resolve_source(str(source))
+    for final in ("student", "model"):  # a distill / finetune run directory: its finished checkpoint
+        if not (path / "context").exists() and (path / final / "context").is_dir():
+            path = path / final
+            break
     if nemo.is_checkpoint(path):
         nemo.validate(path)
         return "nemo", path, nemo.read_spec(path)

@@ -1,0 +1,110 @@
+"""Single-file ``.nemo`` archives of NeMo 2 checkpoints.
+
+A ``.nemo`` file is what NeMo's ``SaveRestoreConnector`` reads: an uncompressed tar. Ours holds the NeMo 2
+checkpoint directory as its root (``context/`` with the serialized model config and tokenizer,
+``weights/`` with the megatron dist-checkpoint) plus ``nemo_minitron_archive.json`` (file list with sizes).
+NeMo unpacks it with ``SaveRestoreConnector._unpack_nemo_file`` and restores the model with
+``nemo.lightning.io.load_context`` + dist-checkpoint loading; ``nemo-minitron import source=FILE.nemo``
+does the same and writes an ordinary checkpoint directory.
+
+Both directions write to ``TARGET.partial`` and rename when complete; a truncated or foreign archive is
+refused with the reason before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from nemo_minitron.checkpoint import nemo
+from nemo_minitron.errors import UserError
+
+MANIFEST = "nemo_minitron_archive.json"
+
+
+def _files(ckpt: Path) -> list[Path]:
+    return sorted(p for p in ckpt.rglob("*") if p.is_file() and p.relative_to(ckpt).parts[0] in ("context", "weights"))
+
+
+def pack(ckpt: Path, output: Path, overwrite: bool = False) -> Path:
+    """Write ``ckpt`` (a complete NeMo 2 checkpoint directory) as the single file ``output`` (.nemo)."""
+    ckpt, output = Path(ckpt), Path(output)
+    nemo.validate(ckpt)
+    nemo.check_output(output, overwrite)
+    if not output.parent.is_dir():
+        raise UserError(f"output directory {output.parent} does not exist")
+    files = _files(ckpt)
+    manifest = {"format": "nemo2-checkpoint", "files": {str(f.relative_to(ckpt)): f.stat().st_size for f in files}}
+    tmp = output.with_name(output.name + ".partial")
+    total = sum(manifest["files"].values())
+    try:
+        with tarfile.open(tmp, "w:") as tar, tqdm(total=total, unit="B", unit_scale=True, desc="packing .nemo",
+                                                   disable=total < (64 << 20), mininterval=2) as bar:
+            mf = tmp.with_name(tmp.name + ".manifest")
+            mf.write_text(json.dumps(manifest, indent=1))
+            tar.add(mf, arcname=MANIFEST)
+            mf.unlink()
+            for f in files:
+                tar.add(f, arcname=str(f.relative_to(ckpt)))
+                bar.update(f.stat().st_size)
+        if output.exists():
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        os.replace(tmp, output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return output
+
+
+def _check_archive(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path} does not exist or is not a file")
+    try:
+        with tarfile.open(path, "r:") as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            if MANIFEST not in members:
+                raise UserError(f"{path} is not a nemo-minitron .nemo archive of a NeMo 2 checkpoint "
+                                f"({MANIFEST} missing)")
+            manifest = json.load(tar.extractfile(members[MANIFEST]))
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise UserError(f"{path} is not a readable .nemo (tar) archive: {e}") from None
+    for name, size in manifest["files"].items():
+        m = members.get(name)
+        if m is None:
+            raise UserError(f"{path} is incomplete: {name} is missing")
+        if m.size != size:
+            raise UserError(f"{path} is corrupt: {name} holds {m.size} bytes, expected {size}")
+        if name.startswith("/") or ".." in Path(name).parts:
+            raise UserError(f"{path} holds an unsafe member path {name!r}")
+    return manifest
+
+
+def unpack(archive: Path, output: Path, overwrite: bool = False) -> Path:
+    """Extract a ``.nemo`` archive into a checkpoint directory ``output`` (validated before publishing)."""
+    from nemo.core.connectors.save_restore_connector import SaveRestoreConnector
+
+    archive, output = Path(archive), Path(output)
+    _check_archive(archive)
+    nemo.check_output(output, overwrite)
+    tmp = output.with_name(output.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        SaveRestoreConnector._unpack_nemo_file(str(archive), str(tmp))  # NeMo's own (safe) extraction
+        (tmp / MANIFEST).unlink(missing_ok=True)
+        nemo.validate(tmp)
+        nemo.publish(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def is_archive(source) -> bool:
+    return str(source).endswith(".nemo") and Path(source).is_file()
