@@ -24,23 +24,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-# The main job on the embedded default (SmolLM2-135M + Shakespeare): import -> preprocess (calibration and
-# held-out plays) -> width-prune to hidden 384 / ffn 1024 -> evaluate teacher and pruned student.
-# Becomes `nemo-minitron pipeline` (with distillation and export) when those stages land.
-SPLIT = $$($(PY) -c "from nemo_minitron.data.corpus import shakespeare_files as s; print(','.join(map(str, s('$(1)'))))")
+# The main job on the embedded default (SmolLM2-135M + Shakespeare): `nemo-minitron pipeline` =
+# import -> preprocess -> prune to hidden 384 / ffn 1024 -> distill (~10 min on 2 cores) -> evaluate
+# teacher / pruned / distilled -> export HF + .nemo -> report (runs/demo/report.md). Re-running resumes.
 demo: $(STAMP)
-	$(VENV)/bin/nemo-minitron import source=smollm2-135m output=$(RUN)/teacher overwrite=true
-	$(VENV)/bin/nemo-minitron preprocess tokenizer=$(RUN)/teacher output_prefix=$(RUN)/data/heldout overwrite=true \
-	    input=$(call SPLIT,heldout)
-	$(VENV)/bin/nemo-minitron preprocess tokenizer=$(RUN)/teacher output_prefix=$(RUN)/data/calibration overwrite=true \
-	    input=$(call SPLIT,calibration)
-	$(VENV)/bin/nemo-minitron prune model=$(RUN)/teacher output=$(RUN)/pruned overwrite=true \
-	    data.calibration=$(RUN)/data/calibration data.calibration_samples=64 \
-	    prune.hidden_size=384 prune.ffn_hidden_size=1024
-	$(VENV)/bin/nemo-minitron evaluate model=$(RUN)/teacher data=$(RUN)/data/heldout \
-	    eval.num_samples=32 eval.seq_length=256 output_json=$(RUN)/teacher_eval.json
-	$(VENV)/bin/nemo-minitron evaluate model=$(RUN)/pruned data=$(RUN)/data/heldout \
-	    eval.num_samples=32 eval.seq_length=256 output_json=$(RUN)/pruned_eval.json
+	$(VENV)/bin/nemo-minitron pipeline run_dir=$(RUN)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

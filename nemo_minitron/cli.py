@@ -26,6 +26,7 @@ COMMANDS = {
     "prune": ("nemo_minitron.prune.command", "width pruning (heads, query groups, MLP neurons, channels) -> NeMo checkpoint"),
     "distill": ("nemo_minitron.distill.command", "knowledge distillation of a student from a frozen teacher (NeMo trainer)"),
     "finetune": ("nemo_minitron.distill.command:run_finetune", "LM fine-tuning (teacher correction) with NeMo's trainer"),
+    "pipeline": ("nemo_minitron.pipeline", "the whole recipe: import, prune, distill, evaluate, export, report"),
 }
 
 

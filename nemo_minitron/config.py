@@ -39,6 +39,20 @@ def load(command: str, overrides: list[str]) -> DictConfig:
         raise UserError(f"no config for command {command!r} ({path})")
     cfg = OmegaConf.load(path)
     OmegaConf.set_struct(cfg, True)
+    recipes = [o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")]
+    overrides = [o for o in overrides if not o.startswith("recipe=")]
+    for name in recipes:  # conf/recipes/NAME.yaml: a partial config of this command, applied first
+        rpath = conf_path(command).parent / "recipes" / f"{name}.yaml"
+        if not rpath.is_file():
+            avail = sorted(p.stem for p in rpath.parent.glob("*.yaml"))
+            raise UserError(f"no recipe {name!r} ({rpath}); available: {', '.join(avail) or 'none'}")
+        recipe = OmegaConf.load(rpath)
+        if recipe.pop("command", command) != command:
+            raise UserError(f"recipe {name!r} is for another command")
+        try:
+            cfg = OmegaConf.merge(cfg, recipe)
+        except OmegaConfBaseException as e:
+            raise UserError(f"recipe {name!r}: {e.msg}") from None
     for item in overrides:
         if item.startswith("~"):
             key = item[1:]

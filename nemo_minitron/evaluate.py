@@ -42,12 +42,28 @@ def run(cfg) -> None:
         out = Path(cfg.output_json)
         if not out.parent.exists():
             raise UserError(f"output_json directory {out.parent} does not exist")
+    tasks, unavailable = [], {}
+    if e.tasks:
+        from nemo_minitron import downstream
+
+        tasks, unavailable = downstream.check_tasks(list(e.tasks), e.task_include_path, e.download)
+        if unavailable and not tasks:
+            raise UserError("no requested task can run: " + "; ".join(f"{t}: {w}" for t, w in unavailable.items()))
 
     t0 = time.time()
     parallel.initialize(tp, pp)
     model, spec, kind = load_model(path, tp, pp)
     res = heldout_loss(model, windows, e.micro_batch_size)
     res.update(model=str(path), data=str(cfg.data), seq_length=e.seq_length, num_samples=e.num_samples)
+    if tasks and parallel.is_rank0():
+        from nemo_minitron import downstream
+
+        for t, w in unavailable.items():
+            print(f"task {t} unavailable: {w}")
+        res["tasks"] = downstream.run_tasks(kind, path, tasks, e.task_include_path, e.task_limit)
+        res["tasks_unavailable"] = unavailable
+        for t, metrics in res["tasks"].items():
+            print(f"task {t}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if parallel.is_rank0():
         print(f"{kind} model {path}: loss {res['loss']:.4f}  perplexity {res['perplexity']:.2f}  "
               f"tokens {res['tokens']}  ({time.time() - t0:.1f}s, TP={tp} PP={pp})")

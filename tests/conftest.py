@@ -44,8 +44,8 @@ def torchrun(args, nproc=2, timeout=600, check=True):
     return run(cmd, timeout=timeout, check=check)
 
 
-def cli(*args, timeout=600, check=True):
-    return run([*CLI, *args], timeout=timeout, check=check)
+def cli(*args, timeout=600, check=True, env=None):
+    return run([*CLI, *args], timeout=timeout, check=check, env=env)
 
 
 @pytest.fixture(scope="session")

@@ -126,7 +126,12 @@ def test_distill_kill_and_resume_matches_uninterrupted_run(tiny_ckpt, tiny_stude
     assert sorted(ref["train"]) == list(range(1, 9)) and sorted(ref["val"]) == [4, 8]
     assert ref["train"][8]["kd_loss"] < ref["train"][1]["kd_loss"]  # it learns
     assert ref["train"][8]["lr"] == pytest.approx(1e-5)  # cosine decay reached min_lr
-    assert list((full / "tb").glob("events.out.tfevents.*"))
+    events = list((full / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(events[0]))
+    ea.Reload()
+    assert {"train/kd_loss", "train/lr", "train/tokens_per_s", "val_loss"} <= set(ea.Tags()["scalars"])
     assert not list((full / "checkpoints").glob("*teacher*"))
 
     run = tmp_path / "killed"

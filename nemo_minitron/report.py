@@ -1,0 +1,172 @@
+"""The pipeline's report: report.json (for machines), report.md + PNG plots (for people), a terminal table.
+
+Every number comes from the run's own files: eval/*.json (held-out loss), distill/metrics.jsonl (training
+curves), pruned/pruning/ (importance plots), stages.json (wall time), and the exported Hugging Face model
+re-evaluated with ``transformers`` on the same held-out tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _curves(run_dir: Path, out: Path) -> bool:
+    from nemo_minitron.distill.train import read_metrics
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=110)
+    drawn = False
+    for name, color in (("distill", "#3465a4"), ("scratch", "#888a85")):
+        m = read_metrics(run_dir / name / "metrics.jsonl")
+        if not m["train"]:
+            continue
+        steps = sorted(m["train"])
+        ax.plot(steps, [m["train"][s]["loss"] for s in steps], color=color, lw=1.2,
+                label=f"{name}: train {'KD loss' if name == 'distill' else 'LM loss'}")
+        if m["val"]:
+            vs = sorted(m["val"])
+            ax.plot(vs, [m["val"][s] for s in vs], "o--", color=color, ms=4, label=f"{name}: held-out LM loss")
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("Training curves")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return True
+
+
+def _bars(entries: dict, out: Path) -> None:
+    plt = _plt()
+    names = list(entries)
+    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=110)
+    vals = [entries[n]["heldout_loss"] for n in names]
+    ax.bar(names, vals, color=["#4e9a06", "#cc0000", "#3465a4", "#888a85"][: len(names)])
+    for i, v in enumerate(vals):
+        ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title("Held-out loss")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def hf_transformers_loss(hf_dir: Path, heldout_prefix, num_samples: int, seq_length: int) -> float:
+    """Mean per-token loss of the exported model, loaded by ``transformers``, on the evaluation windows."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from nemo_minitron.data import indexed
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    w = indexed.windows(heldout_prefix, num_samples, seq_length)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for batch in w.split(4):
+            logits = model(batch[:, :-1]).logits
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
+                                     reduction="sum").item()
+            n += batch[:, 1:].numel()
+    return total / n
+
+
+def write(run_dir: Path, models: dict, exports: dict, heldout_prefix, num_samples: int, seq_length: int,
+          times: dict) -> dict:
+    from nemo_minitron.checkpoint import nemo
+    from nemo_minitron.model import count_params
+
+    run_dir = Path(run_dir)
+    entries = {}
+    for name, path in models.items():
+        ev = json.loads((run_dir / "eval" / f"{name}.json").read_text())
+        spec = nemo.read_spec(path)
+        entries[name] = {"heldout_loss": ev["loss"], "perplexity": ev["perplexity"], "params": count_params(spec),
+                         "checkpoint": str(path), "shape": {k: getattr(spec, k) for k in (
+                             "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                             "num_query_groups", "kv_channels")}}
+    rep = {**entries, "exports": dict(exports), "heldout": {"data": str(heldout_prefix), "num_samples": num_samples,
+                                                            "seq_length": seq_length},
+           "wall_time_s": dict(times)}
+    if "hf" in exports:
+        rep["exports"]["hf_transformers_heldout_loss"] = hf_transformers_loss(Path(exports["hf"]), heldout_prefix,
+                                                                              num_samples, seq_length)
+    from nemo_minitron.distill.train import read_metrics
+
+    m = read_metrics(run_dir / "distill" / "metrics.jsonl")
+    if m["train"]:
+        last = m["train"][max(m["train"])]
+        rep["distillation"] = {"steps": max(m["train"]), "tokens": last.get("consumed_tokens"),
+                               "final_train_loss": last["loss"], "val_loss": {str(k): v for k, v in m["val"].items()}}
+    plots = []
+    if _curves(run_dir, run_dir / "training_curves.png"):
+        plots.append("training_curves.png")
+    _bars(entries, run_dir / "heldout_loss.png")
+    plots.append("heldout_loss.png")
+    prune_dir = Path(models["pruned"]) / "pruning"
+    for png in sorted(prune_dir.glob("*.png")) if prune_dir.is_dir() else []:
+        shutil.copy2(png, run_dir / f"pruning_{png.name}")
+        plots.append(f"pruning_{png.name}")
+    rep["plots"] = plots
+    (run_dir / "report.json").write_text(json.dumps(rep, indent=2))
+
+    lines = ["# Minitron run report", "", f"Run directory: `{run_dir}`", "",
+             "| model | params | held-out loss | perplexity | layers | hidden | ffn | heads / groups |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, e in entries.items():
+        s = e["shape"]
+        lines.append(f"| {name} | {e['params'] / 1e6:.1f}M | {e['heldout_loss']:.4f} | {e['perplexity']:.1f} | "
+                     f"{s['num_layers']} | {s['hidden_size']} | {s['ffn_hidden_size']} | "
+                     f"{s['num_attention_heads']} / {s['num_query_groups']} |")
+    lines += ["", f"Held-out: {num_samples} windows of {seq_length} tokens from `{heldout_prefix}`.", ""]
+    if "distillation" in rep:
+        dd = rep["distillation"]
+        lines += [f"Distillation: {dd['steps']} steps, {dd['tokens']} tokens; final train KD loss "
+                  f"{dd['final_train_loss']:.4f}.", ""]
+    if exports:
+        lines += ["## Exports", ""]
+        for k, v in exports.items():
+            lines.append(f"- {k}: `{v}`")
+        if "hf_transformers_heldout_loss" in rep["exports"]:
+            lines.append(f"- the HF export loaded with `transformers` gives held-out loss "
+                         f"{rep['exports']['hf_transformers_heldout_loss']:.4f} (distilled: "
+                         f"{entries['distilled']['heldout_loss']:.4f})")
+        lines.append("")
+    lines += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in times.items()]
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    return rep
+
+
+def summary(rep: dict) -> str:
+    rows = [f"{'model':<10} {'params':>9} {'held-out loss':>14} {'perplexity':>11}"]
+    for name in ("teacher", "pruned", "distilled", "scratch"):
+        if name in rep:
+            e = rep[name]
+            ppl = e["perplexity"] if e["perplexity"] < 1e6 else math.inf
+            rows.append(f"{name:<10} {e['params'] / 1e6:>8.1f}M {e['heldout_loss']:>14.4f} {ppl:>11.1f}")
+    ex = rep.get("exports", {})
+    for k in ("hf", "nemo"):
+        if k in ex:
+            rows.append(f"export {k}: {ex[k]}")
+    if "hf_transformers_heldout_loss" in ex:
+        rows.append(f"HF export via transformers: held-out loss {ex['hf_transformers_heldout_loss']:.4f}")
+    return "\n".join(rows)

@@ -1,0 +1,79 @@
+"""The pipeline command end to end on a tiny Hugging Face Llama and real text: every stage, the report,
+stage skipping, and a kill during distillation followed by a resume (not a restart)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+
+from conftest import CLI, REPO, cli
+from hf_fixtures import make_hf_llama
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    from nemo_minitron.data.corpus import shakespeare_files
+
+    d = tmp_path_factory.mktemp("texts")
+    out = {}
+    for split, n in (("train", 60000), ("calibration", 20000), ("heldout", 20000)):
+        f = d / f"{split}.txt"
+        f.write_text("\n".join(p.read_text()[:n] for p in shakespeare_files(split)[:2]))
+        out[split] = f
+    return out
+
+
+def _args(run_dir, teacher, texts):
+    return [f"run_dir={run_dir}", f"teacher={teacher}", f"data.train={texts['train']}",
+            f"data.calibration={texts['calibration']}", f"data.heldout={texts['heldout']}",
+            "prune.hidden_size=48", "prune.ffn_hidden_size=96", "prune.calibration_samples=8", "prune.seq_length=32",
+            "distill.max_steps=8", "distill.seq_length=32", "distill.micro_batch_size=2", "distill.global_batch_size=4",
+            "distill.lr=3e-3", "distill.min_lr=3e-4", "distill.warmup_steps=1", "distill.val_check_interval=4",
+            "distill.checkpoint_every=2", "evaluate.num_samples=8", "evaluate.seq_length=32"]
+
+
+def test_pipeline_end_to_end_with_kill_and_resume(texts, tmp_path):
+    teacher = make_hf_llama(tmp_path / "hf_teacher")
+    run_dir = tmp_path / "run"
+    args = _args(run_dir, teacher, texts)
+    proc = subprocess.Popen([*CLI, "pipeline", *args], cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("[distill] step 5/8"):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-30:])
+    assert not (run_dir / "distill" / "student").exists() and not (run_dir / "report.json").exists()
+
+    again = cli("pipeline", *args, timeout=900)
+    out = again.stdout
+    for stage in ("import", "preprocess_train", "preprocess_heldout", "prune"):
+        assert f"[{stage}] complete, skipped" in out
+    assert "[distill] resuming from" in out and "[distill] step 1/8" not in out
+    assert out.strip().splitlines()[-1] == f"wrote report: {run_dir / 'report.md'}"
+
+    rep = json.loads((run_dir / "report.json").read_text())
+    for name in ("teacher", "pruned", "distilled"):
+        assert rep[name]["heldout_loss"] > 0 and rep[name]["params"] > 0
+    assert rep["pruned"]["params"] < rep["teacher"]["params"]
+    assert rep["distilled"]["heldout_loss"] < rep["pruned"]["heldout_loss"]
+    assert rep["exports"]["hf"] and rep["exports"]["nemo"].endswith(".nemo")
+    assert rep["exports"]["hf_transformers_heldout_loss"] == pytest.approx(rep["distilled"]["heldout_loss"], abs=1e-4)
+    for png in rep["plots"]:
+        assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert "training_curves.png" in rep["plots"] and any(p.startswith("pruning_") for p in rep["plots"])
+    md = (run_dir / "report.md").read_text()
+    assert "| distilled |" in md and "Wall time" in md
+    times = json.loads((run_dir / "stages.json").read_text())
+    assert {"import", "prune", "distill", "evaluate_distilled", "export_hf", "export_nemo"} <= set(times)
+
+    # a third run does nothing but the report
+    third = cli("pipeline", *args)
+    assert "[distill] complete, skipped" in third.stdout and "[export_nemo] complete, skipped" in third.stdout
