@@ -67,18 +67,25 @@ def main(argv: list[str] | None = None) -> int:
         print(config.conf_path(command).read_text().split("\n", len(config.header(command).splitlines()))[-1])
         return 0
     print_only = "--print-config" in rest
-    overrides = [a for a in rest if a != "--print-config"]
+    dry_run = "--dry-run" in rest
+    overrides = [a for a in rest if a not in ("--print-config", "--dry-run")]
     unknown_flags = [a for a in overrides if a.startswith("--")]
     try:
         if unknown_flags:
-            raise UserError(f"unknown option {unknown_flags[0]} (options: --help, --print-config)")
+            raise UserError(f"unknown option {unknown_flags[0]} (options: --help, --print-config, --dry-run)")
         cfg = config.load(command, overrides)
         if print_only:
             print(config.to_yaml(cfg), end="")
             return 0
         _quiet()
         mod_name, _, fn = COMMANDS[command][0].partition(":")
-        getattr(importlib.import_module(mod_name), fn or "run")(cfg)
+        module = importlib.import_module(mod_name)
+        if dry_run:
+            if not hasattr(module, "dry_run") or fn:
+                raise UserError(f"--dry-run is available for distill and pipeline, not {command}")
+            module.dry_run(cfg)
+            return 0
+        getattr(module, fn or "run")(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -214,3 +214,28 @@ def run(cfg) -> None:
     print(report.summary(rep))
     print(f"total wall time this invocation: {time.time() - t_start:.0f}s")
     print(f"wrote report: {run_dir / 'report.md'}")
+
+
+def dry_run(cfg) -> None:
+    """The distillation launch this pipeline would make, with the student shape from the prune targets."""
+    from nemo_minitron import launch_plan as lp
+
+    t_spec = lp.spec_of(cfg.teacher)
+    p = cfg.prune
+    changes = {k: p[k] for k in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+               if p[k] is not None}
+    if p.num_layers is not None:
+        changes["num_layers"] = p.num_layers
+    elif p.drop_layers:
+        changes["num_layers"] = t_spec.num_layers - len(p.drop_layers)
+    from nemo_minitron.prune.plan import validate_targets
+
+    tp, pp = cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size
+    validate_targets(t_spec, {k: v for k, v in changes.items() if k != "num_layers"}, tp)
+    s_spec = t_spec.replace(**changes)
+    k = cfg.distill
+    nodes, gpus = cfg.launcher.nodes, cfg.launcher.gpus_per_node
+    plan = lp.plan(t_spec, s_spec, nodes, gpus, tp, pp, k.seq_length, k.micro_batch_size, k.global_batch_size)
+    print(lp.show(plan, lp.describe_shape(t_spec), lp.describe_shape(s_spec)))
+    print(f"  distillation: {k.max_steps} steps = {k.max_steps * plan['tokens_per_step'] / 1e9:.1f}B tokens")
+    print("dry run: nothing was launched")

@@ -60,23 +60,6 @@ def test_vocab_parallel_kl_equals_full_logits_at_tp2(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # one step at several layouts
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def tiny_student(tmp_path_factory, dist_single):
-    """A smaller tiny Llama (2 layers, hidden 48, ffn 96): a student that is not a slice of the teacher."""
-    from nemo_minitron.checkpoint import nemo as ck
-    from nemo_minitron.model import build, tiny_spec
-
-    spec = tiny_spec(num_layers=2, hidden_size=48, ffn_hidden_size=96)
-    torch.manual_seed(1)
-    model = build(spec)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("student") / "ckpt"
-    ck.save(path, model, spec)
-    return path
-
-
 SETTINGS = {"lm_weight": 0.5, "intermediate_pairs": [[-1, -1]], "intermediate_loss": "cosine"}
 
 

@@ -12,7 +12,7 @@ from conftest import cli
 
 pytestmark = pytest.mark.slow
 
-STEPS = 8
+STEPS = 6
 
 
 def test_kd_beats_cross_entropy_at_equal_budget(smol, tmp_path):

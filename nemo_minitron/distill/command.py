@@ -18,6 +18,13 @@ from nemo_minitron.errors import UserError
 from nemo_minitron.model import count_params
 
 STUDENT_DIR, MODEL_DIR, CORRECTED_DIR = "student", "model", "teacher_corrected"
+EXIT_PREEMPTED = 3  # the batch script requeues the job on this status
+
+
+class Preempted(Exception):
+    def __init__(self, step: int):
+        super().__init__(f"stopped at step {step} on a preemption signal (checkpoint saved)")
+        self.step = step
 
 
 def _nemo_source(source, what: str):
@@ -95,15 +102,26 @@ def _common_checks(cfg, tp: int, pp: int, spec):
 
 
 def _fit(model, cfg, run_dir: Path, tp: int, pp: int, max_steps: int, opt):
-    from nemo_minitron.distill.train import MetricsLog, build_trainer, resume
+    try:
+        return _fit_inner(model, cfg, run_dir, tp, pp, max_steps, opt)
+    except Preempted as e:
+        if parallel.is_rank0():
+            print(f"{e}; exit status {EXIT_PREEMPTED} (re-run or requeue to resume)", flush=True)
+        raise SystemExit(EXIT_PREEMPTED) from None
+
+
+def _fit_inner(model, cfg, run_dir: Path, tp: int, pp: int, max_steps: int, opt):
+    from nemo_minitron.distill.train import MetricsLog, Preemption, build_trainer, drop_unfinished_checkpoints, resume
 
     d, t = cfg.data, cfg.trainer
+    drop_unfinished_checkpoints(run_dir / "checkpoints")
+    preemption = Preemption(run_dir)
     val_every = min(t.val_check_interval, max_steps)
     metrics = MetricsLog(run_dir / "metrics.jsonl", d.global_batch_size * d.seq_length, max_steps,
                          every=t.log_every_n_steps)
     trainer = build_trainer(run_dir, tp, pp, max_steps, val_every,
                             d.num_val_samples // d.global_batch_size if d.validation else 0,
-                            cfg.checkpoint.every_n_steps, cfg.checkpoint.keep, [metrics],
+                            cfg.checkpoint.every_n_steps, cfg.checkpoint.keep, [metrics, preemption],
                             num_nodes=t.num_nodes)
     model.optim = opt
     opt.connect(model)
@@ -116,6 +134,8 @@ def _fit(model, cfg, run_dir: Path, tp: int, pp: int, max_steps: int, opt):
     data = _data_module(d, max_steps)
     CallbackGroup.get_instance().update_config(nemo_version="v2", trainer=trainer, data=data)  # as llm.train
     trainer.fit(model, data, ckpt_path=trainer.ckpt_path)
+    if preemption.saved_step is not None:
+        raise Preempted(preemption.saved_step)
     return trainer
 
 
@@ -148,6 +168,9 @@ def finetune_run(cfg, model_path: Path, spec, run_dir: Path, tp: int, pp: int, m
 
 
 def run_finetune(cfg) -> None:
+    from nemo_minitron.distill.train import install_signal_handlers
+
+    install_signal_handlers()
     tp, pp = cfg.trainer.strategy.tensor_model_parallel_size, cfg.trainer.strategy.pipeline_model_parallel_size
     path, spec = _nemo_source(cfg.model, "model")
     spec.validate_layout(tp, pp)
@@ -181,6 +204,9 @@ def settings_from(cfg):
 
 def run(cfg) -> None:
     from nemo_minitron.distill.pair import check_vocab as check_pair_vocab
+    from nemo_minitron.distill.train import install_signal_handlers
+
+    install_signal_handlers()  # a SLURM warning that arrives while we load still leads to a clean stop
 
     tp, pp = cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size
     # ---- everything that can be refused is refused here ---------------------------------------------
@@ -225,3 +251,22 @@ def run(cfg) -> None:
     if parallel.is_rank0():
         print(f"distilled in {time.time() - t0:.0f}s; metrics in {out / 'metrics.jsonl'}, TensorBoard in {out / 'tb'}")
         print(f"wrote checkpoint: {final}")
+
+
+def dry_run(cfg) -> None:
+    """Validate and print the resolved launch without building anything (``--dry-run``)."""
+    from nemo_minitron import launch_plan as lp
+
+    t_spec, s_spec = lp.spec_of(cfg.teacher), lp.spec_of(cfg.student)
+    from nemo_minitron.distill.pair import check_vocab as check_pair_vocab
+
+    tp, pp = cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size
+    check_pair_vocab(s_spec, t_spec, tp)
+    settings_from(cfg)
+    gpus = cfg.trainer.devices or 8
+    d = cfg.data
+    p = lp.plan(t_spec, s_spec, cfg.trainer.num_nodes, gpus, tp, pp, d.seq_length, d.micro_batch_size,
+                d.global_batch_size)
+    print(lp.show(p, lp.describe_shape(t_spec), lp.describe_shape(s_spec)))
+    print(f"  {cfg.trainer.max_steps} steps = {cfg.trainer.max_steps * p['tokens_per_step'] / 1e9:.2f}B tokens")
+    print("dry run: nothing was launched")

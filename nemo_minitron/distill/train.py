@@ -96,6 +96,70 @@ class MetricsLog(pl.Callback):
             print(f"validation at step {trainer.global_step}: student LM loss {float(val):.4f}", flush=True)
 
 
+_SIGNALLED = [False]
+
+
+def install_signal_handlers(signals=("SIGUSR1", "SIGTERM")) -> None:
+    """Remember a preemption warning from now on (called as early as the command starts)."""
+    import signal
+
+    def handler(signum, frame):
+        _SIGNALLED[0] = True
+
+    for name in signals:
+        signal.signal(getattr(signal, name), handler)
+
+
+class Preemption(pl.Callback):
+    """A warning signal (SLURM's ``--signal=USR1@T`` before the time limit; SIGTERM on preemption) saves a
+    checkpoint at the next step boundary and stops training cleanly, so a requeued job resumes there.
+
+    Every rank agrees (all-reduce of the flag); the checkpoint is written with NeMo's unfinished marker
+    around it, so a kill during this save cannot leave a checkpoint that looks complete.
+    """
+
+    PREEMPTED = "PREEMPTED"
+
+    def __init__(self, run_dir: Path):
+        install_signal_handlers()
+        self.run_dir, self.saved_step = Path(run_dir), None
+        (self.run_dir / self.PREEMPTED).unlink(missing_ok=True)
+
+    @property
+    def requested(self) -> bool:
+        return _SIGNALLED[0]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import torch.distributed as dist
+        from nemo.lightning.pytorch.callbacks import ModelCheckpoint
+
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=platform.device())
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() == 0 or trainer.global_step >= trainer.max_steps:
+            return
+        path = self.run_dir / "checkpoints" / f"step={trainer.global_step}-preempted-last"
+        ModelCheckpoint.set_checkpoint_unfinished_marker(path, barrier_after=True)
+        trainer.save_checkpoint(str(path))
+        ModelCheckpoint.remove_checkpoint_unfinished_marker(path, barrier_before=True)
+        self.saved_step = trainer.global_step
+        if parallel.rank() == 0:
+            (self.run_dir / self.PREEMPTED).write_text(json.dumps({"step": trainer.global_step}))
+            print(f"preempted: checkpoint at step {trainer.global_step} saved to {path}; requeue to resume",
+                  flush=True)
+        trainer.should_stop = True
+
+
+def drop_unfinished_checkpoints(ckpt_dir: Path) -> None:
+    """Remove checkpoints a killed run left half-written (NeMo's ``-unfinished`` marker is beside them), so
+    resuming picks the newest complete one; idempotent, so every rank may call it."""
+    import shutil
+
+    for marker in Path(ckpt_dir).glob("*-unfinished"):
+        shutil.rmtree(Path(str(marker)[: -len("-unfinished")]), ignore_errors=True)
+        marker.unlink(missing_ok=True)
+
+
 def read_metrics(path: Path) -> dict:
     """metrics.jsonl -> {'train': {step: rec}, 'val': {step: val_loss}} (a re-logged step keeps its last value)."""
     train, val = {}, {}

@@ -1,0 +1,90 @@
+"""Dry runs: the resolved launch of a distillation (nodes, GPUs, TP/PP/DP split, memory per GPU for
+teacher + student), computed from the model configs alone and refused when the layout cannot work.
+
+    nemo-minitron distill ... --dry-run          nemo-minitron pipeline ... --dry-run
+
+The memory estimate is per GPU, bf16 weights, Megatron's distributed optimizer over data parallel
+(fp32 master weights + Adam moments sharded over DP), fp32 gradients, and activations of one micro-batch
+for the student (selective recomputation: ~34*s*b*h bytes per layer / TP, Korthikanti et al. 2022) plus
+the logits (student, teacher, and the KL's gradient, each s*b*V/TP). The teacher holds weights only.
+"""
+
+from __future__ import annotations
+
+from nemo_minitron.errors import UserError
+from nemo_minitron.model import count_params
+
+
+def _check(spec, what: str, tp: int, pp: int) -> None:
+    try:
+        spec.validate_layout(tp, pp)
+    except UserError as e:
+        raise UserError(f"{what}: {e}") from None
+
+
+def plan(t_spec, s_spec, nodes: int, gpus_per_node: int, tp: int, pp: int, seq: int, mbs: int, gbs: int) -> dict:
+    world = nodes * gpus_per_node
+    if world % (tp * pp):
+        raise UserError(f"{nodes} node(s) x {gpus_per_node} GPUs = {world} is not divisible by TP*PP = {tp}*{pp}")
+    if tp > gpus_per_node:
+        raise UserError(f"TP={tp} spans nodes ({gpus_per_node} GPUs per node): keep tensor parallelism within a node")
+    _check(t_spec, "teacher", tp, pp)
+    _check(s_spec, "student", tp, pp)
+    dp = world // (tp * pp)
+    if gbs % (mbs * dp):
+        raise UserError(f"global batch {gbs} is not divisible by micro-batch {mbs} x data-parallel {dp}")
+    gib = 2 ** 30
+    t_p, s_p = count_params(t_spec), count_params(s_spec)
+    shard = tp * pp
+    teacher_w = 2 * t_p / shard
+    student_w = 2 * s_p / shard
+    grads = 4 * s_p / shard
+    optim = 12 * s_p / shard / dp
+    L_stage = s_spec.num_layers / pp
+    act = 34 * seq * mbs * s_spec.hidden_size * L_stage / tp
+    logits = 3 * 4 * seq * mbs * s_spec.vocab_size / tp
+    total = teacher_w + student_w + grads + optim + act + logits
+    return {
+        "nodes": nodes, "gpus_per_node": gpus_per_node, "world_size": world, "tp": tp, "pp": pp, "dp": dp,
+        "micro_batches_per_step": gbs // (mbs * dp), "tokens_per_step": gbs * seq,
+        "teacher_params": t_p, "student_params": s_p,
+        "memory_gib_per_gpu": {"teacher_weights": teacher_w / gib, "student_weights": student_w / gib,
+                               "student_grads_fp32": grads / gib, "optimizer_fp32_dp_sharded": optim / gib,
+                               "activations": act / gib, "logits_and_kl": logits / gib, "total": total / gib},
+    }
+
+
+def show(p: dict, t_desc: str, s_desc: str) -> str:
+    m = p["memory_gib_per_gpu"]
+    lines = [
+        f"launch: {p['nodes']} node(s) x {p['gpus_per_node']} GPUs = {p['world_size']} ranks; "
+        f"TP={p['tp']} x PP={p['pp']} x DP={p['dp']}",
+        f"  teacher {p['teacher_params'] / 1e9:.2f}B params ({t_desc})",
+        f"  student {p['student_params'] / 1e9:.2f}B params ({s_desc})",
+        f"  {p['micro_batches_per_step']} micro-batches per step per DP rank, {p['tokens_per_step']:,} tokens per step",
+        "  memory per GPU (GiB): " + ", ".join(f"{k} {v:.1f}" for k, v in m.items() if k != "total"),
+        f"  total ~{m['total']:.1f} GiB per GPU (H100: 80 GiB)",
+    ]
+    if m["total"] > 80:
+        lines.append("  WARNING: above 80 GiB: raise TP/PP or lower the micro-batch")
+    return "\n".join(lines)
+
+
+def describe_shape(spec) -> str:
+    return (f"{spec.num_layers} layers, hidden {spec.hidden_size}, ffn {spec.ffn_hidden_size}, "
+            f"{spec.num_attention_heads} heads / {spec.num_query_groups} groups, vocab {spec.vocab_size}")
+
+
+def spec_of(source):
+    """A model's spec from a NeMo checkpoint, a HF directory, or a HF directory holding only config.json."""
+    from pathlib import Path
+
+    from nemo_minitron.checkpoint import hf, nemo
+    from nemo_minitron.model.spec import from_hf_config
+
+    path = hf.resolve_source(str(source))
+    if nemo.is_checkpoint(path):
+        return nemo.read_spec(path)
+    if (Path(path) / "config.json").is_file():
+        return from_hf_config(hf.read_config(path))
+    raise UserError(f"{source}: neither a NeMo checkpoint nor a directory with a Hugging Face config.json")

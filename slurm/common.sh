@@ -1,0 +1,77 @@
+#!/bin/bash
+# Shared launcher for slurm/*.sbatch (sourced). Usage inside a batch script:
+#     source "$NEMO_MINITRON_REPO/slurm/common.sh"; launch <command> "$@"
+# Launches `nemo-minitron <command> "$@"` with one task per GPU on every allocated node through srun; the
+# overrides are passed through unchanged. Rank, world size, master address/port come from SLURM
+# (nemo_minitron.parallel maps SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; Lightning reads SLURM too).
+#
+# Environment:
+#   NEMO_MINITRON_REPO        project checkout (default: the directory sbatch was called from)
+#   NEMO_MINITRON_PYTHON      python with the project installed (default: $REPO/.venv/bin/python, else python3)
+#   NEMO_MINITRON_CONTAINER   run inside this container image (pyxis/enroot: srun --container-image)
+#   NEMO_MINITRON_MOUNTS      --container-mounts for it (default: $REPO:$REPO; add data and checkpoint paths)
+#   NEMO_MINITRON_LOG_ROOT    where per-job log directories go (default: $REPO/logs)
+set -euo pipefail
+
+REPO=${NEMO_MINITRON_REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}
+if [[ -n "${NEMO_MINITRON_CONTAINER:-}" ]]; then
+  PY=${NEMO_MINITRON_PYTHON:-python}
+elif [[ -x "$REPO/.venv/bin/python" ]]; then
+  PY=${NEMO_MINITRON_PYTHON:-$REPO/.venv/bin/python}
+else
+  PY=${NEMO_MINITRON_PYTHON:-python3}
+fi
+LOG_DIR=${NEMO_MINITRON_LOG_ROOT:-$REPO/logs}/${SLURM_JOB_NAME:-job}-${SLURM_JOB_ID:-0}
+mkdir -p "$LOG_DIR"
+
+# ---- the environment a Megatron job on H100 nodes needs (as NeMo's performance plugin / Megatron-LM set)
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}   # TP/SP comm-compute overlap needs in-order kernel launch (Hopper)
+export TORCH_NCCL_AVOID_RECORD_STREAMS=1            # free NCCL buffers promptly (megatron's async grad reduce)
+export TORCH_NCCL_HIGH_PRIORITY=1                   # NCCL streams at high priority (NeMo PerfEnvPlugin)
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}      # NVLink SHARP costs memory unless user buffers are registered
+export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-19}       # tolerate transient InfiniBand hiccups on large jobs
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}               # INFO when diagnosing hangs
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=1            # a failed collective ends the job instead of hanging it
+export NVTE_FWD_LAYERNORM_SM_MARGIN=${NVTE_FWD_LAYERNORM_SM_MARGIN:-16}  # leave SMs for comm overlap (TE)
+export NVTE_BWD_LAYERNORM_SM_MARGIN=${NVTE_BWD_LAYERNORM_SM_MARGIN:-16}
+export PYTHONUNBUFFERED=1                           # progress lines reach the log as they happen
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+# master = first node of the allocation; port from the job id (two jobs on one node do not collide)
+export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n1)}
+export MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+
+launch() {
+  local command=$1; shift
+  {
+    echo "job ${SLURM_JOB_ID:-?} (${SLURM_JOB_NAME:-?}) restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_JOB_NUM_NODES:-1} node(s)," \
+         "${SLURM_NTASKS:-1} task(s), nodes ${SLURM_JOB_NODELIST:-?}, master $MASTER_ADDR:$MASTER_PORT"
+    echo "nemo-minitron $command $*"
+  } | tee -a "$LOG_DIR/launch.txt"
+  # the resolved config, written before anything runs (also validates the overrides)
+  "$PY" -m nemo_minitron.cli "$command" "$@" --print-config > "$LOG_DIR/config.yaml"
+  local srun_args=(--kill-on-bad-exit=1 --output="$LOG_DIR/%N-%t.log" --open-mode=append)
+  if [[ -n "${NEMO_MINITRON_CONTAINER:-}" ]]; then
+    srun_args+=(--container-image="$NEMO_MINITRON_CONTAINER" --container-mounts="${NEMO_MINITRON_MOUNTS:-$REPO:$REPO}"
+                --container-workdir="$REPO")
+  fi
+  # a warning signal (--signal=B:USR1@T) or scancel's TERM reaches this shell: pass it to every task,
+  # which saves a checkpoint and exits with status 3; then the job requeues itself
+  srun "${srun_args[@]}" "$PY" -m nemo_minitron.cli "$command" "$@" &
+  local pid=$!
+  trap "echo 'signal: forwarding USR1 to the tasks' | tee -a '$LOG_DIR/launch.txt'; kill -USR1 $pid 2>/dev/null || true" USR1
+  trap "kill -TERM $pid 2>/dev/null || true" TERM
+  local rc=0
+  while true; do
+    wait "$pid" && rc=0 || rc=$?
+    kill -0 "$pid" 2>/dev/null || break   # wait returned early because a trap ran: keep waiting
+  done
+  trap - USR1 TERM
+  cat "$LOG_DIR"/*-0.log 2>/dev/null | tail -n 5 || true
+  if [[ $rc -eq 3 || ( $rc -ne 0 && -n "$(grep -l 'exit status 3' "$LOG_DIR"/*.log 2>/dev/null)" ) ]]; then
+    echo "preempted: requeueing job ${SLURM_JOB_ID}" | tee -a "$LOG_DIR/launch.txt"
+    scontrol requeue "${SLURM_JOB_ID}"
+    exit 0
+  fi
+  echo "exit status $rc" | tee -a "$LOG_DIR/launch.txt"
+  return "$rc"
+}

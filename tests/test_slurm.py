@@ -1,0 +1,113 @@
+"""The project's own batch scripts on a real SLURM cluster (slurm-wlm: one controller, two emulated
+nodes on this machine, CPU): a 2-node TP=2 distillation through srun, a dependent prune -> distill ->
+export chain, and a distillation that gets the warning signal, checkpoints, requeues itself and
+finishes with the same loss as an uninterrupted run. The cluster is stopped at the end, even on failure."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from conftest import REPO, cli
+import slurm_cluster
+
+pytestmark = pytest.mark.skipif(not slurm_cluster.available(), reason="slurm-wlm is not installed (make test installs it)")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = slurm_cluster.Cluster(tmp_path_factory.mktemp("slurm")).start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def _submit(cluster, tmp_path, stage, sbatch, overrides):
+    env = dict(cluster.env, GPUS_PER_NODE="0", NEMO_MINITRON_LOG_ROOT=str(tmp_path / "logs"))
+    out = subprocess.run([REPO / "slurm" / "submit.sh", stage, f"--output={tmp_path}/%x-%j.out", "--mem=5000",
+                          *sbatch, "--", *map(str, overrides)], env=env, capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def _kd_args(tiny_ckpt, tiny_student, tiny_data, out, steps):
+    return [f"teacher={tiny_ckpt}", f"student={tiny_student}", f"output={out}", f"data.train={tiny_data}",
+            "data.seq_length=32", "data.micro_batch_size=2", "data.global_batch_size=4", f"trainer.max_steps={steps}",
+            "trainer.val_check_interval=1000", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=1000",
+            "optim.lr=3e-3", "optim.warmup_steps=2"]
+
+
+def _last_loss(run_dir):
+    from nemo_minitron.distill.train import read_metrics
+
+    m = read_metrics(run_dir / "metrics.jsonl")["train"]
+    return m[max(m)]["loss"], max(m)
+
+
+def _log(tmp_path, job):
+    logs = list((tmp_path / "logs").glob(f"*-{job}"))
+    return "".join(p.read_text() for d in logs for p in sorted(d.glob("*"))) if logs else ""
+
+
+def test_two_node_tp2_distillation_through_srun(cluster, tiny_ckpt, tiny_student, tiny_data, tmp_path):
+    ref = tmp_path / "ref"
+    cli("distill", *_kd_args(tiny_ckpt, tiny_student, tiny_data, ref, 4))
+    out = tmp_path / "tp2"
+    job = _submit(cluster, tmp_path, "distill", ["--nodes=2", "--ntasks-per-node=1"],
+                  [*_kd_args(tiny_ckpt, tiny_student, tiny_data, out, 4), "trainer.num_nodes=2",
+                   "model.tensor_model_parallel_size=2"])
+    j = cluster.wait(job)
+    assert j["JobState"] == "COMPLETED", _log(tmp_path, job)[-3000:]
+    assert j["NumNodes"] == "2" and j["NodeList"] == "node[1-2]"
+    log = _log(tmp_path, job)
+    assert "2 node(s), 2 task(s)" in log and "TP=2" in log
+    assert (tmp_path / "logs" / f"minitron-distill-{job}" / "config.yaml").is_file()
+    assert _last_loss(out)[0] == pytest.approx(_last_loss(ref)[0], rel=1e-5)
+
+
+def test_dependent_chain_prune_distill_export(cluster, tiny_ckpt, tiny_data, tmp_path):
+    run_dir = tmp_path / "chain"
+    env = dict(cluster.env, GPUS_PER_NODE="0", NEMO_MINITRON_LOG_ROOT=str(tmp_path / "logs"))
+    common = f"--output={tmp_path}/%x-%j.out --mem=5000 --ntasks-per-node=1"
+    out = subprocess.run([REPO / "slurm" / "submit_pipeline.sh", run_dir, tiny_ckpt,
+                          "--prune", f"data.calibration={tiny_data} data.calibration_samples=8 data.seq_length=32 "
+                                     "prune.hidden_size=48 prune.ffn_hidden_size=96",
+                          "--prune-sbatch", common, "--distill-sbatch", common, "--export-sbatch", common,
+                          "--distill", " ".join(_kd_args("x", "x", tiny_data, "x", 3)[3:]),
+                          "--export", "format=hf export.dtype=fp32"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    ids = {line.split(":")[0]: line.split()[1] for line in out.strip().splitlines()}
+    assert set(ids) == {"prune", "distill", "export"}
+    assert cluster.job(ids["distill"])["Dependency"].startswith(f"afterok:{ids['prune']}")
+    jobs = {k: cluster.wait(v) for k, v in ids.items()}
+    assert all(j["JobState"] == "COMPLETED" for j in jobs.values()), {k: j["JobState"] for k, j in jobs.items()}
+    assert jobs["distill"]["StartTime"] >= jobs["prune"]["EndTime"]
+    assert jobs["export"]["StartTime"] >= jobs["distill"]["EndTime"]
+    assert (run_dir / "export" / "config.json").is_file()
+
+
+def test_warning_signal_checkpoints_requeues_and_matches_uninterrupted(cluster, tiny_ckpt, tiny_student, tiny_data,
+                                                                        tmp_path):
+    steps = 24
+    ref = tmp_path / "ref"
+    cli("distill", *_kd_args(tiny_ckpt, tiny_student, tiny_data, ref, steps))
+    out = tmp_path / "preempted"
+    job = _submit(cluster, tmp_path, "distill", ["--nodes=1", "--ntasks-per-node=1", "--time=10"],
+                  _kd_args(tiny_ckpt, tiny_student, tiny_data, out, steps))
+    deadline = time.time() + 300
+    while "step 8/" not in _log(tmp_path, job):
+        assert time.time() < deadline, _log(tmp_path, job)[-2000:]
+        assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), _log(tmp_path, job)
+        time.sleep(0.5)
+    # what SLURM does at --signal=B:USR1@T before the time limit: USR1 to the batch shell
+    cluster.run("scancel", "--batch", "--signal=USR1", job)
+    j = cluster.wait(job, timeout=600)
+    log = _log(tmp_path, job)
+    assert j["JobState"] == "COMPLETED", log[-3000:]
+    assert j["Restarts"] == "1", j
+    assert "preempted: checkpoint at step" in log and "requeueing job" in log and "resuming from" in log
+    assert _last_loss(out) == _last_loss(ref)  # same final loss (exact on CPU) at the same final step
+    assert (out / "student" / "context").is_dir()
