@@ -49,7 +49,8 @@ class Runner:
             launcher = shlex.split(self.launcher)
             cmd = [*launcher, *cmd[1:]] if launcher[0] == "torchrun" else [*launcher, *cmd]
         env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-        print(f"[{name}] {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+        shown = [c if len(c) < 160 else c[:100] + f"...({c.count(',') + 1} items)" for c in map(str, cmd)]
+        print(f"[{name}] {' '.join(shlex.quote(c) for c in shown)}", flush=True)
         t0 = time.time()
         with open(self.logs / f"{name}.log", "a") as log:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -71,7 +72,8 @@ def _worth_showing(line: str) -> bool:
     """Stage output the terminal shows: our own lines, not NeMo/Lightning chatter."""
     skip = ("[NeMo", "GPU available", "TPU available", "HPU available", "  warnings.warn", "warn(", "OneLogger",
             "No exporters", "WARNING", "LOCAL_RANK", "Loading", "[rank", "  |", "---", "Epoch ", "`Trainer")
-    return bool(line.strip()) and not line.startswith(skip) and "Warning" not in line and "| Name" not in line
+    return (bool(line.strip()) and not line.startswith(skip) and "Warning" not in line and "| Name" not in line
+            and not line.startswith("  import "))
 
 
 def _is_ckpt(path: Path) -> bool:

@@ -75,7 +75,16 @@ def export_hf(source, output, dtype: str = "bf16", overwrite: bool = False, max_
         vocab = len(tokenizer)  # drop megatron's padding rows
         for k in ("model.embed_tokens.weight", "lm_head.weight"):
             sd[k] = sd[k][:vocab]
-    sd = {k: v.to(DTYPES[dtype]).contiguous() for k, v in sd.items()}
+    from tqdm import tqdm
+
+    total = sum(v.numel() for v in sd.values())
+    with tqdm(total=total * DTYPES[dtype].itemsize, unit="B", unit_scale=True, desc=f"converting to {dtype}",
+              disable=total < (256 << 20), mininterval=2) as bar:  # progress for large models only
+        for k in list(sd):
+            sd[k] = sd[k].to(DTYPES[dtype]).contiguous()
+            bar.update(sd[k].numel() * DTYPES[dtype].itemsize)
+    print(f"writing {total / 1e6:.1f}M parameters ({total * DTYPES[dtype].itemsize / 2**20:.0f} MiB, {dtype}) "
+          f"in shards of at most {max_shard_size} ...", flush=True)
     cfg = hf_config(spec, vocab, dtype, tokenizer)
     tmp = output.with_name(output.name + ".partial")
     if tmp.exists():
