@@ -82,7 +82,10 @@ def destroy() -> None:
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    """Global rank; before torch.distributed is initialized, the launcher's (torchrun RANK, srun SLURM_PROCID)."""
+    if dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
 def is_rank0() -> bool:
