@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -170,7 +169,7 @@ def test_teacher_correction_then_distill(tiny_ckpt, tiny_student, tiny_data, tmp
     p = cli("distill", *_args(tiny_ckpt, tiny_student, tiny_data, out, 2, "distill.teacher_correction=true",
                               "finetune.max_steps=2", "finetune.lr=1e-2"))
     corrected = out / "teacher_corrected" / "model"
-    assert f"fine-tuned 2 steps" in p.stdout
+    assert "fine-tuned 2 steps" in p.stdout
     from nemo_minitron.checkpoint import nemo as ck
 
     ck.validate(corrected)

@@ -59,24 +59,20 @@ def test_export_refuses_corrupt_and_existing(tiny_ckpt, tmp_path):
     assert (out / "x").read_text() == "keep"
 
 
-def _save_te_named(model, spec, path):
-    """Write ``model`` as a Transformer-Engine-spec checkpoint would be: fused norm names plus FP8
-    ``_extra_state`` objects per layer (what NeMo on H100 writes)."""
+def _save_with_fp8_state(model, spec, path):
+    """Write ``model`` as NeMo on H100 with the Transformer Engine spec would: FP8 scaling state in every
+    layer's ``_extra_state``. (The norm keys are TE's fused names for both specs: megatron's local spec maps
+    input_layernorm / pre_mlp_layernorm to linear_qkv / linear_fc1 ``layer_norm_weight`` in checkpoints.)"""
     import io
 
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     from nemo_minitron.checkpoint import nemo as ck
-    from nemo_minitron.checkpoint.hf import TE_NORM_NAMES
 
     sharded = model.sharded_state_dict(prefix="module.", metadata=ck.CONTENT_METADATA)
-    for v in sharded.values():
-        for a, b in TE_NORM_NAMES.items():
-            if v.key.endswith(a):
-                v.key = v.key[: -len(a)] + b
     n_extra = 0
-    for name, v in sharded.items():  # TE's FP8 scaling state where megatron keeps (empty) extra state
+    for name, v in sharded.items():
         if isinstance(v, ShardedObject) and name.endswith("_extra_state"):
             v.data = io.BytesIO(b"fp8-amax-history-and-scales")
             n_extra += 1
@@ -87,22 +83,23 @@ def _save_te_named(model, spec, path):
     ck.write_context(path, spec)
 
 
-def test_te_named_checkpoint_loads_and_exports_like_local(tiny_ckpt, tiny_windows, tmp_path, dist_single):
+def test_checkpoint_with_te_fp8_state_loads_and_exports_like_local(tiny_ckpt, tiny_windows, tmp_path, dist_single):
+    from safetensors.torch import load_file
+
     from nemo_minitron.checkpoint import nemo as ck
     from nemo_minitron.checkpoint.export import export_hf
     from nemo_minitron.checkpoint.loader import load_model
 
+    stored = ck.checkpoint_keys(tiny_ckpt)  # written by the local spec, yet TE's fused norm names
+    assert any(k.endswith("linear_qkv.layer_norm_weight") for k in stored)
+    assert any(k.endswith("linear_fc1.layer_norm_weight") for k in stored)
+    assert not any("input_layernorm" in k or "pre_mlp_layernorm" in k for k in stored)
     model, spec, _ = load_model(tiny_ckpt)
     te = tmp_path / "te_ckpt"
-    _save_te_named(model, spec, te)
-    stored = ck.checkpoint_keys(te)
-    assert any(k.endswith("linear_qkv.layer_norm_weight") for k in stored)
-    assert not any("input_layernorm" in k for k in stored)
+    _save_with_fp8_state(model, spec, te)
     tokens = tiny_windows[0][:2, :-1]
     assert torch.equal(_megatron_logits(te, tokens), _megatron_logits(tiny_ckpt, tokens))
     a, b = export_hf(tiny_ckpt, tmp_path / "hf_local", "fp32"), export_hf(te, tmp_path / "hf_te", "fp32")
-    from safetensors.torch import load_file
-
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -5,7 +5,6 @@ finishes with the same loss as an uninterrupted run. The cluster is stopped at t
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 

@@ -182,42 +182,18 @@ def checkpoint_keys(path: Path) -> set:
     return set(getattr(meta, "state_dict_metadata", {}).keys())
 
 
-def _match_layer_spec(sharded: dict, stored: set) -> bool:
-    """Read a checkpoint written with the other layer spec (Transformer Engine fuses the norms into
-    ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight`` and adds ``_extra_state`` FP8
-    state; the local spec names them ``input_layernorm`` / ``pre_mlp_layernorm``). Renames the requested
-    keys in place; stale FP8 ``_extra_state`` is not requested. True when the checkpoint is TE-named."""
-    from nemo_minitron.checkpoint.hf import TE_NORM_NAMES
-
-    te_stored = any(k.endswith("linear_qkv.layer_norm_weight") for k in stored)
-    te_model = any(v.key.endswith("linear_qkv.layer_norm_weight") for v in sharded.values() if hasattr(v, "key"))
-    if te_stored == te_model:
-        return te_stored
-    pairs = TE_NORM_NAMES.items() if te_stored else [(b, a) for a, b in TE_NORM_NAMES.items()]
-    for name in list(sharded):
-        v = sharded[name]
-        if name.endswith("_extra_state") and v.key not in stored:
-            sharded.pop(name)
-            continue
-        for src, dst in pairs:
-            if hasattr(v, "key") and v.key.endswith(src):
-                v.key = v.key[: -len(src)] + dst
-    return te_stored
-
-
 def load_weights(path: Path, model, strict: bool = True) -> None:
-    """Load ``path/weights`` into this rank's model chunk (any TP/PP layout, local or TE names)."""
+    """Load ``path/weights`` into this rank's model chunk (any TP/PP layout, written with either layer spec)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    sharded = model.sharded_state_dict(prefix="module.", metadata=CONTENT_METADATA)
-    te_stored = _match_layer_spec(sharded, checkpoint_keys(path))
+    # megatron writes the same keys for both layer specs (the local spec maps input_layernorm /
+    # pre_mlp_layernorm to TE's fused linear_qkv.layer_norm_weight / linear_fc1.layer_norm_weight), and
+    # TE's FP8 _extra_state lands in the local layers' extra state, which they ignore
+    sharded = {"state_dict": model.sharded_state_dict(prefix="module.", metadata=CONTENT_METADATA)}
     loaded = dist_checkpointing.load(
-        {"state_dict": sharded}, str(Path(path) / "weights"),
-        # a TE checkpoint also holds FP8 _extra_state the local spec has no use for (missing keys are
-        # still refused below)
-        strict=StrictHandling.ASSUME_OK_UNEXPECTED if te_stored
-        else (StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL),
+        sharded, str(Path(path) / "weights"),
+        strict=StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL,
     )
     state = {k.removeprefix("module."): v for k, v in loaded["state_dict"].items()}
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -202,6 +202,24 @@ def settings_from(cfg):
     return s
 
 
+def precision_overrides(cfg, s_spec, t_spec, tp: int):
+    """Config fields for the student and the teacher from ``model.*`` (TE/local, bf16, FP8), refused early."""
+    from nemo_minitron.model import precision
+
+    over = precision.resolve(cfg.model)
+    if not over.get("fp8"):
+        return over, over
+    precision.check_fp8_shapes({k: getattr(s_spec, k) for k in ("hidden_size", "ffn_hidden_size", "num_attention_heads",
+                                                              "num_query_groups", "kv_channels")}, tp, "student")
+    if cfg.model.teacher_fp8:
+        precision.check_fp8_shapes({k: getattr(t_spec, k) for k in ("hidden_size", "ffn_hidden_size",
+                                                                  "num_attention_heads", "num_query_groups",
+                                                                  "kv_channels")}, tp, "teacher")
+        return over, over
+    fp8_keys = ("first_last_layers_bf16", "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16")
+    return over, {k: v for k, v in over.items() if not k.startswith("fp8") and k not in fp8_keys}  # bf16 teacher
+
+
 def run(cfg) -> None:
     from nemo_minitron.distill.pair import check_vocab as check_pair_vocab
     from nemo_minitron.distill.train import install_signal_handlers
@@ -219,6 +237,7 @@ def run(cfg) -> None:
         except UserError as e:
             raise UserError(f"{what}: {e}") from None
     settings = settings_from(cfg)
+    s_over, t_over = precision_overrides(cfg, s_spec, t_spec, tp)
     for s_layer, t_layer in settings.intermediate_pairs:
         if not (-s_spec.num_layers <= s_layer < s_spec.num_layers and -t_spec.num_layers <= t_layer < t_spec.num_layers):
             raise UserError(f"distill.intermediate_pairs [{s_layer}, {t_layer}] is out of range (student has "
@@ -244,8 +263,8 @@ def run(cfg) -> None:
         print(f"distilling {count_params(t_spec) / 1e6:.1f}M-param teacher -> {count_params(s_spec) / 1e6:.1f}M-param "
               f"student, {cfg.trainer.max_steps} steps x {cfg.data.global_batch_size} x {cfg.data.seq_length} tokens "
               f"(TP={tp} PP={pp})", flush=True)
-    model = DistillationGPTModel(instantiate(s_spec, tp, pp), teacher_ckpt=str(t_path), settings=settings,
-                                 init_from=str(s_path))
+    model = DistillationGPTModel(instantiate(s_spec, tp, pp, **s_over), teacher_ckpt=str(t_path), settings=settings,
+                                 init_from=str(s_path), teacher_overrides=t_over)
     _fit(model, cfg, out, tp, pp, cfg.trainer.max_steps, _optim(cfg.optim, cfg.trainer.max_steps))
     final = save_student(model, out / STUDENT_DIR, s_spec, ck.tokenizer_dir(s_path) or ck.tokenizer_dir(t_path))
     if parallel.is_rank0():

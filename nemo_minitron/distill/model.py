@@ -70,9 +70,10 @@ class DistillationGPTModel(InitializedGPTModel):
     """Student (``self.module``) trained against a frozen teacher loaded from ``teacher_ckpt``."""
 
     def __init__(self, config, teacher_ckpt: str, settings: DistillSettings, init_from: str | None = None,
-                 **kwargs):
+                 teacher_overrides: dict | None = None, **kwargs):
         super().__init__(config, init_from=init_from, **kwargs)
         self.teacher_ckpt = str(teacher_ckpt)
+        self.teacher_overrides = dict(teacher_overrides or {})
         self.settings = settings
         self.last_terms: dict = {}
 
@@ -85,7 +86,7 @@ class DistillationGPTModel(InitializedGPTModel):
 
         t_spec = ck.read_spec(self.teacher_ckpt)
         teacher = build(t_spec, self.config.tensor_model_parallel_size, self.config.pipeline_model_parallel_size,
-                        initialize=False)
+                        initialize=False, **self.teacher_overrides)
         ck.load_weights(self.teacher_ckpt, teacher)
         # outside the module tree: Lightning, DDP, the optimizer and checkpoints never see the teacher
         object.__setattr__(self, "teacher", teacher)

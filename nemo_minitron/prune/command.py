@@ -31,6 +31,12 @@ def run(cfg) -> None:
     explicit_drop = validate_depth(spec, p.num_layers, p.drop_layers, pp, p.depth_method)
     depth = bool(explicit_drop) or (p.num_layers is not None and p.num_layers != spec.num_layers)
     targets = validate_targets(spec, {k: p[k] for k in WIDTH_DIMS}, tp)
+    if p.fp8_shapes:
+        from nemo_minitron.model.precision import check_fp8_shapes
+
+        dims = {k: getattr(spec, k) for k in (*WIDTH_DIMS, "kv_channels")}
+        dims.update({k: v for k, v in targets.items() if v is not None})
+        check_fp8_shapes(dims, tp, "pruning targets")
     if not targets and not depth:
         raise UserError("no pruning target given (set prune.num_layers / prune.drop_layers or any of "
                         + ", ".join(f"prune.{k}" for k in WIDTH_DIMS) + ")")

@@ -1,0 +1,110 @@
+"""Precision and layer implementation: ``model.transformer_impl``, bf16, FP8 (the production GPU path).
+
+:func:`resolve` turns the ``model.*`` keys of a config into NeMo/megatron ``TransformerConfig`` fields and
+refuses, before any work, the combinations that cannot run: Transformer Engine requested where it is not
+importable, FP8 without Transformer Engine or without a GPU of compute capability >= 8.9 (Hopper/Ada;
+MXFP8 needs >= 10.0, Blackwell), megatron's own rule that delayed scaling cannot keep the first/last layers
+in bf16, unknown formats/recipes. :func:`check_fp8_shapes` refuses model dimensions FP8 GEMMs cannot take
+(per-tensor-parallel-rank sizes must be multiples of 16), which is how pruning targets are validated when
+FP8 is configured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nemo_minitron.errors import UserError
+
+TRANSFORMER_IMPLS = ("transformer_engine", "local")
+PRECISIONS = ("bf16", "fp16", "fp32")
+FP8_FORMATS = ("hybrid", "e4m3")
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+
+
+@dataclass
+class Platform:
+    cuda: bool
+    te: bool
+    capability: tuple | None  # (major, minor) of GPU 0
+
+
+def current() -> Platform:
+    from nemo_minitron import platform
+
+    cap = None
+    if platform.has_cuda():
+        import torch
+
+        cap = tuple(torch.cuda.get_device_capability(0))
+    return Platform(platform.has_cuda(), platform.has_transformer_engine(), cap)
+
+
+def resolve(m, env: Platform | None = None) -> dict:
+    """``model.*`` settings -> config fields (``transformer_layer_spec``, dtypes, fp8_*)."""
+    env = env or current()
+    impl = m.get("transformer_impl") or ("transformer_engine" if env.te and env.cuda else "local")
+    if impl not in TRANSFORMER_IMPLS:
+        raise UserError(f"model.transformer_impl={impl!r}: one of {', '.join(TRANSFORMER_IMPLS)}")
+    if impl == "transformer_engine" and not env.te:
+        raise UserError("model.transformer_impl=transformer_engine: Transformer Engine is not importable here "
+                        "(use NVIDIA's NeMo container, or model.transformer_impl=local)")
+    from nemo.collections.llm.gpt.model.base import local_layer_spec, transformer_engine_layer_spec
+
+    out = {"transformer_impl": impl,
+           "transformer_layer_spec": transformer_engine_layer_spec if impl == "transformer_engine" else local_layer_spec}
+    precision = m.get("precision") or "bf16"
+    if precision not in PRECISIONS:
+        raise UserError(f"model.precision={precision!r}: one of {', '.join(PRECISIONS)}")
+    if env.cuda:
+        import torch
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+        out.update(bf16=precision == "bf16", fp16=precision == "fp16", params_dtype=dtype, pipeline_dtype=dtype,
+                   autocast_dtype=dtype)
+    fp8 = m.get("fp8")
+    if not fp8:
+        return out
+    recipe = m.get("fp8_recipe") or "delayed"
+    if fp8 not in FP8_FORMATS:
+        raise UserError(f"model.fp8={fp8!r}: one of {', '.join(FP8_FORMATS)} (or null)")
+    if recipe not in FP8_RECIPES:
+        raise UserError(f"model.fp8_recipe={recipe!r}: one of {', '.join(FP8_RECIPES)}")
+    if not env.te:
+        raise UserError("model.fp8 needs Transformer Engine, which is not importable here")
+    if impl != "transformer_engine":
+        raise UserError("model.fp8 needs model.transformer_impl=transformer_engine (the local spec has no FP8 GEMMs)")
+    if not env.cuda:
+        raise UserError("model.fp8 needs a GPU")
+    need = (10, 0) if recipe == "mxfp8" else (8, 9)
+    if env.capability is None or tuple(env.capability) < need:
+        have = ".".join(map(str, env.capability)) if env.capability else "unknown"
+        raise UserError(f"model.fp8 with recipe {recipe} needs compute capability >= {need[0]}.{need[1]} "
+                        f"({'Blackwell' if recipe == 'mxfp8' else 'Hopper/Ada'}); this GPU has {have}")
+    bf16_ends = bool(m.get("fp8_first_last_layers_bf16"))
+    if bf16_ends and recipe == "delayed":
+        raise UserError("model.fp8_first_last_layers_bf16 needs a current-scaling recipe "
+                        "(tensorwise, mxfp8 or blockwise): delayed scaling cannot keep those layers in bf16")
+    out.update(fp8=fp8, fp8_recipe=recipe, fp8_margin=int(m.get("fp8_margin") or 0),
+               fp8_amax_history_len=int(m.get("fp8_amax_history_len") or 1),
+               fp8_amax_compute_algo=m.get("fp8_amax_compute_algo") or "most_recent",
+               fp8_param=bool(m.get("fp8_param")), first_last_layers_bf16=bf16_ends,
+               num_layers_at_start_in_bf16=int(m.get("num_layers_at_start_in_bf16") or 1),
+               num_layers_at_end_in_bf16=int(m.get("num_layers_at_end_in_bf16") or 1))
+    return out
+
+
+def check_fp8_shapes(dims: dict, tp: int = 1, what: str = "model") -> None:
+    """Refuse dimensions FP8 GEMMs cannot take: each tensor-parallel shard's GEMM sizes must be multiples of 16.
+
+    ``dims``: hidden_size, ffn_hidden_size, num_attention_heads, num_query_groups, kv_channels (any subset).
+    """
+    h, f = dims.get("hidden_size"), dims.get("ffn_hidden_size")
+    heads, groups, d = dims.get("num_attention_heads"), dims.get("num_query_groups"), dims.get("kv_channels")
+    checks = [("hidden_size", h), ("ffn_hidden_size / TP", f // tp if f else None)]
+    if heads and d:
+        checks.append(("num_attention_heads x head_dim / TP", heads * d // tp))
+    if groups and d:
+        checks.append(("num_query_groups x head_dim / TP", groups * d // tp))
+    bad = [f"{name} = {v}" for name, v in checks if v is not None and v % 16]
+    if bad:
+        raise UserError(f"{what}: FP8 GEMMs need multiples of 16: {', '.join(bad)}")

@@ -1,0 +1,87 @@
+"""The production GPU path's configuration, checked on CPU: TE/local and FP8 settings reach NeMo/megatron's
+TransformerConfig exactly as configured, and impossible combinations are refused before any work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+
+HOPPER = dict(cuda=True, te=True, capability=(9, 0))
+
+MODEL = dict(transformer_impl=None, precision="bf16", fp8=None, fp8_recipe="delayed", fp8_margin=0,
+             fp8_amax_history_len=1024, fp8_amax_compute_algo="max", fp8_param=False,
+             fp8_first_last_layers_bf16=False, num_layers_at_start_in_bf16=1, num_layers_at_end_in_bf16=1)
+
+
+def _m(**kw):
+    return OmegaConf.create({**MODEL, **kw})
+
+
+def test_fp8_settings_reach_transformer_config():
+    from nemo.collections.llm.gpt.model.base import transformer_engine_layer_spec
+
+    from nemo_minitron.model import tiny_spec
+    from nemo_minitron.model.precision import Platform, resolve
+
+    over = resolve(_m(fp8="hybrid", fp8_recipe="tensorwise", fp8_param=True, fp8_margin=1,
+                      fp8_first_last_layers_bf16=True, num_layers_at_end_in_bf16=2), Platform(**HOPPER))
+    spec = tiny_spec()
+    cfg = spec.config_cls()(**spec.args, apply_rope_fusion=False, **over)  # NeMo's LlamaConfig, megatron's checks
+    assert (cfg.fp8, cfg.fp8_recipe, cfg.fp8_param, cfg.fp8_margin) == ("hybrid", "tensorwise", True, 1)
+    assert (cfg.fp8_amax_history_len, cfg.fp8_amax_compute_algo) == (1024, "max")
+    assert (cfg.first_last_layers_bf16, cfg.num_layers_at_start_in_bf16, cfg.num_layers_at_end_in_bf16) == (True, 1, 2)
+    assert cfg.bf16 and cfg.params_dtype == torch.bfloat16 and not cfg.fp16
+    assert cfg.transformer_impl == "transformer_engine" and cfg.transformer_layer_spec is transformer_engine_layer_spec
+
+
+def test_cpu_defaults_to_local_spec_without_fp8():
+    from nemo.collections.llm.gpt.model.base import local_layer_spec
+
+    from nemo_minitron.model.precision import resolve
+
+    over = resolve(_m())  # this machine: no CUDA, no TE
+    assert over["transformer_impl"] == "local" and over["transformer_layer_spec"] is local_layer_spec
+    assert "fp8" not in over
+
+
+@pytest.mark.parametrize("kw,env,msg", [
+    (dict(fp8="hybrid"), dict(cuda=True, te=False, capability=(9, 0)), "needs Transformer Engine"),
+    (dict(transformer_impl="transformer_engine"), dict(cuda=True, te=False, capability=(9, 0)), "not importable"),
+    (dict(fp8="hybrid"), dict(cuda=True, te=True, capability=(8, 0)), "compute capability >= 8.9"),
+    (dict(fp8="e4m3", fp8_recipe="mxfp8"), HOPPER, ">= 10.0"),
+    (dict(fp8="hybrid", fp8_recipe="delayed", fp8_first_last_layers_bf16=True), HOPPER, "current-scaling"),
+    (dict(fp8="hybrid", fp8_recipe="per_block"), HOPPER, "fp8_recipe"),
+    (dict(fp8="e5m2"), HOPPER, "model.fp8="),
+    (dict(fp8="hybrid", transformer_impl="local"), HOPPER, "transformer_impl=transformer_engine"),
+])
+def test_invalid_precision_combinations_refused(kw, env, msg):
+    from nemo_minitron.errors import UserError
+    from nemo_minitron.model.precision import Platform, resolve
+
+    with pytest.raises(UserError, match=msg):
+        resolve(_m(**kw), Platform(**env))
+
+
+def test_fp8_shape_rule():
+    from nemo_minitron.errors import UserError
+    from nemo_minitron.model.precision import check_fp8_shapes
+
+    check_fp8_shapes(dict(hidden_size=3072, ffn_hidden_size=9216, num_attention_heads=32, num_query_groups=8,
+                          kv_channels=128), tp=8)
+    with pytest.raises(UserError, match=r"ffn_hidden_size / TP = 1100"):
+        check_fp8_shapes(dict(hidden_size=3072, ffn_hidden_size=8800), tp=8)
+
+
+def test_cli_refuses_fp8_here_and_unaligned_fp8_prune_targets(tiny_ckpt, tiny_student, tiny_data, tmp_path, capsys):
+    from nemo_minitron.cli import main
+
+    args = [f"teacher={tiny_ckpt}", f"student={tiny_student}", f"output={tmp_path / 'o'}", f"data.train={tiny_data}",
+            "data.seq_length=32", "data.global_batch_size=4"]
+    assert main(["distill", *args, "model.fp8=hybrid"]) == 2
+    assert "needs Transformer Engine" in capsys.readouterr().err
+    assert main(["prune", f"model={tiny_ckpt}", f"output={tmp_path / 'p'}", f"data.calibration={tiny_data}",
+                 "prune.hidden_size=40", "prune.fp8_shapes=true"]) == 2
+    assert "multiples of 16: hidden_size = 40" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "p").exists()
