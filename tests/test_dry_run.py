@@ -1,0 +1,37 @@
+"""--dry-run: the resolved launch (nodes, GPUs, TP/PP/DP, memory per GPU) from configs alone, and the
+layouts that cannot work refused, without building or launching anything."""
+
+from __future__ import annotations
+
+from conftest import REPO
+
+LLAMA8B = REPO / "conf" / "recipes" / "llama-3.1-8b"  # the published config.json of Llama-3.1-8B
+
+
+def test_pipeline_recipe_dry_run(capsys):
+    from nemo_minitron.cli import main
+
+    base = ["pipeline", f"teacher={LLAMA8B}", "data.train=x", "data.calibration=x", "data.heldout=x", "--dry-run"]
+    assert main([*base[:1], "recipe=llama31_8b_to_4b_width", *base[1:]]) == 0
+    out = capsys.readouterr().out
+    assert "32 node(s) x 8 GPUs = 256 ranks; TP=8 x PP=1 x DP=32" in out
+    assert "student 4.51B params (32 layers, hidden 3072, ffn 9216, 32 heads / 8 groups" in out
+    assert "total ~" in out and "nothing was launched" in out
+    assert main([*base[:1], "recipe=llama31_8b_to_4b_depth", *base[1:]]) == 0
+    assert "student 4.54B params (16 layers, hidden 4096" in capsys.readouterr().out
+
+
+def test_dry_run_refuses_impossible_layouts(tiny_ckpt, tiny_student, capsys):
+    from nemo_minitron.cli import main
+
+    kd = ["distill", f"teacher={tiny_ckpt}", f"student={tiny_student}", "output=unused", "data.train=unused",
+          "data.seq_length=32", "data.global_batch_size=8", "--dry-run"]
+    assert main([*kd, "trainer.devices=2", "model.tensor_model_parallel_size=2"]) == 0
+    assert "TP=2 x PP=1 x DP=1" in capsys.readouterr().out
+    for extra, msg in ((["trainer.devices=3", "model.tensor_model_parallel_size=2"], "not divisible by TP*PP"),
+                       (["trainer.devices=3", "model.pipeline_model_parallel_size=3"], "layers"),
+                       (["trainer.devices=8", "model.tensor_model_parallel_size=8"], "heads"),
+                       (["trainer.devices=4", "data.global_batch_size=6"], "global batch 6")):
+        assert main([*kd, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert msg in err, (msg, err)
