@@ -26,6 +26,7 @@ COMMANDS = {
     "prune": ("nemo_minitron.prune.command", "width pruning (heads, query groups, MLP neurons, channels) -> NeMo checkpoint"),
     "distill": ("nemo_minitron.distill.command", "knowledge distillation of a student from a frozen teacher (NeMo trainer)"),
     "finetune": ("nemo_minitron.distill.command:run_finetune", "LM fine-tuning (teacher correction) with NeMo's trainer"),
+    "search": ("nemo_minitron.search.command", "architecture search: best student shape for a parameter budget"),
     "pipeline": ("nemo_minitron.pipeline", "the whole recipe: import, prune, distill, evaluate, export, report"),
 }
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(mod_name)
         if dry_run:
             if not hasattr(module, "dry_run") or fn:
-                raise UserError(f"--dry-run is available for distill and pipeline, not {command}")
+                raise UserError(f"--dry-run is available for distill, search and pipeline, not {command}")
             module.dry_run(cfg)
             return 0
         getattr(module, fn or "run")(cfg)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from nemo_minitron.errors import UserError
 
-PARALLEL = {"prune", "distill", "finetune", "evaluate"}
+PARALLEL = {"prune", "distill", "finetune", "evaluate", "search"}
 _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
              "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 
@@ -72,7 +72,9 @@ def _worth_showing(line: str) -> bool:
     """Stage output the terminal shows: our own lines, not NeMo/Lightning chatter."""
     skip = ("[NeMo", "GPU available", "TPU available", "HPU available", "  warnings.warn", "warn(", "OneLogger",
             "No exporters", "WARNING", "LOCAL_RANK", "Loading", "[rank", "  |", "---", "Epoch ", "`Trainer")
-    return (bool(line.strip()) and not line.startswith(skip) and "Warning" not in line and "| Name" not in line
+    lightning_summary = line[:1].isdigit() and (" | " in line or "params" in line or "Modules in" in line)
+    return (bool(line.strip()) and not line.startswith(skip) and not line.startswith((" \t", "\t"))
+            and not lightning_summary and "Warning" not in line and "| Name" not in line
             and not line.startswith("  import "))
 
 
@@ -93,6 +95,91 @@ def _data_source(spec: str, split: str):
     return spec
 
 
+TARGETS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers", "drop_layers")
+
+
+def _merged(base, override) -> dict:
+    out = {key: base[key] for key in base}
+    out.update(dict(override or {}))
+    return out
+
+
+def _round_prune(base, override) -> dict:
+    """A round's prune settings: its own targets only; the other prune.* settings as the pipeline's."""
+    return _merged({key: (None if key in TARGETS else base[key]) for key in base}, override)
+
+
+def _check_rounds(cfg, tp: int, pp: int) -> list:
+    """The iterative rounds (then the final prune), each checked against the shape the previous one leaves,
+    before any work. Returns the rounds as plain dicts."""
+    from omegaconf import OmegaConf
+
+    from nemo_minitron.launch_plan import spec_of
+    from nemo_minitron.prune.depth import validate_depth
+    from nemo_minitron.prune.plan import WIDTH_DIMS, validate_targets
+
+    rounds = OmegaConf.to_container(cfg.rounds, resolve=True) or []
+    if not isinstance(rounds, list) or any(not isinstance(x, dict) or set(x) - {"prune", "distill"} for x in rounds):
+        raise UserError("rounds: a list of {prune: {...}, distill: {...}} entries (earlier prune -> distill rounds)")
+    if cfg.iterative_teacher not in ("previous", "original"):
+        raise UserError(f"iterative_teacher={cfg.iterative_teacher!r}: previous | original")
+    steps = [_round_prune(cfg.prune, x.get("prune")) for x in rounds] + [_merged(cfg.prune, None)]
+    for i, x in enumerate(rounds, 1):
+        bad = set(x.get("prune") or {}) - set(cfg.prune) | set(x.get("distill") or {}) - set(cfg.distill)
+        if bad:
+            raise UserError(f"rounds[{i}]: unknown key(s) {sorted(bad)} (prune.* and distill.* keys of the pipeline)")
+    try:
+        spec = spec_of(cfg.teacher)
+    except UserError:
+        spec = None  # e.g. a download name: the stages check it
+    for i, step in enumerate(steps, 1):
+        where = f"round {i}" if i <= len(rounds) else "prune"
+        if not any(step[t] is not None for t in TARGETS):
+            raise UserError(f"{where}: no pruning target: set prune.hidden_size / ffn_hidden_size / "
+                            "num_attention_heads / num_query_groups / num_layers / drop_layers")
+        if spec is None:
+            continue
+        try:
+            drop = validate_depth(spec, step["num_layers"], step["drop_layers"], pp, step["depth_method"])
+            targets = validate_targets(spec, {d: step[d] for d in WIDTH_DIMS}, tp)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        n = spec.num_layers - len(drop) if drop else (step["num_layers"] or spec.num_layers)
+        spec = spec.replace(kv_channels=spec.kv_channels, num_layers=n, **targets)
+    return rounds
+
+
+def _distill_common(k, prefixes) -> list:
+    return [f"data.train={prefixes['train']}", f"data.validation={prefixes['heldout']}",
+            f"data.seq_length={k['seq_length']}", f"data.micro_batch_size={k['micro_batch_size']}",
+            f"data.global_batch_size={k['global_batch_size']}", f"data.num_val_samples={k['global_batch_size'] * 2}",
+            f"trainer.max_steps={k['max_steps']}", f"trainer.val_check_interval={k['val_check_interval']}",
+            f"checkpoint.every_n_steps={k['checkpoint_every']}", f"optim.lr={k['lr']}", f"optim.min_lr={k['min_lr']}",
+            f"optim.warmup_steps={k['warmup_steps']}", "trainer.log_every_n_steps=5"]
+
+
+def _prune_distill(r, tag: str, teacher: Path, pruned: Path, kd: Path, p, k, prefixes, par, tp: int, pp: int,
+                   iterative_teacher: str, original_teacher: Path) -> Path:
+    """Prune ``teacher`` into ``pruned``, distill it into ``kd`` (resumable); returns the student checkpoint."""
+    args = [f"model={teacher}", f"output={pruned}", "overwrite=true", f"data.calibration={prefixes['calibration']}",
+            f"data.calibration_samples={p['calibration_samples']}", f"data.seq_length={p['seq_length']}",
+            f"prune.depth_method={p['depth_method']}", *par]
+    for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers"):
+        if p[key] is not None:
+            args.append(f"prune.{key}={p[key]}")
+    if p["drop_layers"] is not None:
+        args.append(f"prune.drop_layers=[{','.join(str(i) for i in p['drop_layers'])}]")
+    r.stage(f"{tag}prune", "prune", args, lambda: _is_ckpt(pruned))
+    kd_teacher = teacher if iterative_teacher == "previous" else original_teacher
+    r.stage(f"{tag}distill", "distill",
+            [f"teacher={kd_teacher}", f"student={pruned}", f"output={kd}", *_distill_common(k, prefixes),
+             f"distill.kd_weight={k['kd_weight']}", f"distill.lm_weight={k['lm_weight']}",
+             f"distill.temperature={k['temperature']}", f"model.tensor_model_parallel_size={tp}",
+             f"model.pipeline_model_parallel_size={pp}"],
+            lambda: _is_ckpt(kd / "student"))
+    return kd / "student"
+
+
 def run(cfg) -> None:
     from nemo_minitron.checkpoint import nemo
 
@@ -104,10 +191,7 @@ def run(cfg) -> None:
 
         shutil.rmtree(run_dir)
     d, p, k, e = cfg.data, cfg.prune, cfg.distill, cfg.evaluate
-    if not any(p[x] is not None for x in ("hidden_size", "ffn_hidden_size", "num_attention_heads",
-                                          "num_query_groups", "num_layers", "drop_layers")):
-        raise UserError("no pruning target: set prune.hidden_size / ffn_hidden_size / num_attention_heads / "
-                        "num_query_groups / num_layers / drop_layers")
+    rounds = _check_rounds(cfg, tp, pp)
     sources = {s: _data_source(str(d[s]), s) for s in ("train", "calibration", "heldout")}
     run_dir.mkdir(parents=True, exist_ok=True)
     r = Runner(run_dir, cfg.launcher.command)
@@ -146,32 +230,21 @@ def run(cfg) -> None:
                 lambda: _is_ckpt(tc / "model"))
         teacher = tc / "model"
 
-    # 4. prune
-    pruned = run_dir / "pruned"
-    args = [f"model={teacher}", f"output={pruned}", "overwrite=true", f"data.calibration={prefixes['calibration']}",
-            f"data.calibration_samples={p.calibration_samples}", f"data.seq_length={p.seq_length}",
-            f"prune.depth_method={p.depth_method}", *par]
-    for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers"):
-        if p[key] is not None:
-            args.append(f"prune.{key}={p[key]}")
-    if p.drop_layers is not None:
-        args.append(f"prune.drop_layers=[{','.join(str(i) for i in p.drop_layers)}]")
-    r.stage("prune", "prune", args, lambda: _is_ckpt(pruned))
-
-    # 5. distill (resumes by itself when killed)
-    kd = run_dir / "distill"
-    common = [f"data.train={prefixes['train']}", f"data.validation={prefixes['heldout']}",
-              f"data.seq_length={k.seq_length}", f"data.micro_batch_size={k.micro_batch_size}",
-              f"data.global_batch_size={k.global_batch_size}", f"data.num_val_samples={k.global_batch_size * 2}",
-              f"trainer.max_steps={k.max_steps}", f"trainer.val_check_interval={k.val_check_interval}",
-              f"checkpoint.every_n_steps={k.checkpoint_every}", f"optim.lr={k.lr}", f"optim.min_lr={k.min_lr}",
-              f"optim.warmup_steps={k.warmup_steps}", "trainer.log_every_n_steps=5"]
-    r.stage("distill", "distill",
-            [f"teacher={teacher}", f"student={pruned}", f"output={kd}", *common,
-             f"distill.kd_weight={k.kd_weight}", f"distill.lm_weight={k.lm_weight}",
-             f"distill.temperature={k.temperature}", f"model.tensor_model_parallel_size={tp}",
-             f"model.pipeline_model_parallel_size={pp}"],
-            lambda: _is_ckpt(kd / "student"))
+    # 4-5. prune -> distill; with `rounds`, earlier prune -> distill rounds first (iterative compression:
+    # each round's distilled student is the next round's source and, by default, its teacher)
+    original_teacher = teacher
+    round_models = {}
+    for i, rnd in enumerate(rounds, 1):
+        rp, rk = _round_prune(p, rnd.get("prune")), _merged(k, rnd.get("distill"))
+        rdir = run_dir / f"round{i}"
+        student = _prune_distill(r, f"round{i}_", teacher, rdir / "pruned", rdir / "distill", rp, rk, prefixes,
+                                 par, tp, pp, cfg.iterative_teacher, original_teacher)
+        round_models[f"round{i}_pruned"] = rdir / "pruned"
+        round_models[f"round{i}_distilled"] = student
+        teacher = student
+    pruned, kd = run_dir / "pruned", run_dir / "distill"
+    _prune_distill(r, "", teacher, pruned, kd, p, k, prefixes, par, tp, pp, cfg.iterative_teacher, original_teacher)
+    common = _distill_common(k, prefixes)
     scratch = run_dir / "scratch"
     if e.scratch_baseline:
         r.stage("scratch", "finetune", [f"model={pruned}", f"output={scratch}", "random_init=true", *common,
@@ -179,7 +252,7 @@ def run(cfg) -> None:
                 lambda: _is_ckpt(scratch / "model"))
 
     # 6. evaluate
-    models = {"teacher": teacher, "pruned": pruned, "distilled": kd / "student"}
+    models = {"teacher": original_teacher, **round_models, "pruned": pruned, "distilled": kd / "student"}
     if e.scratch_baseline:
         models["scratch"] = scratch / "model"
     for name, path in models.items():

@@ -28,13 +28,17 @@ def _curves(run_dir: Path, out: Path) -> bool:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.8), dpi=110)
     drawn = False
-    for name, color in (("distill", "#3465a4"), ("scratch", "#888a85")):
-        m = read_metrics(run_dir / name / "metrics.jsonl")
+    runs = [(f"{d.parent.name} distill", d, c) for d, c in zip(
+        sorted(run_dir.glob("round*/distill"), key=lambda d: int(d.parent.name[5:] or 0)),
+        ("#73d216", "#f57900", "#75507b", "#c17d11"))]
+    runs += [("distill", run_dir / "distill", "#3465a4"), ("scratch", run_dir / "scratch", "#888a85")]
+    for name, rdir, color in runs:
+        m = read_metrics(rdir / "metrics.jsonl")
         if not m["train"]:
             continue
         steps = sorted(m["train"])
         ax.plot(steps, [m["train"][s]["loss"] for s in steps], color=color, lw=1.2,
-                label=f"{name}: train {'KD loss' if name == 'distill' else 'LM loss'}")
+                label=f"{name}: train {'LM loss' if name == 'scratch' else 'KD loss'}")
         if m["val"]:
             vs = sorted(m["val"])
             ax.plot(vs, [m["val"][s] for s in vs], "o--", color=color, ms=4, label=f"{name}: held-out LM loss")
@@ -58,7 +62,10 @@ def _bars(entries: dict, out: Path) -> None:
     names = list(entries)
     fig, ax = plt.subplots(figsize=(6, 3.4), dpi=110)
     vals = [entries[n]["heldout_loss"] for n in names]
-    ax.bar(names, vals, color=["#4e9a06", "#cc0000", "#3465a4", "#888a85"][: len(names)])
+    palette = {"teacher": "#4e9a06", "pruned": "#cc0000", "distilled": "#3465a4", "scratch": "#888a85"}
+    ax.bar(names, vals, color=[palette.get(n, "#ad7fa8" if n.endswith("pruned") else "#729fcf") for n in names])
+    if len(names) > 4:
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
     for i, v in enumerate(vals):
         ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("held-out loss (nats/token)")
@@ -157,12 +164,13 @@ def write(run_dir: Path, models: dict, exports: dict, heldout_prefix, num_sample
 
 
 def summary(rep: dict) -> str:
-    rows = [f"{'model':<10} {'params':>9} {'held-out loss':>14} {'perplexity':>11}"]
-    for name in ("teacher", "pruned", "distilled", "scratch"):
-        if name in rep:
-            e = rep[name]
-            ppl = e["perplexity"] if e["perplexity"] < 1e6 else math.inf
-            rows.append(f"{name:<10} {e['params'] / 1e6:>8.1f}M {e['heldout_loss']:>14.4f} {ppl:>11.1f}")
+    names = [n for n, v in rep.items() if isinstance(v, dict) and "heldout_loss" in v]
+    width = max([10] + [len(n) for n in names])
+    rows = [f"{'model':<{width}} {'params':>9} {'held-out loss':>14} {'perplexity':>11}"]
+    for name in names:
+        e = rep[name]
+        ppl = e["perplexity"] if e["perplexity"] < 1e6 else math.inf
+        rows.append(f"{name:<{width}} {e['params'] / 1e6:>8.1f}M {e['heldout_loss']:>14.4f} {ppl:>11.1f}")
     ex = rep.get("exports", {})
     for k in ("hf", "nemo"):
         if k in ex:

@@ -77,3 +77,37 @@ def test_pipeline_end_to_end_with_kill_and_resume(texts, tmp_path):
     # a third run does nothing but the report
     third = cli("pipeline", *args)
     assert "[distill] complete, skipped" in third.stdout and "[export_nemo] complete, skipped" in third.stdout
+
+
+def test_iterative_compression_rounds(texts, tmp_path):
+    """rounds: prune -> distill -> prune -> distill, each round's distilled student is the next round's source
+    and teacher; the report lists every round."""
+    from nemo_minitron.checkpoint import nemo
+
+    teacher = make_hf_llama(tmp_path / "hf_teacher")
+    run_dir = tmp_path / "run"
+    args = [a for a in _args(run_dir, teacher, texts) if not a.startswith(("distill.max_steps", "prune."))]
+    args += ["prune.hidden_size=40", "prune.ffn_hidden_size=96", "prune.calibration_samples=8", "prune.seq_length=32",
+             "distill.max_steps=3", "export.hf=false", "export.nemo=false",
+             "rounds=[{prune: {hidden_size: 56, ffn_hidden_size: 128}, distill: {max_steps: 4}}]"]
+    out = cli("pipeline", *args, timeout=900).stdout
+    r1 = run_dir / "round1"
+    s1, s2 = nemo.read_spec(r1 / "pruned"), nemo.read_spec(run_dir / "pruned")
+    assert (s1.hidden_size, s1.ffn_hidden_size) == (56, 128) and (s2.hidden_size, s2.ffn_hidden_size) == (40, 96)
+    # the final prune started from round 1's distilled student, which also taught the final distillation
+    assert json.loads((run_dir / "pruned" / "pruning" / "report.json").read_text())["source"] == str(
+        r1 / "distill" / "student")
+    distill_line = next(line for line in out.splitlines() if line.startswith("[distill] ") and " teacher=" in line)
+    assert f"teacher={r1 / 'distill' / 'student'}" in distill_line
+    assert '"step": 4' in (r1 / "distill" / "metrics.jsonl").read_text()
+    rep = json.loads((run_dir / "report.json").read_text())
+    assert list(k for k in rep if k in ("teacher", "round1_pruned", "round1_distilled", "pruned", "distilled")) == [
+        "teacher", "round1_pruned", "round1_distilled", "pruned", "distilled"]
+    assert rep["round1_distilled"]["heldout_loss"] < rep["round1_pruned"]["heldout_loss"]
+    assert rep["teacher"]["params"] > rep["round1_distilled"]["params"] > rep["distilled"]["params"]
+    assert "round1_distilled" in out and "| round1_pruned |" in (run_dir / "report.md").read_text()
+
+    # a round that cannot follow the previous one is refused before any work
+    bad = cli("pipeline", f"run_dir={tmp_path / 'bad'}", f"teacher={teacher}", "prune.hidden_size=60",
+              "rounds=[{prune: {hidden_size: 48}}]", check=False)
+    assert bad.returncode == 2 and "larger than the source" in bad.stderr and not (tmp_path / "bad").exists()

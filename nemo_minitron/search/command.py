@@ -1,0 +1,459 @@
+"""``nemo-minitron search``: choose the student's shape for a parameter budget (Minitron's architecture search).
+
+    DIR/candidates.json        every candidate within the budget: shape, params, loss right after pruning
+    DIR/scores.pt              the cached width importance (calibrated once, on the source model)
+    DIR/candidates/<name>/     the finalists' pruned checkpoints (top K by pruned loss, + the baseline)
+    DIR/distill/<name>/        each finalist's short distillation (a normal distill run dir; student/)
+    DIR/eval/<name>.json       its validation loss after the short distillation
+    DIR/search.json, search.md the ranked table; DIR/winner.yaml the winner's shape and pruning settings
+    DIR/logs/<stage>.log, DIR/stages.json (wall time per stage)
+
+Phases (``search.phase``): ``rank`` (calibrate once, prune and evaluate every candidate, save the
+finalists), ``distill`` (one finalist's short distillation + evaluation; ``search.candidate=I`` or
+``$SLURM_ARRAY_TASK_ID``, so the finalists can run as a SLURM job array), ``report`` (the table), and
+``all`` = the three in one job, one finalist after another. Every phase skips work that is complete, so
+re-running the same command continues. Parallel phases run under ``launcher.command`` (like the pipeline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from nemo_minitron.errors import UserError
+
+PHASES = ("all", "rank", "distill", "report")
+
+
+# --------------------------------------------------------------------------------------------------
+# validation (before any work)
+# --------------------------------------------------------------------------------------------------
+def _settings(cfg):
+    """(source kind, path, spec, budget, candidates, stats, baseline shape | None) — all checks, no model."""
+    from nemo_minitron.checkpoint.loader import describe
+    from nemo_minitron.model import count_params
+    from nemo_minitron.search import space
+
+    s = cfg.search
+    tp = cfg.trainer.strategy.tensor_model_parallel_size
+    pp = cfg.trainer.strategy.pipeline_model_parallel_size
+    kind, path, spec = describe(cfg.model)
+    if kind != "nemo":
+        raise UserError(f"model={cfg.model} is a Hugging Face directory: import it first (nemo-minitron import "
+                        f"source=... output=CKPT); it is the teacher of the short distillations")
+    spec.validate_layout(tp, pp)
+    source_params = count_params(spec)
+    budget = space.parse_budget(s.params, source_params)
+    for key in ("top_k", "distill_steps", "eval_samples", "eval_seq_length", "max_candidates"):
+        if not isinstance(s[key], int) or s[key] < 1:
+            raise UserError(f"search.{key}={s[key]!r} must be a positive integer")
+    if s.eval_samples % cfg.data.micro_batch_size:
+        raise UserError(f"search.eval_samples={s.eval_samples} is not divisible by data.micro_batch_size="
+                        f"{cfg.data.micro_batch_size}")
+    from nemo_minitron.prune.depth import DEPTH_METHODS
+
+    if s.depth_method not in DEPTH_METHODS:
+        raise UserError(f"search.depth_method={s.depth_method!r}: one of {', '.join(DEPTH_METHODS)}")
+    space_cfg = {k: (list(v) if v is not None else None) for k, v in s.space.items()}
+    cands, stats = space.enumerate_candidates(
+        spec, budget, s.tolerance, dims=list(s.dims), space=space_cfg, fractions=list(s.fractions),
+        multiple=s.multiple, tp=tp, pp=pp, fp8_shapes=s.fp8_shapes, max_candidates=s.max_candidates)
+    if not cands:
+        raise UserError(f"no candidate shape has {budget / 1e6:.2f}M parameters +-{s.tolerance:.0%} "
+                        f"({stats['combinations']} combinations, {stats['invalid']} invalid at TP={tp} PP={pp}, "
+                        f"{stats['outside_budget']} outside the budget): widen search.tolerance, add "
+                        f"search.fractions, or lower search.multiple")
+    baseline = None
+    if s.baseline is not None:
+        from nemo_minitron.prune.plan import validate_targets
+
+        b = dict(s.baseline)
+        unknown = [k for k in b if k not in space.DIMS]
+        if unknown:
+            raise UserError(f"search.baseline: unknown dimension(s) {unknown} (one of {', '.join(space.DIMS)})")
+        baseline = {**space.shape_of(spec), **{k: int(v) for k, v in b.items() if v is not None}}
+        validate_targets(spec, {k: baseline[k] for k in space.DIMS if k != "num_layers"}, tp)
+        if baseline["num_layers"] > spec.num_layers or baseline["num_layers"] % pp:
+            raise UserError(f"search.baseline.num_layers={baseline['num_layers']}: at most {spec.num_layers} and "
+                            f"divisible by pipeline_model_parallel_size={pp}")
+        spec.replace(kv_channels=spec.kv_channels, **baseline).validate_layout(tp, pp)
+        baseline.update(params=count_params(spec.replace(kv_channels=spec.kv_channels, **baseline)),
+                        name=space.name_of(baseline))
+    return kind, path, spec, budget, cands, stats, baseline
+
+
+def _finalists(doc: dict) -> list[dict]:
+    """The candidates that get a short distillation, in order: top K by pruned loss, then the baseline."""
+    by = {c["name"]: c for c in doc["candidates"]}
+    if doc.get("baseline"):
+        by.setdefault(doc["baseline"]["name"], doc["baseline"])
+    return [by[n] for n in doc["finalists"]]
+
+
+# --------------------------------------------------------------------------------------------------
+# phase rank: in-process (under the launcher when parallel)
+# --------------------------------------------------------------------------------------------------
+def run_rank(cfg, out: Path) -> None:
+    import torch
+
+    from nemo_minitron import parallel
+    from nemo_minitron.checkpoint import nemo as ck
+    from nemo_minitron.checkpoint.loader import check_vocab, load_model
+    from nemo_minitron.data import indexed
+    from nemo_minitron.evaluate import heldout_loss
+    from nemo_minitron.prune.plan import check_scores
+    from nemo_minitron.prune.stage import load_scores
+    from nemo_minitron.prune.width import calibrate
+    from nemo_minitron.search import rank
+
+    s, d = cfg.search, cfg.data
+    tp = cfg.trainer.strategy.tensor_model_parallel_size
+    pp = cfg.trainer.strategy.pipeline_model_parallel_size
+    parallel.validate_layout(parallel.world_size_from_env(), tp, pp)
+    kind, path, spec, budget, cands, stats, baseline = _settings(cfg)
+    if (out / "candidates.json").is_file():
+        if parallel.is_rank0():
+            print(f"search: {out / 'candidates.json'} is complete, skipped")
+        return
+    eval_w = indexed.windows(d.validation, s.eval_samples, s.eval_seq_length)
+    check_vocab(spec, int(eval_w.max()), f"dataset {d.validation}")
+    scores = None
+    if s.scores:
+        scores = load_scores(s.scores)
+        check_scores(scores, spec, f"search.scores={s.scores}")
+    depth_needed = any(c["num_layers"] != spec.num_layers for c in cands) or (
+        baseline is not None and baseline["num_layers"] != spec.num_layers)
+    cal_w = None
+    if scores is None or depth_needed:
+        if not d.calibration:
+            raise UserError("data.calibration=PREFIX is required (importance scores)")
+        cal_w = indexed.windows(d.calibration, max(d.calibration_samples, s.depth_samples), d.seq_length)
+        check_vocab(spec, int(cal_w.max()), f"dataset {d.calibration}")
+
+    t0 = time.time()
+    parallel.initialize(tp, pp)
+    model, spec, _ = load_model(path, tp, pp)
+    if parallel.is_rank0():
+        print(f"search: {len(cands)} candidates within {budget / 1e6:.2f}M +-{s.tolerance:.0%} parameters "
+              f"({stats['combinations']} shapes enumerated, {stats['invalid']} invalid at TP={tp} PP={pp}, "
+              f"{stats['outside_budget']} outside the budget)", flush=True)
+    if scores is None:
+        scores = calibrate(model, cal_w[: d.calibration_samples], d.micro_batch_size)
+    counts = [c["num_layers"] for c in cands] + ([baseline["num_layers"]] if baseline else [])
+    drops, depth_info = rank.depth_drops(model, spec, None if cal_w is None else cal_w[: s.depth_samples],
+                                         d.micro_batch_size, s.depth_method, counts)
+    source_loss = heldout_loss(model, eval_w, d.micro_batch_size)["loss"]
+    scored = rank.score_candidates(model, spec, cands, drops, scores, eval_w, d.micro_batch_size, tp, pp)
+    scored.sort(key=lambda c: c["pruned_loss"])
+    for i, c in enumerate(scored):
+        c["pruned_rank"] = i + 1
+        if c["num_layers"] != spec.num_layers:
+            c["drop_layers"] = [j + 1 for j in drops[c["num_layers"]]]
+    finalists = [c["name"] for c in scored[: s.top_k]]
+    if baseline is not None:
+        match = [c for c in scored if c["name"] == baseline["name"]]
+        if match:
+            baseline = match[0]
+        else:
+            m, _ = rank.prune_candidate(model, spec, baseline, drops, scores, tp, pp)
+            baseline["pruned_loss"] = heldout_loss(m, eval_w, d.micro_batch_size)["loss"]
+            baseline["pruned_rank"] = None  # not a candidate (outside the budget or the enumerated values)
+            if baseline["num_layers"] != spec.num_layers:
+                baseline["drop_layers"] = [j + 1 for j in drops[baseline["num_layers"]]]
+            del m
+        if baseline["name"] not in finalists:
+            finalists.append(baseline["name"])
+
+    # the finalists' pruned checkpoints, then candidates.json (the phase's completion marker)
+    by = {c["name"]: c for c in scored}
+    if baseline is not None:
+        by.setdefault(baseline["name"], baseline)
+    tok = ck.tokenizer_dir(path) if kind == "nemo" else path
+    for name in finalists:
+        target = out / "candidates" / name
+        if ck.is_checkpoint(target):
+            continue
+        m, s2 = rank.prune_candidate(model, spec, by[name], drops, scores, tp, pp)
+        ck.save(target, m, s2, tokenizer_dir=tok, overwrite=True)
+        del m
+    if parallel.is_rank0():
+        torch.save(scores, out / "scores.pt")
+        from nemo_minitron.model import count_params
+
+        doc = {"source": str(path), "source_params": count_params(spec), "budget": budget,
+               "tolerance": s.tolerance, "stats": stats, "source_loss": source_loss,
+               "eval": {"data": str(d.validation), "num_samples": s.eval_samples, "seq_length": s.eval_seq_length},
+               "depth_method": s.depth_method,
+               "depth_scores": None if depth_info is None else [float(x) for x in depth_info["scores"]],
+               "candidates": scored, "baseline": baseline, "finalists": finalists,
+               "rank_seconds": round(time.time() - t0, 1)}
+        tmp = out / "candidates.json.partial"
+        tmp.write_text(json.dumps(doc, indent=2))
+        tmp.replace(out / "candidates.json")
+        print(f"search: ranked {len(scored)} candidates by loss after pruning ({time.time() - t0:.0f}s); "
+              f"finalists: {', '.join(finalists)}", flush=True)
+        print(f"wrote candidates: {out / 'candidates.json'}")
+    parallel.destroy()
+
+
+# --------------------------------------------------------------------------------------------------
+# phase distill: one finalist (a distill run + an evaluation, as child processes)
+# --------------------------------------------------------------------------------------------------
+def _runner(cfg, out: Path):
+    from nemo_minitron.pipeline import Runner
+
+    return Runner(out, cfg.launcher.command)
+
+
+def _par(cfg) -> list[str]:
+    st = cfg.trainer.strategy
+    return [f"trainer.strategy.tensor_model_parallel_size={st.tensor_model_parallel_size}",
+            f"trainer.strategy.pipeline_model_parallel_size={st.pipeline_model_parallel_size}"]
+
+
+def run_distill(cfg, out: Path, index: int | None = None, runner=None) -> None:
+    from nemo_minitron.pipeline import _is_ckpt
+
+    doc = _read_candidates(out)
+    fin = _finalists(doc)
+    index = _candidate_index(cfg) if index is None else index
+    if not 0 <= index < len(fin):
+        raise UserError(f"search.candidate={index}: there are {len(fin)} finalists (0..{len(fin) - 1})")
+    c = fin[index]
+    r = runner or _runner(cfg, out)
+    k, d, s = cfg.distill, cfg.data, cfg.search
+    st = cfg.trainer.strategy
+    run_dir = out / "distill" / c["name"]
+    r.stage(f"distill_{c['name']}", "distill",
+            [f"teacher={doc['source']}", f"student={out / 'candidates' / c['name']}", f"output={run_dir}",
+             f"data.train={d.train}", f"data.validation={d.validation}", f"data.seq_length={k.seq_length}",
+             f"data.micro_batch_size={k.micro_batch_size}", f"data.global_batch_size={k.global_batch_size}",
+             f"data.num_val_samples={k.global_batch_size}", f"trainer.max_steps={s.distill_steps}",
+             f"trainer.val_check_interval={s.distill_steps}", f"checkpoint.every_n_steps={k.checkpoint_every}",
+             f"trainer.log_every_n_steps={max(1, s.distill_steps // 10)}", f"optim.lr={k.lr}",
+             f"optim.min_lr={k.min_lr}", f"optim.warmup_steps={min(k.warmup_steps, s.distill_steps)}",
+             f"distill.kd_weight={k.kd_weight}", f"distill.lm_weight={k.lm_weight}",
+             f"distill.temperature={k.temperature}",
+             f"model.tensor_model_parallel_size={st.tensor_model_parallel_size}",
+             f"model.pipeline_model_parallel_size={st.pipeline_model_parallel_size}"],
+            lambda: _is_ckpt(run_dir / "student"))
+    ev = out / "eval" / f"{c['name']}.json"
+    ev.parent.mkdir(exist_ok=True)
+    r.stage(f"evaluate_{c['name']}", "evaluate",
+            [f"model={run_dir / 'student'}", f"data={d.validation}", f"eval.num_samples={s.eval_samples}",
+             f"eval.seq_length={s.eval_seq_length}", f"eval.micro_batch_size={d.micro_batch_size}",
+             f"output_json={ev}", *_par(cfg)],
+            lambda: ev.is_file())
+
+
+def _read_candidates(out: Path) -> dict:
+    p = out / "candidates.json"
+    if not p.is_file():
+        raise UserError(f"{p} does not exist: run search.phase=rank (or all) first")
+    return json.loads(p.read_text())
+
+
+# --------------------------------------------------------------------------------------------------
+# phase report
+# --------------------------------------------------------------------------------------------------
+def _kendall_tau(a: list, b: list) -> float:
+    """Rank agreement of two orderings of the same items (1 = same order, -1 = reversed)."""
+    pos = {x: i for i, x in enumerate(b)}
+    n, s = len(a), 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            s += 1 if pos[a[i]] < pos[a[j]] else -1
+    return s / (n * (n - 1) / 2) if n > 1 else 1.0
+
+
+def run_report(cfg, out: Path) -> dict:
+    doc = _read_candidates(out)
+    fin = _finalists(doc)
+    missing = [c["name"] for c in fin if not (out / "eval" / f"{c['name']}.json").is_file()]
+    if missing:
+        raise UserError(f"finalists not distilled and evaluated yet: {', '.join(missing)} "
+                        f"(run search.phase=distill for them, or search.phase=all)")
+    base = doc.get("baseline")
+    rows = []
+    for c in fin:
+        ev = json.loads((out / "eval" / f"{c['name']}.json").read_text())
+        rows.append({**c, "distilled_loss": ev["loss"], "checkpoint": str(out / "distill" / c["name"] / "student"),
+                     "pruned_checkpoint": str(out / "candidates" / c["name"]),
+                     "is_baseline": bool(base and c["name"] == base["name"]),
+                     "in_top_k": c["name"] in doc["finalists"][: cfg.search.top_k]})
+    ranked_k = [r for r in rows if r["in_top_k"]]
+    by_pruned = [r["name"] for r in sorted(ranked_k, key=lambda r: r["pruned_loss"])]
+    by_distilled = [r["name"] for r in sorted(ranked_k, key=lambda r: r["distilled_loss"])]
+    for r in rows:
+        r["distilled_rank"] = (by_distilled.index(r["name"]) + 1) if r["name"] in by_distilled else None
+        r["pruned_rank_among_finalists"] = (by_pruned.index(r["name"]) + 1) if r["name"] in by_pruned else None
+    winner = min(ranked_k, key=lambda r: r["distilled_loss"])
+    result = {
+        "source": doc["source"], "source_params": doc["source_params"], "source_loss": doc["source_loss"],
+        "budget": doc["budget"], "tolerance": doc["tolerance"], "eval": doc["eval"],
+        "distill_steps": cfg.search.distill_steps,
+        "distill_tokens": cfg.search.distill_steps * cfg.distill.global_batch_size * cfg.distill.seq_length,
+        "ranking_changed": by_pruned != by_distilled, "kendall_tau": _kendall_tau(by_pruned, by_distilled),
+        "winner": winner["name"], "finalists": rows,
+        "candidates": doc["candidates"], "stats": doc["stats"], "depth_method": doc["depth_method"]}
+    if base:
+        b = next(r for r in rows if r["is_baseline"])
+        result["baseline"] = {"name": b["name"], "params": b["params"], "pruned_loss": b["pruned_loss"],
+                              "distilled_loss": b["distilled_loss"],
+                              "winner_minus_baseline": winner["distilled_loss"] - b["distilled_loss"]}
+    (out / "search.json").write_text(json.dumps(result, indent=2))
+    (out / "search.md").write_text(_markdown(result))
+    _winner_yaml(out, winner, doc)
+    return result
+
+
+def _shape_cols(c) -> str:
+    return (f"{c['num_layers']} | {c['hidden_size']} | {c['ffn_hidden_size']} | "
+            f"{c['num_attention_heads']} / {c['num_query_groups']}")
+
+
+def _markdown(res: dict) -> str:
+    lines = ["# Architecture search", "",
+             f"Source `{res['source']}`: {res['source_params'] / 1e6:.2f}M parameters, validation loss "
+             f"{res['source_loss']:.4f}. Budget {res['budget'] / 1e6:.2f}M +-{res['tolerance']:.0%}; "
+             f"{len(res['candidates'])} candidates ({res['stats']['combinations']} shapes enumerated). "
+             f"Loss: {res['eval']['num_samples']} x {res['eval']['seq_length']} tokens of `{res['eval']['data']}`.",
+             "", f"## Finalists after a short distillation ({res['distill_steps']} steps, "
+                 f"{res['distill_tokens']:,} tokens each)", "",
+             "| rank after distillation | rank after pruning | candidate | params | layers | hidden | ffn | "
+             "heads / groups | loss after pruning | loss after distillation |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    fin = sorted(res["finalists"], key=lambda r: r["distilled_loss"])
+    for r in fin:
+        tag = " (baseline)" if r["is_baseline"] else ""
+        lines.append(f"| {r['distilled_rank'] or '-'} | {r.get('pruned_rank') or '-'} | {r['name']}{tag} | "
+                     f"{r['params'] / 1e6:.2f}M | {_shape_cols(r)} | {r['pruned_loss']:.4f} | "
+                     f"{r['distilled_loss']:.4f} |")
+    lines += ["", f"Ranking changed by the distillation: **{'yes' if res['ranking_changed'] else 'no'}** "
+                  f"(Kendall tau between the two rankings of the top K: {res['kendall_tau']:.2f}).",
+              f"Winner: **{res['winner']}**."]
+    if "baseline" in res:
+        b = res["baseline"]
+        lines.append(f"Baseline {b['name']} ({b['params'] / 1e6:.2f}M): {b['distilled_loss']:.4f} after the same "
+                     f"distillation; winner - baseline = {b['winner_minus_baseline']:+.4f}.")
+    lines += ["", "## Every candidate, ranked by loss right after pruning", "",
+              "| rank | candidate | params | layers | hidden | ffn | heads / groups | loss after pruning |",
+              "|---|---|---|---|---|---|---|---|"]
+    for c in res["candidates"]:
+        lines.append(f"| {c['pruned_rank']} | {c['name']} | {c['params'] / 1e6:.2f}M | {_shape_cols(c)} | "
+                     f"{c['pruned_loss']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _winner_yaml(out: Path, w: dict, doc: dict) -> None:
+    """The winner as prune settings (and where its checkpoints are), for the full-length run."""
+    import yaml
+
+    prune = {k: w[k] for k in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")}
+    if w.get("drop_layers"):
+        prune["drop_layers"] = w["drop_layers"]
+    text = ("# The search's winner. Full-length run: nemo-minitron pipeline with these prune.* keys, or distill\n"
+            "# the pruned checkpoint below further (the search pruned it from the cached scores in scores.pt).\n")
+    text += yaml.safe_dump({"name": w["name"], "params": w["params"], "prune": prune,
+                            "pruned_checkpoint": w["pruned_checkpoint"], "distilled_checkpoint": w["checkpoint"],
+                            "loss_after_pruning": w["pruned_loss"], "loss_after_distillation": w["distilled_loss"],
+                            "source": doc["source"]}, sort_keys=False)
+    (out / "winner.yaml").write_text(text)
+
+
+# --------------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------------
+def _candidate_index(cfg) -> int:
+    i = cfg.search.candidate
+    if i is None:
+        env = os.environ.get("SLURM_ARRAY_TASK_ID")
+        if env is None:
+            raise UserError("search.phase=distill needs search.candidate=I (or run as a SLURM array task)")
+        i = int(env)
+    return int(i)
+
+
+def run(cfg) -> None:
+    s = cfg.search
+    if s.phase not in PHASES:
+        raise UserError(f"search.phase={s.phase!r}: one of {', '.join(PHASES)}")
+    out = Path(cfg.output).absolute()
+    for key in ("train", "validation"):
+        if s.phase in ("all", "rank", "distill") and not cfg.data[key]:
+            raise UserError(f"data.{key}=PREFIX is required")
+    from nemo_minitron.data import indexed
+
+    for key in ("train", "validation", "calibration"):
+        if cfg.data[key]:
+            indexed.check_prefix(cfg.data[key])
+    if s.phase == "rank":
+        out.mkdir(parents=True, exist_ok=True)
+        return run_rank(cfg, out)
+    if s.phase == "distill":
+        return run_distill(cfg, out)
+    if s.phase == "report":
+        res = run_report(cfg, out)
+        print(summary(res))
+        print(f"wrote search table: {out / 'search.md'}")
+        return
+    # all: validate everything here (cheap), then the phases in order
+    _settings(cfg)
+    if cfg.overwrite and out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    r = _runner(cfg, out)
+    t0 = time.time()
+    overrides = [a for a in cfg_overrides(cfg) if not a.startswith(("search.phase=", "search.candidate="))]
+    r.stage("rank", "search", [*overrides, "search.phase=rank"], lambda: (out / "candidates.json").is_file())
+    for i in range(len(_finalists(_read_candidates(out)))):
+        run_distill(cfg, out, i, runner=r)
+    res = run_report(cfg, out)
+    print(summary(res))
+    print(f"search wall time this invocation: {time.time() - t0:.0f}s")
+    print(f"wrote search table: {out / 'search.md'}")
+
+
+def cfg_overrides(cfg) -> list[str]:
+    """The resolved config as key=value overrides (for the child rank phase)."""
+    from omegaconf import OmegaConf
+
+    flat = []
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict) and key != "search.baseline":
+                walk(v, key + ".")
+            else:
+                flat.append(f"{key}={json.dumps(v) if isinstance(v, (list, dict)) else ('null' if v is None else v)}")
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+def summary(res: dict) -> str:
+    rows = [f"{'candidate':<28} {'params':>9} {'pruned':>8} {'distilled':>10}  rank (pruned -> distilled)"]
+    for r in sorted(res["finalists"], key=lambda r: r["distilled_loss"]):
+        tag = " baseline" if r["is_baseline"] else ""
+        rows.append(f"{r['name']:<28} {r['params'] / 1e6:>8.2f}M {r['pruned_loss']:>8.4f} {r['distilled_loss']:>10.4f}"
+                    f"  {r.get('pruned_rank') or '-'} -> {r['distilled_rank'] or '-'}{tag}")
+    rows.append(f"winner: {res['winner']}; ranking changed by distillation: "
+                f"{'yes' if res['ranking_changed'] else 'no'} (Kendall tau {res['kendall_tau']:.2f})")
+    return "\n".join(rows)
+
+
+def dry_run(cfg) -> None:
+    """The candidates this search would consider, without loading the model."""
+    _kind, path, spec, budget, cands, stats, baseline = _settings(cfg)
+    print(f"source {path}: budget {budget / 1e6:.2f}M +-{cfg.search.tolerance:.0%}; {len(cands)} candidates "
+          f"({stats})")
+    for c in cands:
+        print(f"  {c['name']:<28} {c['params'] / 1e6:8.2f}M")
+    if baseline:
+        print(f"  baseline {baseline['name']} {baseline['params'] / 1e6:.2f}M")
+    print("dry run: nothing was run")

@@ -1,0 +1,70 @@
+"""Pruning every candidate shape from one set of cached importance scores, and its loss right after.
+
+Plain functions over megatron modules (any TP/PP; every rank holds its chunk). The source model is never
+modified: each candidate is built as a new model (depth: drop the layers the cached layer scores rank
+lowest for that depth; width: keep the units the cached width scores, restricted to the kept layers,
+rank highest), evaluated, and dropped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nemo_minitron.evaluate import heldout_loss
+from nemo_minitron.model.spec import ModelSpec
+from nemo_minitron.prune.depth import drop_layers, layer_scores
+from nemo_minitron.prune.plan import WIDTH_DIMS, make_plan
+from nemo_minitron.prune.width import prune_model
+
+PER_LAYER = ("block_influence", "lm_loss")  # one score per layer: any depth reads the same scores
+
+
+def depth_drops(model, spec: ModelSpec, windows, micro_batch_size: int, method: str, layer_counts,
+                progress: bool = True) -> tuple[dict, dict | None]:
+    """({num_layers: sorted 0-indexed layers to drop}, the first scoring's info for the report)."""
+    L = spec.num_layers
+    drops, first = {}, None
+    for n in sorted({int(x) for x in layer_counts if int(x) != L}, reverse=True):
+        if method in PER_LAYER and first is not None:
+            drops[n] = sorted(torch.argsort(first["scores"])[: L - n].tolist())
+            continue
+        info = layer_scores(model, spec, windows, micro_batch_size, method, n, progress)
+        first = first or info
+        drops[n] = info["drop"]
+    return drops, first
+
+
+def prune_candidate(model, spec: ModelSpec, shape: dict, drops: dict, scores: dict, tp: int = 1, pp: int = 1):
+    """(model, spec) of one candidate shape, from the source ``model`` and the cached scores."""
+    L = spec.num_layers
+    kept = list(range(L))
+    m, s = model, spec
+    if shape["num_layers"] != L:
+        drop = drops[shape["num_layers"]]
+        m, s = drop_layers(model, spec, drop, tp, pp)
+        kept = [i for i in range(L) if i not in set(drop)]
+    targets = {k: shape[k] for k in WIDTH_DIMS if shape[k] != getattr(s, k)}
+    if targets:
+        sub = {"heads": scores["heads"][kept], "ffn": scores["ffn"][kept], "hidden": scores["hidden"]}
+        plan = make_plan(sub, s, targets)
+        m, s = prune_model(m, s, plan, tp, pp)
+    return m, s
+
+
+def score_candidates(model, spec: ModelSpec, candidates: list[dict], drops: dict, scores: dict, windows,
+                     micro_batch_size: int, tp: int = 1, pp: int = 1, progress: bool = True) -> list[dict]:
+    """Each candidate with ``pruned_loss`` (LM loss on ``windows`` right after pruning) filled in."""
+    from tqdm import tqdm
+
+    from nemo_minitron import parallel
+
+    bar = tqdm(candidates, desc="search: prune + evaluate candidates", unit="cand",
+               disable=not (progress and parallel.is_rank0()))
+    out = []
+    for c in bar:
+        m, _ = prune_candidate(model, spec, c, drops, scores, tp, pp)
+        res = heldout_loss(m, windows, micro_batch_size)
+        del m
+        out.append({**c, "pruned_loss": res["loss"]})
+        bar.set_postfix(cand=c["name"], loss=f"{res['loss']:.3f}")
+    return out

@@ -1,0 +1,224 @@
+"""Architecture search: candidate enumeration (valid shapes only, at any TP/PP), every candidate built and
+sharded for real under torchrun, the search command end to end on a tiny model (ranking, short
+distillations, table, winner, resume), and refusals before any work."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import WORKERS, cli, torchrun
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _llama8b_spec():
+    from nemo_minitron.model.spec import from_hf_config
+
+    return from_hf_config(json.loads((REPO / "conf/recipes/llama-3.1-8b/config.json").read_text()))
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (8, 2)])
+def test_enumeration_emits_only_valid_shapes_within_budget(tp, pp):
+    from nemo_minitron.model import count_params, tiny_spec
+    from nemo_minitron.model.precision import check_fp8_shapes
+    from nemo_minitron.model.spec import ModelSpec
+    from nemo_minitron.prune.plan import validate_targets
+    from nemo_minitron.search.space import DIMS, enumerate_candidates
+
+    smol_like = ModelSpec("LlamaConfig", dict(tiny_spec().args, num_layers=30, hidden_size=576, ffn_hidden_size=1536,
+                                              num_attention_heads=9, num_query_groups=3, kv_channels=64,
+                                              vocab_size=49152))
+    specs = [tiny_spec(), tiny_spec(num_attention_heads=8, num_query_groups=4, ffn_hidden_size=192), smol_like,
+             _llama8b_spec()]
+    total = 0
+    for spec in specs:
+        P = count_params(spec)
+        for frac in (0.4, 0.5, 0.7):
+            for fp8 in (False, True):
+                cands, stats = enumerate_candidates(spec, int(frac * P), 0.08, tp=tp, pp=pp, fp8_shapes=fp8,
+                                                    multiple=16 if spec.hidden_size < 1024 else 128,
+                                                    dims=DIMS)
+                assert stats["combinations"] > 0
+                names = [c["name"] for c in cands]
+                assert len(names) == len(set(names))
+                for c in cands:
+                    shape = {k: c[k] for k in DIMS}
+                    validate_targets(spec, {k: v for k, v in shape.items() if k != "num_layers"}, tp)
+                    s2 = spec.replace(kv_channels=spec.kv_channels, **shape)
+                    s2.validate_layout(tp, pp)
+                    assert count_params(s2) == c["params"]
+                    assert 0.92 * frac * P - 1 <= c["params"] <= 1.08 * frac * P + 1
+                    assert s2.kv_channels == spec.kv_channels
+                    assert c["num_attention_heads"] // c["num_query_groups"] <= (
+                        spec.num_attention_heads // spec.num_query_groups)
+                    if fp8:
+                        check_fp8_shapes({**shape, "kv_channels": spec.kv_channels}, tp)
+                total += len(cands)
+    assert total > 0
+
+
+def test_enumeration_finds_the_published_minitron_4b_width_shape():
+    """Llama-3.1-8B at ~4.5B, TP=8: the published Width shape (hidden 3072, ffn 9216, 32 heads / 8 groups,
+    32 layers) is among the candidates when its values are in the space."""
+    from nemo_minitron.search.space import enumerate_candidates
+
+    spec = _llama8b_spec()
+    cands, _ = enumerate_candidates(spec, 4_500_000_000, 0.05, tp=8, pp=1, multiple=128,
+                                    space={"ffn_hidden_size": [7168, 9216, 10752, 14336]})
+    names = {c["name"] for c in cands}
+    assert "L32-h3072-f9216-a32-g8" in names
+    assert all(c["ffn_hidden_size"] in (7168, 9216, 10752, 14336) for c in cands)
+
+
+def test_budget_parsing_and_refusals():
+    from nemo_minitron.errors import UserError
+    from nemo_minitron.search.space import parse_budget
+
+    assert parse_budget("50%", 1000) == 500
+    assert parse_budget(0.5, 1000) == 500
+    assert parse_budget("0.25", 1000) == 250
+    assert parse_budget("4.5B", 8_000_000_000) == 4_500_000_000
+    assert parse_budget("70M", 134_000_000) == 70_000_000
+    assert parse_budget(600, 1000) == 600
+    for bad in ("1.5B", "abc", "0", "100%", 2000):
+        with pytest.raises(UserError):
+            parse_budget(bad, 1000)
+
+
+def test_every_candidate_builds_and_shards_at_tp2_and_pp2(tiny_ckpt, tiny_windows, tmp_path, dist_single):
+    """Each candidate the enumeration emits at TP=2 / PP=2 is pruned into a real sharded megatron model under
+    torchrun, and its loss equals the single-process model's for the same candidate."""
+    sys.path.insert(0, str(WORKERS))
+    import search_candidates
+
+    windows, wpath = tiny_windows
+    ref = search_candidates.losses(tiny_ckpt, windows, 1, 1)
+    assert len(ref) >= 10
+    for tp, pp in ((2, 1), (1, 2)):
+        out = tmp_path / f"tp{tp}pp{pp}.json"
+        torchrun([WORKERS / "search_candidates.py", tiny_ckpt, wpath, out, tp, pp], timeout=900)
+        got = json.loads(out.read_text())
+        assert len(got) >= 4, got
+        for name, r in got.items():
+            assert name in ref, name
+            assert r["loss"] == pytest.approx(ref[name]["loss"], abs=2e-5), name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the command, end to end on a tiny imported HF Llama and real text
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def search_inputs(tmp_path_factory):
+    from hf_fixtures import make_hf_llama
+
+    from nemo_minitron.data.corpus import shakespeare_files
+
+    d = tmp_path_factory.mktemp("search")
+    make_hf_llama(d / "hf", num_hidden_layers=4)
+    cli("import", f"source={d / 'hf'}", f"output={d / 'teacher'}")
+    for split, n in (("train", 60000), ("calibration", 20000), ("heldout", 20000)):
+        (d / f"{split}.txt").write_text("\n".join(p.read_text()[:n] for p in shakespeare_files(split)[:2]))
+        cli("preprocess", f"input={d / f'{split}.txt'}", f"tokenizer={d / 'teacher'}", f"output_prefix={d / split}")
+    return d
+
+
+def _search_args(d, out):
+    return [f"model={d / 'teacher'}", f"output={out}", f"data.calibration={d / 'calibration'}",
+            f"data.train={d / 'train'}", f"data.validation={d / 'heldout'}", "data.seq_length=32",
+            "data.calibration_samples=8", "search.params=0.6", "search.tolerance=0.1", "search.multiple=16",
+            "search.max_candidates=6", "search.top_k=2", "search.distill_steps=4", "search.eval_samples=8",
+            "search.eval_seq_length=32", "search.depth_samples=8", "distill.seq_length=32",
+            "distill.micro_batch_size=2", "distill.global_batch_size=4", "distill.lr=3e-3", "distill.min_lr=3e-4",
+            "search.baseline={hidden_size: 48, ffn_hidden_size: 96}"]
+
+
+def test_search_end_to_end(search_inputs, tmp_path):
+    from nemo_minitron.checkpoint import nemo as ck
+    from nemo_minitron.model import count_params
+
+    d = search_inputs
+    out = tmp_path / "search"
+    res = cli("search", *_search_args(d, out), timeout=1200)
+    assert res.stdout.strip().splitlines()[-1] == f"wrote search table: {out / 'search.md'}"
+    table = json.loads((out / "search.json").read_text())
+    src_params = count_params(ck.read_spec(d / "teacher"))
+    assert table["source_params"] == src_params and table["budget"] == round(0.6 * src_params)
+
+    # every candidate: within the budget, a loss right after pruning, ranked by it
+    cands = table["candidates"]
+    assert 1 <= len(cands) <= 6
+    for c in cands:
+        assert 0.9 * table["budget"] <= c["params"] <= 1.1 * table["budget"]
+        assert c["pruned_loss"] > 0
+    assert [c["pruned_rank"] for c in cands] == list(range(1, len(cands) + 1))
+    assert [c["pruned_loss"] for c in cands] == sorted(c["pruned_loss"] for c in cands)
+
+    # finalists: the top 2 by pruned loss + the baseline, each distilled and evaluated
+    fin = {r["name"]: r for r in table["finalists"]}
+    top2 = [c["name"] for c in cands[:2]]
+    assert set(top2) <= set(fin) and table["baseline"]["name"] in fin and len(fin) == 3
+    for name, r in fin.items():
+        assert ck.is_checkpoint(Path(r["checkpoint"])) and ck.is_checkpoint(Path(r["pruned_checkpoint"]))
+        ev = json.loads((out / "eval" / f"{name}.json").read_text())
+        assert r["distilled_loss"] == ev["loss"]
+        metrics = (out / "distill" / name / "metrics.jsonl").read_text()
+        assert '"step": 4' in metrics
+        spec = ck.read_spec(Path(r["checkpoint"]))
+        assert (spec.num_layers, spec.hidden_size, spec.ffn_hidden_size) == (
+            r["num_layers"], r["hidden_size"], r["ffn_hidden_size"])
+    # the winner has the lowest loss after distillation among the top K; the flag agrees with the ranks
+    best = min(top2, key=lambda n: fin[n]["distilled_loss"])
+    assert table["winner"] == best
+    by_pruned = sorted(top2, key=lambda n: fin[n]["pruned_loss"])
+    by_dist = sorted(top2, key=lambda n: fin[n]["distilled_loss"])
+    assert table["ranking_changed"] == (by_pruned != by_dist)
+    b = table["baseline"]
+    assert b["winner_minus_baseline"] == pytest.approx(fin[best]["distilled_loss"] - fin[b["name"]]["distilled_loss"])
+    md = (out / "search.md").read_text()
+    assert "loss after distillation" in md and "(baseline)" in md and f"Winner: **{best}**" in md
+    win = (out / "winner.yaml").read_text()
+    assert f"name: {best}" in win and "prune:" in win
+
+    # the pruned checkpoint of a finalist matches its loss right after pruning (same windows)
+    ev = cli("evaluate", f"model={fin[top2[0]]['pruned_checkpoint']}", f"data={d / 'heldout'}",
+             "eval.num_samples=8", "eval.seq_length=32")
+    assert f"loss {fin[top2[0]]['pruned_loss']:.4f}" in ev.stdout
+
+    # re-running the same command redoes nothing; the report phase alone rebuilds the table
+    again = cli("search", *_search_args(d, out))
+    assert "[rank] complete, skipped" in again.stdout
+    assert all(f"[distill_{n}] complete, skipped" in again.stdout for n in fin)
+    rep = cli("search", *_search_args(d, out), "search.phase=report")
+    assert f"winner: {best}" in rep.stdout
+
+    # a finalist index out of range is refused
+    bad = cli("search", *_search_args(d, out), "search.phase=distill", "search.candidate=7", check=False)
+    assert bad.returncode == 2 and "3 finalists" in bad.stderr
+
+
+def test_search_refusals(search_inputs, tmp_path):
+    d = search_inputs
+    out = tmp_path / "s"
+    cases = [
+        (["search.params=200%"], "budget must be below"),
+        (["search.params=2.0"], "fraction of the source is at most 1"),
+        (["search.params=0.05", "search.tolerance=0.01"], "no candidate shape"),
+        ([f"model={d / 'hf'}"], "import it first"),
+        (["search.phase=distill"], "run search.phase=rank"),
+        (["search.phase=nope"], "search.phase"),
+        (["search.baseline={hidden_size: 999}"], "larger than the source"),
+        (["trainer.strategy.tensor_model_parallel_size=3"], "not divisible"),
+    ]
+    for extra, msg in cases:
+        args = _search_args(d, out) + extra
+        if extra[0].startswith("model="):
+            args = [a for a in args if not a.startswith("model=")] + extra
+        res = cli("search", *args, check=False)
+        assert res.returncode == 2 and msg in res.stderr, (extra, res.stderr[-800:])
+        assert not (out / "candidates.json").exists()
+    dry = cli("search", *_search_args(d, out), "--dry-run")
+    assert "candidates" in dry.stdout and "dry run: nothing was run" in dry.stdout
