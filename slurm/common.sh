@@ -75,3 +75,31 @@ launch() {
   echo "exit status $rc" | tee -a "$LOG_DIR/launch.txt"
   return "$rc"
 }
+
+# An orchestrating command (pipeline, search) runs in this batch shell, not under srun: it starts each
+# parallel stage itself as an srun step over the allocation (launcher.command), and the other stages
+# (import, preprocess, export, reports) as plain child processes. A re-run of the same command skips
+# every completed stage, so a requeued or resubmitted job continues where it stopped.
+# In container mode the driver needs the project importable on the node itself (NEMO_MINITRON_PYTHON);
+# the stages run in the container.
+drive() {
+  local command=$1; shift
+  local launcher="srun --kill-on-bad-exit=1"
+  if [[ -n "${NEMO_MINITRON_CONTAINER:-}" ]]; then
+    launcher+=" --container-image=$NEMO_MINITRON_CONTAINER --container-mounts=${NEMO_MINITRON_MOUNTS:-$REPO:$REPO}"
+    launcher+=" --container-workdir=$REPO"
+  fi
+  local args=("$@") a
+  for a in "$@"; do [[ $a == launcher.command=* ]] && launcher=""; done
+  [[ -n "$launcher" ]] && args+=("launcher.command=$launcher")
+  {
+    echo "job ${SLURM_JOB_ID:-?} (${SLURM_JOB_NAME:-?}) array task ${SLURM_ARRAY_TASK_ID:--}: ${SLURM_JOB_NUM_NODES:-1} node(s)," \
+         "${SLURM_NTASKS:-1} task(s), nodes ${SLURM_JOB_NODELIST:-?}"
+    echo "nemo-minitron $command ${args[*]}"
+  } | tee -a "$LOG_DIR/launch.txt"
+  "$PY" -m nemo_minitron.cli "$command" "${args[@]}" --print-config > "$LOG_DIR/config.yaml"
+  local rc=0
+  "$PY" -m nemo_minitron.cli "$command" "${args[@]}" || rc=$?
+  echo "exit status $rc" | tee -a "$LOG_DIR/launch.txt"
+  return "$rc"
+}

@@ -110,3 +110,36 @@ def test_warning_signal_checkpoints_requeues_and_matches_uninterrupted(cluster, 
     assert "preempted: checkpoint at step" in log and "requeueing job" in log and "resuming from" in log
     assert _last_loss(out) == _last_loss(ref)  # same final loss (exact on CPU) at the same final step
     assert (out / "student" / "context").is_dir()
+
+
+def test_search_as_job_array(cluster, tiny_ckpt, tiny_data, tmp_path):
+    """slurm/submit_search.sh: rank -> one array task per finalist (distill + evaluate through srun steps of
+    the driver) -> report, chained with afterok."""
+    import json
+
+    out = tmp_path / "search"
+    env = dict(cluster.env, GPUS_PER_NODE="0", NEMO_MINITRON_LOG_ROOT=str(tmp_path / "logs"))
+    args = [f"model={tiny_ckpt}", f"output={out}", f"data.calibration={tiny_data}", f"data.train={tiny_data}",
+            f"data.validation={tiny_data}", "data.seq_length=32", "data.calibration_samples=8", "search.params=0.6",
+            "search.tolerance=0.1", "search.multiple=16", "search.max_candidates=4", "search.top_k=2",
+            "search.distill_steps=2", "search.eval_samples=8", "search.eval_seq_length=32", "search.depth_samples=8",
+            "distill.seq_length=32", "distill.micro_batch_size=2", "distill.global_batch_size=4"]
+    res = subprocess.run([REPO / "slurm" / "submit_search.sh", f"--output={tmp_path}/%x-%A_%a.out", "--mem=2500",
+                          "--nodes=1", "--ntasks-per-node=1", "--", *args],
+                         env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    ids = {line.split(":")[0]: line.split()[1] for line in res.stdout.strip().splitlines()}
+    assert set(ids) == {"rank", "distill", "report"}
+    def logs():
+        return "\n".join(p.read_text() for p in sorted(tmp_path.glob("*.out")))
+
+    assert cluster.wait(ids["rank"], timeout=600)["JobState"] == "COMPLETED", logs()[-4000:]
+    tasks = [cluster.wait(f"{ids['distill']}_{i}", timeout=600) for i in (0, 1)]
+    assert all(t["JobState"] == "COMPLETED" for t in tasks), logs()[-4000:]
+    report = cluster.wait(ids["report"], timeout=300)
+    assert report["JobState"] == "COMPLETED", logs()[-4000:]
+    assert report["StartTime"] >= max(t["EndTime"] for t in tasks)
+    table = json.loads((out / "search.json").read_text())
+    assert len(table["finalists"]) == 2 and table["winner"] in {r["name"] for r in table["finalists"]}
+    assert "srun --kill-on-bad-exit=1" in logs()  # the distillations ran as srun steps of the array tasks
+    assert (out / "search.md").is_file()

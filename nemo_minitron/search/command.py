@@ -218,7 +218,11 @@ def run_distill(cfg, out: Path, index: int | None = None, runner=None) -> None:
 
     doc = _read_candidates(out)
     fin = _finalists(doc)
-    index = _candidate_index(cfg) if index is None else index
+    if index is None:
+        index = _candidate_index(cfg)
+        if cfg.search.candidate is None and index >= len(fin):  # an array task with no finalist left
+            print(f"search: array task {index}: there are {len(fin)} finalists, nothing to do")
+            return
     if not 0 <= index < len(fin):
         raise UserError(f"search.candidate={index}: there are {len(fin)} finalists (0..{len(fin) - 1})")
     c = fin[index]
@@ -391,6 +395,9 @@ def run(cfg) -> None:
             indexed.check_prefix(cfg.data[key])
     if s.phase == "rank":
         out.mkdir(parents=True, exist_ok=True)
+        if cfg.launcher.command:  # this process only drives: the phase runs under the launcher
+            _settings(cfg)
+            return _rank_stage(cfg, out, _runner(cfg, out))
         return run_rank(cfg, out)
     if s.phase == "distill":
         return run_distill(cfg, out)
@@ -408,14 +415,21 @@ def run(cfg) -> None:
     out.mkdir(parents=True, exist_ok=True)
     r = _runner(cfg, out)
     t0 = time.time()
-    overrides = [a for a in cfg_overrides(cfg) if not a.startswith(("search.phase=", "search.candidate="))]
-    r.stage("rank", "search", [*overrides, "search.phase=rank"], lambda: (out / "candidates.json").is_file())
+    _rank_stage(cfg, out, r)
     for i in range(len(_finalists(_read_candidates(out)))):
         run_distill(cfg, out, i, runner=r)
     res = run_report(cfg, out)
     print(summary(res))
     print(f"search wall time this invocation: {time.time() - t0:.0f}s")
     print(f"wrote search table: {out / 'search.md'}")
+
+
+def _rank_stage(cfg, out: Path, r) -> None:
+    """The rank phase as a child process (under launcher.command when set)."""
+    overrides = [a for a in cfg_overrides(cfg)
+                 if not a.startswith(("search.phase=", "search.candidate=", "launcher.command=", "overwrite="))]
+    r.stage("rank", "search", [*overrides, "search.phase=rank", "launcher.command=null"],
+            lambda: (out / "candidates.json").is_file())
 
 
 def cfg_overrides(cfg) -> list[str]:
