@@ -95,6 +95,9 @@ def _data_source(spec: str, split: str):
     return spec
 
 
+PRECISION_KEYS = ("transformer_impl", "precision", "fp8", "fp8_recipe", "fp8_margin", "fp8_amax_history_len",
+                  "fp8_amax_compute_algo", "fp8_param", "fp8_first_last_layers_bf16", "num_layers_at_start_in_bf16",
+                  "num_layers_at_end_in_bf16", "teacher_fp8")
 TARGETS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers", "drop_layers")
 
 
@@ -146,7 +149,19 @@ def _check_rounds(cfg, tp: int, pp: int) -> list:
             raise UserError(f"{where}: {e}") from None
         n = spec.num_layers - len(drop) if drop else (step["num_layers"] or spec.num_layers)
         spec = spec.replace(kv_channels=spec.kv_channels, num_layers=n, **targets)
+        if cfg.model.get("fp8"):
+            from nemo_minitron.model.precision import check_fp8_shapes
+
+            check_fp8_shapes({k: getattr(spec, k) for k in (*WIDTH_DIMS, "kv_channels")}, tp, f"{where} targets")
     return rounds
+
+
+def _precision_args(cfg) -> list:
+    """The distillation stages' model.* precision keys (checked here, before any work)."""
+    from nemo_minitron.model import precision
+
+    precision.resolve(cfg.model)
+    return [f"model.{k}={'null' if cfg.model[k] is None else cfg.model[k]}" for k in PRECISION_KEYS]
 
 
 def _distill_common(k, prefixes) -> list:
@@ -159,11 +174,13 @@ def _distill_common(k, prefixes) -> list:
 
 
 def _prune_distill(r, tag: str, teacher: Path, pruned: Path, kd: Path, p, k, prefixes, par, tp: int, pp: int,
-                   iterative_teacher: str, original_teacher: Path) -> Path:
+                   iterative_teacher: str, original_teacher: Path, prec: list) -> Path:
     """Prune ``teacher`` into ``pruned``, distill it into ``kd`` (resumable); returns the student checkpoint."""
     args = [f"model={teacher}", f"output={pruned}", "overwrite=true", f"data.calibration={prefixes['calibration']}",
             f"data.calibration_samples={p['calibration_samples']}", f"data.seq_length={p['seq_length']}",
             f"prune.depth_method={p['depth_method']}", *par]
+    if "model.fp8=null" not in prec:
+        args.append("prune.fp8_shapes=true")
     for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers"):
         if p[key] is not None:
             args.append(f"prune.{key}={p[key]}")
@@ -175,7 +192,7 @@ def _prune_distill(r, tag: str, teacher: Path, pruned: Path, kd: Path, p, k, pre
             [f"teacher={kd_teacher}", f"student={pruned}", f"output={kd}", *_distill_common(k, prefixes),
              f"distill.kd_weight={k['kd_weight']}", f"distill.lm_weight={k['lm_weight']}",
              f"distill.temperature={k['temperature']}", f"model.tensor_model_parallel_size={tp}",
-             f"model.pipeline_model_parallel_size={pp}"],
+             f"model.pipeline_model_parallel_size={pp}", *prec],
             lambda: _is_ckpt(kd / "student"))
     return kd / "student"
 
@@ -186,12 +203,13 @@ def run(cfg) -> None:
     run_dir = Path(cfg.run_dir).absolute()
     tp, pp = cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size
     par = [f"trainer.strategy.tensor_model_parallel_size={tp}", f"trainer.strategy.pipeline_model_parallel_size={pp}"]
+    d, p, k, e = cfg.data, cfg.prune, cfg.distill, cfg.evaluate
+    prec = _precision_args(cfg)  # the environment first (FP8 needs a GPU and TE), then the shapes
+    rounds = _check_rounds(cfg, tp, pp)
     if cfg.overwrite and run_dir.exists():
         import shutil
 
         shutil.rmtree(run_dir)
-    d, p, k, e = cfg.data, cfg.prune, cfg.distill, cfg.evaluate
-    rounds = _check_rounds(cfg, tp, pp)
     sources = {s: _data_source(str(d[s]), s) for s in ("train", "calibration", "heldout")}
     run_dir.mkdir(parents=True, exist_ok=True)
     r = Runner(run_dir, cfg.launcher.command)
@@ -238,12 +256,13 @@ def run(cfg) -> None:
         rp, rk = _round_prune(p, rnd.get("prune")), _merged(k, rnd.get("distill"))
         rdir = run_dir / f"round{i}"
         student = _prune_distill(r, f"round{i}_", teacher, rdir / "pruned", rdir / "distill", rp, rk, prefixes,
-                                 par, tp, pp, cfg.iterative_teacher, original_teacher)
+                                 par, tp, pp, cfg.iterative_teacher, original_teacher, prec)
         round_models[f"round{i}_pruned"] = rdir / "pruned"
         round_models[f"round{i}_distilled"] = student
         teacher = student
     pruned, kd = run_dir / "pruned", run_dir / "distill"
-    _prune_distill(r, "", teacher, pruned, kd, p, k, prefixes, par, tp, pp, cfg.iterative_teacher, original_teacher)
+    _prune_distill(r, "", teacher, pruned, kd, p, k, prefixes, par, tp, pp, cfg.iterative_teacher, original_teacher,
+                   prec)
     common = _distill_common(k, prefixes)
     scratch = run_dir / "scratch"
     if e.scratch_baseline:
@@ -296,6 +315,20 @@ def dry_run(cfg) -> None:
     from nemo_minitron import launch_plan as lp
 
     t_spec = lp.spec_of(cfg.teacher)
+    tp, pp = cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size
+    from nemo_minitron.model import count_params
+
+    for i, rnd in enumerate(_check_rounds(cfg, tp, pp), 1):  # iterative rounds: each prunes the previous student
+        rp = _round_prune(cfg.prune, rnd.get("prune"))
+        changes = {k: rp[k] for k in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+                   if rp[k] is not None}
+        if rp["num_layers"] is not None or rp["drop_layers"]:
+            changes["num_layers"] = rp["num_layers"] or t_spec.num_layers - len(rp["drop_layers"])
+        new = t_spec.replace(kv_channels=t_spec.kv_channels, **changes)
+        steps = _merged(cfg.distill, rnd.get("distill"))["max_steps"]
+        print(f"round {i}: {count_params(t_spec) / 1e9:.2f}B -> {count_params(new) / 1e9:.2f}B params "
+              f"({lp.describe_shape(new)}), {steps} distillation steps")
+        t_spec = new
     p = cfg.prune
     changes = {k: p[k] for k in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
                if p[k] is not None}
@@ -305,7 +338,6 @@ def dry_run(cfg) -> None:
         changes["num_layers"] = t_spec.num_layers - len(p.drop_layers)
     from nemo_minitron.prune.plan import validate_targets
 
-    tp, pp = cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size
     validate_targets(t_spec, {k: v for k, v in changes.items() if k != "num_layers"}, tp)
     s_spec = t_spec.replace(**changes)
     k = cfg.distill

@@ -37,9 +37,14 @@ def _args(run_dir, teacher, texts):
 
 
 def test_pipeline_end_to_end_with_kill_and_resume(texts, tmp_path):
+    """Iterative compression too: round 1 prunes the teacher to hidden 56 / ffn 128 and distills it; the final
+    round prunes round 1's student to hidden 48 / ffn 96 and distills it with that student as teacher."""
+    from nemo_minitron.checkpoint import nemo
+
     teacher = make_hf_llama(tmp_path / "hf_teacher")
     run_dir = tmp_path / "run"
-    args = _args(run_dir, teacher, texts)
+    args = _args(run_dir, teacher, texts) + [
+        "rounds=[{prune: {hidden_size: 56, ffn_hidden_size: 128}, distill: {max_steps: 4}}]"]
     proc = subprocess.Popen([*CLI, "pipeline", *args], cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     seen = []
@@ -54,7 +59,7 @@ def test_pipeline_end_to_end_with_kill_and_resume(texts, tmp_path):
 
     again = cli("pipeline", *args, timeout=900)
     out = again.stdout
-    for stage in ("import", "preprocess_train", "preprocess_heldout", "prune"):
+    for stage in ("import", "preprocess_train", "preprocess_heldout", "round1_prune", "round1_distill", "prune"):
         assert f"[{stage}] complete, skipped" in out
     assert "[distill] resuming from" in out and "[distill] step 1/8" not in out
     assert out.strip().splitlines()[-1] == f"wrote report: {run_dir / 'report.md'}"
@@ -74,40 +79,37 @@ def test_pipeline_end_to_end_with_kill_and_resume(texts, tmp_path):
     times = json.loads((run_dir / "stages.json").read_text())
     assert {"import", "prune", "distill", "evaluate_distilled", "export_hf", "export_nemo"} <= set(times)
 
+    # iterative rounds: shapes, sources and teachers chain; the report lists every round
+    r1 = run_dir / "round1"
+    s1, s2 = nemo.read_spec(r1 / "pruned"), nemo.read_spec(run_dir / "pruned")
+    assert (s1.hidden_size, s1.ffn_hidden_size) == (56, 128) and (s2.hidden_size, s2.ffn_hidden_size) == (48, 96)
+    assert json.loads((run_dir / "pruned" / "pruning" / "report.json").read_text())["source"] == str(
+        r1 / "distill" / "student")
+    first = "".join(seen)
+    distill_line = next(line for line in first.splitlines() if line.startswith("[distill] ") and " teacher=" in line)
+    assert f"teacher={r1 / 'distill' / 'student'}" in distill_line
+    assert "model.precision=bf16" in distill_line and "model.fp8=null" in distill_line  # precision keys reach distill
+    assert '"step": 4' in (r1 / "distill" / "metrics.jsonl").read_text()
+    assert [k for k in rep if k in ("teacher", "round1_pruned", "round1_distilled", "pruned", "distilled")] == [
+        "teacher", "round1_pruned", "round1_distilled", "pruned", "distilled"]
+    assert rep["round1_distilled"]["heldout_loss"] < rep["round1_pruned"]["heldout_loss"]
+    assert rep["teacher"]["params"] > rep["round1_distilled"]["params"] > rep["distilled"]["params"]
+    assert "round1_distilled" in out and "| round1_pruned |" in md
+
     # a third run does nothing but the report
     third = cli("pipeline", *args)
     assert "[distill] complete, skipped" in third.stdout and "[export_nemo] complete, skipped" in third.stdout
 
 
-def test_iterative_compression_rounds(texts, tmp_path):
-    """rounds: prune -> distill -> prune -> distill, each round's distilled student is the next round's source
-    and teacher; the report lists every round."""
-    from nemo_minitron.checkpoint import nemo
-
+def test_pipeline_refusals_before_any_work(texts, tmp_path):
     teacher = make_hf_llama(tmp_path / "hf_teacher")
-    run_dir = tmp_path / "run"
-    args = [a for a in _args(run_dir, teacher, texts) if not a.startswith(("distill.max_steps", "prune."))]
-    args += ["prune.hidden_size=40", "prune.ffn_hidden_size=96", "prune.calibration_samples=8", "prune.seq_length=32",
-             "distill.max_steps=3", "export.hf=false", "export.nemo=false",
-             "rounds=[{prune: {hidden_size: 56, ffn_hidden_size: 128}, distill: {max_steps: 4}}]"]
-    out = cli("pipeline", *args, timeout=900).stdout
-    r1 = run_dir / "round1"
-    s1, s2 = nemo.read_spec(r1 / "pruned"), nemo.read_spec(run_dir / "pruned")
-    assert (s1.hidden_size, s1.ffn_hidden_size) == (56, 128) and (s2.hidden_size, s2.ffn_hidden_size) == (40, 96)
-    # the final prune started from round 1's distilled student, which also taught the final distillation
-    assert json.loads((run_dir / "pruned" / "pruning" / "report.json").read_text())["source"] == str(
-        r1 / "distill" / "student")
-    distill_line = next(line for line in out.splitlines() if line.startswith("[distill] ") and " teacher=" in line)
-    assert f"teacher={r1 / 'distill' / 'student'}" in distill_line
-    assert '"step": 4' in (r1 / "distill" / "metrics.jsonl").read_text()
-    rep = json.loads((run_dir / "report.json").read_text())
-    assert list(k for k in rep if k in ("teacher", "round1_pruned", "round1_distilled", "pruned", "distilled")) == [
-        "teacher", "round1_pruned", "round1_distilled", "pruned", "distilled"]
-    assert rep["round1_distilled"]["heldout_loss"] < rep["round1_pruned"]["heldout_loss"]
-    assert rep["teacher"]["params"] > rep["round1_distilled"]["params"] > rep["distilled"]["params"]
-    assert "round1_distilled" in out and "| round1_pruned |" in (run_dir / "report.md").read_text()
-
-    # a round that cannot follow the previous one is refused before any work
+    # a round that cannot follow the previous one
     bad = cli("pipeline", f"run_dir={tmp_path / 'bad'}", f"teacher={teacher}", "prune.hidden_size=60",
               "rounds=[{prune: {hidden_size: 48}}]", check=False)
     assert bad.returncode == 2 and "larger than the source" in bad.stderr and not (tmp_path / "bad").exists()
+    bad = cli("pipeline", f"run_dir={tmp_path / 'bad'}", f"teacher={teacher}", "rounds=[{prune: {hidden: 48}}]",
+              check=False)
+    assert bad.returncode == 2 and "unknown key" in bad.stderr and not (tmp_path / "bad").exists()
+    # FP8 where it cannot run (no GPU / no Transformer Engine here) is refused at start, nothing written
+    fp8 = cli("pipeline", f"run_dir={tmp_path / 'fp8'}", f"teacher={teacher}", "model.fp8=hybrid", check=False)
+    assert fp8.returncode == 2 and "Transformer Engine" in fp8.stderr and not (tmp_path / "fp8").exists()

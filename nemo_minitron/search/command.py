@@ -30,8 +30,9 @@ PHASES = ("all", "rank", "distill", "report")
 # --------------------------------------------------------------------------------------------------
 # validation (before any work)
 # --------------------------------------------------------------------------------------------------
-def _settings(cfg):
-    """(source kind, path, spec, budget, candidates, stats, baseline shape | None) — all checks, no model."""
+def _settings(cfg, dry: bool = False):
+    """(source kind, path, spec, budget, candidates, stats, baseline shape | None) — all checks, no model.
+    ``dry``: the model may be a config.json alone (a launch plan for a model not downloaded yet)."""
     from nemo_minitron.checkpoint.loader import describe
     from nemo_minitron.model import count_params
     from nemo_minitron.search import space
@@ -39,7 +40,12 @@ def _settings(cfg):
     s = cfg.search
     tp = cfg.trainer.strategy.tensor_model_parallel_size
     pp = cfg.trainer.strategy.pipeline_model_parallel_size
-    kind, path, spec = describe(cfg.model)
+    if dry:
+        from nemo_minitron.launch_plan import spec_of
+
+        kind, path, spec = "nemo", cfg.model, spec_of(cfg.model)
+    else:
+        kind, path, spec = describe(cfg.model)
     if kind != "nemo":
         raise UserError(f"model={cfg.model} is a Hugging Face directory: import it first (nemo-minitron import "
                         f"source=... output=CKPT); it is the teacher of the short distillations")
@@ -463,7 +469,7 @@ def summary(res: dict) -> str:
 
 def dry_run(cfg) -> None:
     """The candidates this search would consider, without loading the model."""
-    _kind, path, spec, budget, cands, stats, baseline = _settings(cfg)
+    _kind, path, spec, budget, cands, stats, baseline = _settings(cfg, dry=True)
     print(f"source {path}: budget {budget / 1e6:.2f}M +-{cfg.search.tolerance:.0%}; {len(cands)} candidates "
           f"({stats})")
     for c in cands:
