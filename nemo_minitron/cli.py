@@ -23,6 +23,7 @@ COMMANDS = {
     "preprocess": ("nemo_minitron.data.preprocess", "text / jsonl -> Megatron indexed dataset (PREFIX.bin/.idx)"),
     "evaluate": ("nemo_minitron.evaluate", "held-out LM loss and perplexity of a NeMo or HF checkpoint"),
     "export": ("nemo_minitron.checkpoint.export", "NeMo checkpoint -> Hugging Face directory (transformers-loadable)"),
+    "convert": ("nemo_minitron.checkpoint.convert", "NeMo checkpoint for the other layer spec (Transformer Engine <-> local)"),
     "prune": ("nemo_minitron.prune.command", "width pruning (heads, query groups, MLP neurons, channels) -> NeMo checkpoint"),
     "distill": ("nemo_minitron.distill.command", "knowledge distillation of a student from a frozen teacher (NeMo trainer)"),
     "finetune": ("nemo_minitron.distill.command:run_finetune", "LM fine-tuning (teacher correction) with NeMo's trainer"),

@@ -9,11 +9,11 @@ from nemo_minitron.errors import UserError
 def test_help_lists_commands(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("import", "preprocess", "evaluate", "prune", "export"):
+    for name in cli.COMMANDS:
         assert name in out
 
 
-@pytest.mark.parametrize("command", ["import", "preprocess", "evaluate", "prune", "export"])
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
 def test_command_help_shows_config(command, capsys):
     assert cli.main([command, "--help"]) == 0
     out = capsys.readouterr().out

@@ -192,3 +192,48 @@ def test_export_smollm2_and_pruned_variants(smol, tmp_path, dist_single):
         # < 1e-3, unless fp32 itself cannot resolve it (pruned models with ~6500-magnitude residual
         # channels): then NeMo must be as close to the fp64 reference as transformers' own fp32 is
         assert diff < 1e-3 or ours_err <= 2 * noise + 1e-4, (name, diff, ours_err, noise)
+
+
+def test_convert_between_layer_specs(tiny_ckpt, tiny_windows, tmp_path, dist_single):
+    """convert transformer_impl=local drops TE's FP8 state of a cluster checkpoint; =transformer_engine gives
+    the same tensors back under the same keys; both load and compute exactly like the source."""
+    from nemo_minitron.checkpoint import nemo as ck
+    from nemo_minitron.checkpoint.convert import read_weights
+    from nemo_minitron.checkpoint.loader import load_model
+    from nemo_minitron.model import build
+
+    model, spec, _ = load_model(tiny_ckpt)
+    te = tmp_path / "te_ckpt"
+    _save_with_fp8_state(model, spec, te)
+    src, fp8 = read_weights(te, build(spec, initialize=False))
+    assert fp8 >= 2 * spec.num_layers  # the cluster checkpoint carries FP8 scaling state
+
+    local = tmp_path / "local"
+    p = cli("convert", f"model={te}", f"output={local}", "transformer_impl=local")
+    assert p.stdout.strip().splitlines()[-1] == f"wrote checkpoint: {local}"
+    record = json.loads((local / "convert.json").read_text())
+    assert record["fp8_state"] == "dropped" and record["fp8_state_objects_in_source"] == fp8
+    back = tmp_path / "back"
+    cli("convert", f"model={local}", f"output={back}", "transformer_impl=transformer_engine")
+    assert json.loads((back / "convert.json").read_text())["transformer_impl"] == "transformer_engine"
+    tokens = tiny_windows[0][:2, :-1]
+    ref = _megatron_logits(te, tokens)
+    for out in (local, back):
+        assert ck.checkpoint_keys(out) == ck.checkpoint_keys(te)
+        got, left = read_weights(out, build(spec, initialize=False))
+        assert left == 0 and got.keys() == src.keys()
+        assert all(torch.equal(got[k], src[k]) for k in src)
+        assert torch.equal(_megatron_logits(out, tokens), ref)
+        assert not list(tmp_path.glob("*.partial"))
+
+    # refused before anything is written
+    for args, msg in [((f"model={te}", "transformer_impl=local", "fp8_state=keep"), "no FP8 state to keep"),
+                      ((f"model={te}", "transformer_impl=transformer_engine", "fp8_state=keep"), "Transformer Engine"),
+                      ((f"model={te}", "transformer_impl=te"), "one of transformer_engine, local"),
+                      ((f"model={tmp_path / 'nope'}", "transformer_impl=local"), "does not exist"),
+                      ((f"model={te}", "transformer_impl=local", f"output={local}"), "exists and is not empty")]:
+        if not any(a.startswith("output=") for a in args):
+            args = (*args, f"output={tmp_path / 'refused'}")
+        p = cli("convert", *args, check=False)
+        assert p.returncode == 2 and msg in p.stderr, (args, p.stderr)
+    assert not (tmp_path / "refused").exists()

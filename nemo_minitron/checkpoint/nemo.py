@@ -142,11 +142,13 @@ def tokenizer_dir(path: Path):
 # --------------------------------------------------------------------------------------------------
 # weights
 # --------------------------------------------------------------------------------------------------
-def save(path: Path, model, spec: ModelSpec, tokenizer_dir=None, overwrite: bool = False, extra=None) -> Path:
+def save(path: Path, model, spec: ModelSpec, tokenizer_dir=None, overwrite: bool = False, extra=None,
+         drop_extra_state: bool = False) -> Path:
     """Write a NeMo 2 checkpoint of ``model`` (this rank's chunk; every rank calls it).
 
     ``extra(tmp_dir)`` runs on rank 0 before the rename, so reports written beside the weights are part of
-    the same atomic step.
+    the same atomic step. ``drop_extra_state`` writes every ``_extra_state`` (TE's FP8 scaling state) as
+    ``None``, as the local spec does.
     """
     from megatron.core import dist_checkpointing
 
@@ -159,6 +161,12 @@ def save(path: Path, model, spec: ModelSpec, tokenizer_dir=None, overwrite: bool
         (tmp / "weights").mkdir(parents=True)
     parallel.barrier()
     sharded = {"state_dict": {}, "sharded_state_dict": model.sharded_state_dict(prefix="module.", metadata=CONTENT_METADATA)}
+    if drop_extra_state:
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        for name, v in sharded["sharded_state_dict"].items():
+            if isinstance(v, ShardedObject) and name.endswith("_extra_state"):
+                v.data = None
     dist_checkpointing.save(sharded, str(tmp / "weights"), content_metadata=CONTENT_METADATA)
     parallel.barrier()
     if parallel.is_rank0():
