@@ -45,13 +45,11 @@ def _has_content(v) -> bool:
 
 
 def read_weights(path: Path, model) -> tuple[dict, int]:
-    """(tensors by ``model``'s parameter names, number of ``_extra_state`` objects holding FP8 state) of ``path``."""
-    from megatron.core import dist_checkpointing
-
-    sharded = model.sharded_state_dict(prefix="module.", metadata=nemo.CONTENT_METADATA)
-    loaded = dist_checkpointing.load({"state_dict": sharded}, str(Path(path) / "weights"))["state_dict"]
-    tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
-    fp8 = sum(1 for k, v in loaded.items() if k.endswith("_extra_state") and _has_content(v))
+    """Load ``path`` into ``model``: (its tensors by state-dict name, number of ``_extra_state`` objects holding
+    FP8 state)."""
+    state = nemo.load_weights(path, model)
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    fp8 = sum(1 for k, v in state.items() if k.endswith("_extra_state") and _has_content(v))
     return tensors, fp8
 
 
@@ -76,7 +74,7 @@ def convert(source, output, transformer_impl: str, fp8_state: str = "drop", over
     kind, path, spec = describe(source)
     if kind != "nemo":
         raise UserError(f"{path} is a Hugging Face checkpoint; convert takes a NeMo checkpoint (use import first)")
-    if Path(output).absolute() == Path(path).absolute():
+    if output.absolute() == Path(path).absolute():
         raise UserError("output must differ from model (the source is read while the output is written)")
 
     t0 = time.time()
@@ -86,7 +84,6 @@ def convert(source, output, transformer_impl: str, fp8_state: str = "drop", over
     print(f"loading {path} under the {built} layer spec ...", flush=True)
     model = build(spec, initialize=False, transformer_layer_spec=layer_spec)
     before, fp8_found = read_weights(path, model)
-    nemo.load_weights(path, model)
     keep = fp8_state == "keep"
     record = {"source": str(path), "transformer_impl": transformer_impl, "built_with": built,
               "fp8_state": "kept" if keep else "dropped", "fp8_state_objects_in_source": fp8_found}

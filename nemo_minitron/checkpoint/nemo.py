@@ -190,8 +190,10 @@ def checkpoint_keys(path: Path) -> set:
     return set(getattr(meta, "state_dict_metadata", {}).keys())
 
 
-def load_weights(path: Path, model, strict: bool = True) -> None:
-    """Load ``path/weights`` into this rank's model chunk (any TP/PP layout, written with either layer spec)."""
+def load_weights(path: Path, model, strict: bool = True) -> dict:
+    """Load ``path/weights`` into this rank's model chunk (any TP/PP layout, written with either layer spec).
+
+    Returns what was read, by the chunk's state-dict names (``_extra_state`` objects included)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
@@ -208,3 +210,4 @@ def load_weights(path: Path, model, strict: bool = True) -> None:
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if strict and missing:
         raise UserError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    return state
