@@ -112,9 +112,10 @@ def _round_prune(base, override) -> dict:
     return _merged({key: (None if key in TARGETS else base[key]) for key in base}, override)
 
 
-def _check_rounds(cfg, tp: int, pp: int) -> list:
+def _check_rounds(cfg, tp: int, pp: int) -> tuple[list, list | None]:
     """The iterative rounds (then the final prune), each checked against the shape the previous one leaves,
-    before any work. Returns the rounds as plain dicts."""
+    before any work. Returns the rounds as plain dicts, and the shapes: the teacher's, then the one each
+    round and the final prune leave (None when the teacher's shape cannot be read here)."""
     from omegaconf import OmegaConf
 
     from nemo_minitron.launch_plan import spec_of
@@ -135,6 +136,7 @@ def _check_rounds(cfg, tp: int, pp: int) -> list:
         spec = spec_of(cfg.teacher)
     except UserError:
         spec = None  # e.g. a download name: the stages check it
+    shapes = [spec] if spec is not None else None
     for i, step in enumerate(steps, 1):
         where = f"round {i}" if i <= len(rounds) else "prune"
         if not any(step[t] is not None for t in TARGETS):
@@ -149,19 +151,22 @@ def _check_rounds(cfg, tp: int, pp: int) -> list:
             raise UserError(f"{where}: {e}") from None
         n = spec.num_layers - len(drop) if drop else (step["num_layers"] or spec.num_layers)
         spec = spec.replace(kv_channels=spec.kv_channels, num_layers=n, **targets)
+        shapes.append(spec)
         if cfg.model.get("fp8"):
             from nemo_minitron.model.precision import check_fp8_shapes
 
             check_fp8_shapes({k: getattr(spec, k) for k in (*WIDTH_DIMS, "kv_channels")}, tp, f"{where} targets")
-    return rounds
+    return rounds, shapes
 
 
-def _precision_args(cfg) -> list:
-    """The distillation stages' model.* precision keys (checked here, before any work)."""
+def _precision_args(cfg) -> dict:
+    """The precision arguments of each kind of stage (checked here, before any work): the distillation
+    stages' model.* keys; prune keeps to FP8-capable shapes when FP8 is on."""
     from nemo_minitron.model import precision
 
     precision.resolve(cfg.model)
-    return [f"model.{k}={'null' if cfg.model[k] is None else cfg.model[k]}" for k in PRECISION_KEYS]
+    return {"distill": [f"model.{k}={'null' if cfg.model[k] is None else cfg.model[k]}" for k in PRECISION_KEYS],
+            "prune": ["prune.fp8_shapes=true"] if cfg.model.get("fp8") else []}
 
 
 def _distill_common(k, prefixes) -> list:
@@ -174,13 +179,11 @@ def _distill_common(k, prefixes) -> list:
 
 
 def _prune_distill(r, tag: str, teacher: Path, pruned: Path, kd: Path, p, k, prefixes, par, tp: int, pp: int,
-                   iterative_teacher: str, original_teacher: Path, prec: list) -> Path:
+                   iterative_teacher: str, original_teacher: Path, prec: dict) -> Path:
     """Prune ``teacher`` into ``pruned``, distill it into ``kd`` (resumable); returns the student checkpoint."""
     args = [f"model={teacher}", f"output={pruned}", "overwrite=true", f"data.calibration={prefixes['calibration']}",
             f"data.calibration_samples={p['calibration_samples']}", f"data.seq_length={p['seq_length']}",
-            f"prune.depth_method={p['depth_method']}", *par]
-    if "model.fp8=null" not in prec:
-        args.append("prune.fp8_shapes=true")
+            f"prune.depth_method={p['depth_method']}", *par, *prec["prune"]]
     for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers"):
         if p[key] is not None:
             args.append(f"prune.{key}={p[key]}")
@@ -192,7 +195,7 @@ def _prune_distill(r, tag: str, teacher: Path, pruned: Path, kd: Path, p, k, pre
             [f"teacher={kd_teacher}", f"student={pruned}", f"output={kd}", *_distill_common(k, prefixes),
              f"distill.kd_weight={k['kd_weight']}", f"distill.lm_weight={k['lm_weight']}",
              f"distill.temperature={k['temperature']}", f"model.tensor_model_parallel_size={tp}",
-             f"model.pipeline_model_parallel_size={pp}", *prec],
+             f"model.pipeline_model_parallel_size={pp}", *prec["distill"]],
             lambda: _is_ckpt(kd / "student"))
     return kd / "student"
 
@@ -205,7 +208,7 @@ def run(cfg) -> None:
     par = [f"trainer.strategy.tensor_model_parallel_size={tp}", f"trainer.strategy.pipeline_model_parallel_size={pp}"]
     d, p, k, e = cfg.data, cfg.prune, cfg.distill, cfg.evaluate
     prec = _precision_args(cfg)  # the environment first (FP8 needs a GPU and TE), then the shapes
-    rounds = _check_rounds(cfg, tp, pp)
+    rounds, _ = _check_rounds(cfg, tp, pp)
     if cfg.overwrite and run_dir.exists():
         import shutil
 
@@ -314,32 +317,16 @@ def dry_run(cfg) -> None:
     """The distillation launch this pipeline would make, with the student shape from the prune targets."""
     from nemo_minitron import launch_plan as lp
 
-    t_spec = lp.spec_of(cfg.teacher)
+    lp.spec_of(cfg.teacher)  # the teacher's shape must be readable for a plan (its error, not skipped)
     tp, pp = cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size
     from nemo_minitron.model import count_params
 
-    for i, rnd in enumerate(_check_rounds(cfg, tp, pp), 1):  # iterative rounds: each prunes the previous student
-        rp = _round_prune(cfg.prune, rnd.get("prune"))
-        changes = {k: rp[k] for k in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
-                   if rp[k] is not None}
-        if rp["num_layers"] is not None or rp["drop_layers"]:
-            changes["num_layers"] = rp["num_layers"] or t_spec.num_layers - len(rp["drop_layers"])
-        new = t_spec.replace(kv_channels=t_spec.kv_channels, **changes)
+    rounds, shapes = _check_rounds(cfg, tp, pp)  # every step validated; the shape each one leaves
+    for i, rnd in enumerate(rounds, 1):  # iterative rounds: each prunes the previous student
         steps = _merged(cfg.distill, rnd.get("distill"))["max_steps"]
-        print(f"round {i}: {count_params(t_spec) / 1e9:.2f}B -> {count_params(new) / 1e9:.2f}B params "
-              f"({lp.describe_shape(new)}), {steps} distillation steps")
-        t_spec = new
-    p = cfg.prune
-    changes = {k: p[k] for k in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
-               if p[k] is not None}
-    if p.num_layers is not None:
-        changes["num_layers"] = p.num_layers
-    elif p.drop_layers:
-        changes["num_layers"] = t_spec.num_layers - len(p.drop_layers)
-    from nemo_minitron.prune.plan import validate_targets
-
-    validate_targets(t_spec, {k: v for k, v in changes.items() if k != "num_layers"}, tp)
-    s_spec = t_spec.replace(**changes)
+        print(f"round {i}: {count_params(shapes[i - 1]) / 1e9:.2f}B -> {count_params(shapes[i]) / 1e9:.2f}B params "
+              f"({lp.describe_shape(shapes[i])}), {steps} distillation steps")
+    t_spec, s_spec = shapes[-2], shapes[-1]
     k = cfg.distill
     nodes, gpus = cfg.launcher.nodes, cfg.launcher.gpus_per_node
     plan = lp.plan(t_spec, s_spec, nodes, gpus, tp, pp, k.seq_length, k.micro_batch_size, k.global_batch_size)

@@ -19,6 +19,11 @@ def test_pipeline_recipe_dry_run(capsys):
     assert "total ~" in out and "nothing was launched" in out
     assert main([*base[:1], "recipe=llama31_8b_to_4b_depth", *base[1:]]) == 0
     assert "student 4.54B params (16 layers, hidden 4096" in capsys.readouterr().out
+    # iterative: each round's shape, then the last round's student as the final stage's teacher
+    assert main([*base[:1], "recipe=llama31_8b_iterative", *base[1:]]) == 0
+    out = capsys.readouterr().out
+    assert "round 1: 8.03B -> 6.15B params (32 layers, hidden 3584, ffn 11776" in out
+    assert "teacher 6.15B params" in out and "student 4.51B params (32 layers, hidden 3072, ffn 9216" in out
 
 
 def test_dry_run_refuses_impossible_layouts(tiny_ckpt, tiny_student, capsys):
