@@ -24,6 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from nemo_minitron.data.blend import blend_arg
 from nemo_minitron.errors import UserError
 
 PARALLEL = {"prune", "distill", "finetune", "evaluate", "search"}
@@ -84,8 +87,16 @@ def _is_ckpt(path: Path) -> bool:
     return nemo.is_checkpoint(path) and (path / "weights" / "nemo_minitron.json").is_file()
 
 
-def _data_source(spec: str, split: str):
-    """'shakespeare:<split>' -> its files; an existing PREFIX -> None (use as is); else files/glob."""
+def _data_source(spec, split: str):
+    """'shakespeare:<split>' -> its files; an existing PREFIX or a blend of prefixes ([0.3, /a, 0.7, /b],
+    training only) -> None (use as is); else files/glob to preprocess."""
+    if not isinstance(spec, str):
+        if split != "train":
+            raise UserError(f"data.{split}: one dataset prefix or text files (blends are for data.train)")
+        from nemo_minitron.data.blend import Blend
+
+        Blend.parse(spec, "data.train")  # the blend's syntax now; its files when the distill stage starts
+        return None
     if spec.startswith("shakespeare:"):
         from nemo_minitron.data.corpus import shakespeare_files
 
@@ -170,7 +181,7 @@ def _precision_args(cfg) -> dict:
 
 
 def _distill_common(k, prefixes) -> list:
-    return [f"data.train={prefixes['train']}", f"data.validation={prefixes['heldout']}",
+    return [f"data.train={blend_arg(prefixes['train'])}", f"data.validation={prefixes['heldout']}",
             f"data.seq_length={k['seq_length']}", f"data.micro_batch_size={k['micro_batch_size']}",
             f"data.global_batch_size={k['global_batch_size']}", f"data.num_val_samples={k['global_batch_size'] * 2}",
             f"trainer.max_steps={k['max_steps']}", f"trainer.val_check_interval={k['val_check_interval']}",
@@ -213,7 +224,8 @@ def run(cfg) -> None:
         import shutil
 
         shutil.rmtree(run_dir)
-    sources = {s: _data_source(str(d[s]), s) for s in ("train", "calibration", "heldout")}
+    sources = {s: _data_source(d[s] if OmegaConf.is_list(d[s]) else str(d[s]), s)
+               for s in ("train", "calibration", "heldout")}
     run_dir.mkdir(parents=True, exist_ok=True)
     r = Runner(run_dir, cfg.launcher.command)
     t_start = time.time()
@@ -232,7 +244,7 @@ def run(cfg) -> None:
     for split, files in sources.items():
         prefix = run_dir / "data" / split
         if files is None:
-            prefixes[split] = Path(str(d[split]))
+            prefixes[split] = list(d[split]) if OmegaConf.is_list(d[split]) else Path(str(d[split]))
             continue
         prefixes[split] = prefix
         r.stage(f"preprocess_{split}", "preprocess",
@@ -244,7 +256,7 @@ def run(cfg) -> None:
         tc = run_dir / "teacher_corrected"
         tcfg = cfg.teacher_correction
         r.stage("teacher_correction", "finetune",
-                [f"model={teacher}", f"output={tc}", f"data.train={prefixes['train']}",
+                [f"model={teacher}", f"output={tc}", f"data.train={blend_arg(prefixes['train'])}",
                  f"data.seq_length={k.seq_length}", f"data.micro_batch_size={k.micro_batch_size}",
                  f"data.global_batch_size={k.global_batch_size}", f"trainer.max_steps={tcfg.max_steps}",
                  f"optim.lr={tcfg.lr}", f"optim.min_lr={tcfg.lr / 10}", *par],
@@ -332,4 +344,13 @@ def dry_run(cfg) -> None:
     plan = lp.plan(t_spec, s_spec, nodes, gpus, tp, pp, k.seq_length, k.micro_batch_size, k.global_batch_size)
     print(lp.show(plan, lp.describe_shape(t_spec), lp.describe_shape(s_spec)))
     print(f"  distillation: {k.max_steps} steps = {k.max_steps * plan['tokens_per_step'] / 1e9:.1f}B tokens")
+    train = cfg.data.train
+    if isinstance(train, str) and not Path(train + ".idx").is_file():
+        print(f"  data: {train} is not a preprocessed prefix yet (preprocessed by the run); not reported")
+    else:
+        from nemo_minitron.data import blend
+
+        settings = blend.training_settings(list(train) if OmegaConf.is_list(train) else train, k.seq_length,
+                                           k.micro_batch_size, k.global_batch_size)
+        print(blend.plan_or_note(settings, k.max_steps, f"{Path(cfg.run_dir).absolute() / 'distill' / 'data_index'}"))
     print("dry run: nothing was launched")

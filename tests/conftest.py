@@ -159,7 +159,8 @@ def nemo_fit_with_callback(source_ckpt, callback, data_prefix, steps: int):
     from nemo.collections import llm
 
     from nemo_minitron.checkpoint import nemo as ck
-    from nemo_minitron.data.module import TokenWindowDataModule
+    from nemo_minitron.data.blend import training_settings
+    from nemo_minitron.data.module import GPTDataModule
     from nemo_minitron.model.build import instantiate
 
     model = llm.LlamaModel(instantiate(ck.read_spec(source_ckpt)), optim=nl.MegatronOptimizerModule(
@@ -167,7 +168,8 @@ def nemo_fit_with_callback(source_ckpt, callback, data_prefix, steps: int):
     trainer = nl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                          limit_val_batches=0, num_sanity_val_steps=0, callbacks=[callback],
                          strategy=nl.MegatronStrategy(), plugins=nl.MegatronMixedPrecision(precision="32"))
-    trainer.fit(model, TokenWindowDataModule(str(data_prefix), 32, 2, 2, num_train_samples=4 * steps))
+    data = GPTDataModule(training_settings(str(data_prefix), 32, 2, 2), Path(data_prefix).parent / f"index_{steps}")
+    trainer.fit(model, data)
     trained = model.module
     while hasattr(trained, "module"):
         trained = trained.module

@@ -13,6 +13,8 @@ import torch
 
 from conftest import CLI, REPO, WORKERS, cli, torchrun
 
+TRACE = "NEMO_MINITRON_TRACE_BATCHES"
+
 
 # ------------------------------------------------------------------------------------------------
 # losses
@@ -100,9 +102,21 @@ def _metrics(run_dir):
     return read_metrics(run_dir / "metrics.jsonl")
 
 
+def _trace(path) -> dict:
+    """{(mode, step): [token ids of each micro-batch, in order]} from a NEMO_MINITRON_TRACE_BATCHES file."""
+    out = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        out.setdefault((rec["mode"], rec["step"]), []).append(rec["tokens"])
+    return out
+
+
 def test_distill_kill_and_resume_matches_uninterrupted_run(tiny_ckpt, tiny_student, tiny_data, tmp_path):
+    """SIGKILL at step 5 of 8, re-run: the same loss curve, weights, and from the resumed step on exactly
+    the samples (token ids of every micro-batch) the uninterrupted run read."""
     full = tmp_path / "full"
-    p = cli("distill", *_args(tiny_ckpt, tiny_student, tiny_data, full))
+    trace = {k: tmp_path / f"trace_{k}" for k in ("full", "killed", "again")}
+    p = cli("distill", *_args(tiny_ckpt, tiny_student, tiny_data, full), env={TRACE: str(trace["full"])})
     assert p.stdout.strip().splitlines()[-1] == f"wrote checkpoint: {full / 'student'}"
     ref = _metrics(full)
     assert sorted(ref["train"]) == list(range(1, 9)) and sorted(ref["val"]) == [4, 8]
@@ -117,7 +131,7 @@ def test_distill_kill_and_resume_matches_uninterrupted_run(tiny_ckpt, tiny_stude
     assert not list((full / "checkpoints").glob("*teacher*"))
 
     run = tmp_path / "killed"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{TRACE: str(trace["killed"])})
     proc = subprocess.Popen([*CLI, "distill", *_args(tiny_ckpt, tiny_student, tiny_data, run)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     for line in proc.stdout:
@@ -127,9 +141,19 @@ def test_distill_kill_and_resume_matches_uninterrupted_run(tiny_ckpt, tiny_stude
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert not (run / "student").exists()
-    again = cli("distill", *_args(tiny_ckpt, tiny_student, tiny_data, run))
+    again = cli("distill", *_args(tiny_ckpt, tiny_student, tiny_data, run), env={TRACE: str(trace["again"])})
     assert "resuming from" in again.stdout
     assert "step 1/8" not in again.stdout  # continued, not restarted
+    want, before, after = (_trace(trace[k] / "rank0.jsonl") for k in ("full", "killed", "again"))
+    resumed = min(step for mode, step in after if mode == "train")
+    assert resumed in (3, 5)  # the step after the newest complete checkpoint (every 2 steps; killed at 5)
+    assert sorted(k for k in want if k[0] == "train") == [("train", s) for s in range(1, 9)]
+    assert all(len(want["train", s]) == 2 for s in range(1, 9))  # 2 micro-batches of 2 samples per step
+    assert len({json.dumps(want["train", s]) for s in range(1, 9)}) == 8  # no step re-reads another's data
+    for key in want:  # same micro-batches, same order, from the resumed step on (validation too)
+        if key[1] >= resumed:
+            assert after[key] == want[key], key
+    assert all(before[key] == want[key] for key in before)  # and before the kill
     got = _metrics(run)
     assert sorted(got["train"]) == list(range(1, 9))
     for step in range(1, 9):

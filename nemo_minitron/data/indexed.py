@@ -52,8 +52,11 @@ def iter_documents(files, split: str = "file", text_key: str = "text"):
             raise UserError(f"unknown split {split!r} (file, paragraph, line)")
 
 
-def write(prefix, documents, tokenizer, append_eod: bool = True, total_bytes: int | None = None, progress=True):
-    """Tokenize ``documents`` into ``prefix.bin/.idx``. Returns {'documents', 'tokens'}."""
+def write(prefix, documents, tokenizer, append_eod: bool = True, total_bytes: int | None = None, progress=True,
+          bar=None):
+    """Tokenize ``documents`` into ``prefix.bin/.idx``. Returns {'documents', 'tokens'}.
+
+    ``bar``: a tqdm progress bar (in bytes of text) shared by several calls, e.g. one per input file."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
     from tqdm import tqdm
 
@@ -68,7 +71,9 @@ def write(prefix, documents, tokenizer, append_eod: bool = True, total_bytes: in
     builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
     n_docs = n_tok = 0
     start = time.time()
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
+    own_bar = bar is None
+    if own_bar:
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
     for doc in documents:
         ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
         if append_eod:
@@ -80,7 +85,8 @@ def write(prefix, documents, tokenizer, append_eod: bool = True, total_bytes: in
         n_tok += len(ids)
         bar.update(len(doc.encode("utf-8")))
         bar.set_postfix(docs=n_docs, tokens=n_tok, tok_per_s=int(n_tok / max(time.time() - start, 1e-9)))
-    bar.close()
+    if own_bar:
+        bar.close()
     if n_docs == 0:
         tmp_bin.unlink(missing_ok=True)
         raise UserError("no documents found in the input")
@@ -103,7 +109,8 @@ def num_tokens(prefix) -> int:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     check_prefix(prefix)
-    return int(IndexedDataset(str(prefix), mmap=True).sequence_lengths.sum())
+    ds = IndexedDataset(str(prefix), mmap=True)  # held while its memory-mapped lengths are read
+    return int(ds.sequence_lengths.sum(dtype=np.int64))
 
 
 def windows(prefix, num_samples: int, seq_length: int, offset: int = 0) -> torch.Tensor:

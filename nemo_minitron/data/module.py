@@ -1,91 +1,109 @@
-"""NeMo/Lightning data module over Megatron indexed datasets: fixed-length token windows.
+"""The training data module: megatron-core's GPT datasets through NeMo's ``PreTrainingDataModule``.
 
-Batches are NeMo's GPT batch dicts (``tokens``, ``labels``, ``loss_mask``, ``position_ids`` and, without
-Transformer Engine, an explicit causal ``attention_mask``), and batching goes through NeMo's
-``MegatronDataSampler`` (micro/global batch sizes, consumed-samples resume).
+Every training path (``distill``, ``finetune``, teacher correction, the search's finalists, the pipeline)
+reads through :class:`GPTDataModule`, which is NeMo's own pre-training data module (the one NeMo's
+pre-training and distillation recipes use) given our :class:`~nemo_minitron.data.blend.DataSettings`:
+
+- ``BlendedMegatronDatasetBuilder`` + ``GPTDatasetConfig`` + ``GPTDataset``: the ``.bin`` files are
+  memory-mapped, samples of ``seq_length + 1`` tokens run across document boundaries (as Megatron-LM),
+  the document order is shuffled per epoch and the samples shuffled, all by ``data.seed``; the indices are
+  built once (rank 0 builds, the other ranks wait and read them) and cached in ``data.index_cache_dir``.
+  Memory does not grow with the data (``bench/data_scale.py``).
+- a weighted blend draws each component's share of every stretch of samples (``BlendedDataset``).
+- NeMo's ``MegatronDataSampler``: each data-parallel rank reads its own slice of every global batch; the
+  consumed-samples count travels with the trainer checkpoint, so a resumed run reads exactly the samples
+  the uninterrupted run would have read next.
+
+Calibration and held-out evaluation do not use this module: they keep deterministic consecutive windows
+(:func:`nemo_minitron.data.indexed.windows`), so their numbers stay comparable over time.
+
+``NEMO_MINITRON_TRACE_BATCHES=DIR`` makes every rank append the token ids of each micro-batch it reads to
+``DIR/rank<R>.jsonl`` (step, mode, data-parallel rank): how the tests prove which samples a run read.
 """
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
-import torch
-from nemo.lightning.data import WrappedDataLoader
-from torch.utils.data import Dataset
+import json
+import os
+from pathlib import Path
+
+from nemo.collections.llm.gpt.data.pre_training import PreTrainingDataModule
 
 from nemo_minitron import platform
-from nemo_minitron.data import indexed
+from nemo_minitron.data.blend import DataSettings
+
+TRACE_ENV = "NEMO_MINITRON_TRACE_BATCHES"
 
 
-class WindowDataset(Dataset):
-    def __init__(self, windows: torch.Tensor, with_mask: bool, length: int | None = None):
-        self.windows, self.with_mask = windows, with_mask
-        self.length = length or len(windows)  # longer than the data: later epochs repeat it
-        L = windows.shape[1] - 1
-        self.mask = torch.triu(torch.ones(1, L, L, dtype=torch.bool), diagonal=1) if with_mask else None
-        self.pos = torch.arange(L)
+class TokenIds:
+    """The tokenizer megatron-core's ``GPTDataset`` asks for, when the data is token ids already: no
+    padding id (its default applies), no end-of-document id (only needed by ``reset_*`` / ``eod_mask_loss``,
+    which stay off as in Megatron-LM's defaults)."""
 
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, i):
-        w = self.windows[i % len(self.windows)]
-        item = {"tokens": w[:-1], "labels": w[1:], "loss_mask": torch.ones(len(w) - 1), "position_ids": self.pos}
-        if self.with_mask:
-            item["attention_mask"] = self.mask
-        return item
+    unique_identifiers = {"class": "nemo_minitron.TokenIds"}
+    eod = None
 
 
-class TokenWindowDataModule(pl.LightningDataModule):
-    """Train/validation windows of ``seq_length + 1`` tokens from indexed datasets."""
+class GPTDataModule(PreTrainingDataModule):
+    """NeMo's ``PreTrainingDataModule`` built from :class:`DataSettings` (blends per split, index cache)."""
 
-    def __init__(self, train: str, seq_length: int, micro_batch_size: int, global_batch_size: int,
-                 num_train_samples: int, validation: str | None = None, num_val_samples: int = 0):
-        super().__init__()
-        from nemo.lightning.pytorch.plugins import MegatronDataSampler
+    def __init__(self, settings: DataSettings, cache_dir: Path):
+        super().__init__(
+            paths=list(settings.train.prefixes), seq_length=settings.seq_length, tokenizer=TokenIds(),
+            micro_batch_size=settings.micro_batch_size, global_batch_size=settings.global_batch_size,
+            num_workers=settings.num_workers, pin_memory=platform.has_cuda(),
+            persistent_workers=settings.num_workers > 0, seed=settings.seed,
+            create_attention_mask=not platform.has_transformer_engine(),
+            index_mapping_dir=str(cache_dir), output_log=False)
+        self.settings = settings
+        if settings.validation is not None:
+            self.build_kwargs = {"blend_per_split": [settings.train.megatron(), settings.validation.megatron(), None]}
+        else:
+            self.build_kwargs = {"blend": settings.train.megatron(), "split": settings.split or "1,0,0"}
+        self.build_kwargs["mmap_bin_files"] = True
 
-        self.train_prefix, self.val_prefix = train, validation
-        self.seq_length, self.num_train, self.num_val = seq_length, num_train_samples, num_val_samples
-        self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
-        self.data_sampler = MegatronDataSampler(seq_len=seq_length, micro_batch_size=micro_batch_size,
-                                                global_batch_size=global_batch_size)
+    def build(self, trainer_max_steps: int, trainer_val_check_interval: int, trainer_limit_val_batches,
+              trainer_limit_test_batches=0):
+        Path(self.index_mapping_dir).mkdir(parents=True, exist_ok=True)
+        super().build(trainer_max_steps, trainer_val_check_interval, trainer_limit_val_batches,
+                      trainer_limit_test_batches)
 
     def setup(self, stage: str = "") -> None:
-        mask = not platform.has_transformer_engine()
-        have = available_windows(self.train_prefix, self.seq_length)
-        train = indexed.windows(self.train_prefix, min(have, self.num_train), self.seq_length)
-        self._train = WindowDataset(train, mask, length=self.num_train)
-        if self.val_prefix and self.num_val:
-            self._val = WindowDataset(indexed.windows(self.val_prefix, self.num_val, self.seq_length), mask)
+        if getattr(self, "_train_ds", None) is None:
+            super().setup(stage)
 
-    def train_dataloader(self):
-        self.init_global_step = self.trainer.global_step if self.trainer is not None else 0
-        self.data_sampler.init_global_step = self.init_global_step
-        return WrappedDataLoader(mode="train", dataset=self._train, num_workers=0, collate_fn=_collate)
+    def _create_dataloader(self, dataset, mode, **kwargs):
+        if self.trainer is None:  # outside a trainer (tests, benches): the loader at step 0
+            from nemo.lightning.data import WrappedDataLoader
+            from torch.utils import data
 
-    # resume: the position in the data travels with NeMo's trainer checkpoint (as NeMo's GPT data modules)
-    def state_dict(self):
-        step = self.trainer.global_step - getattr(self, "init_global_step", 0)
-        return {"consumed_samples": self.data_sampler.compute_consumed_samples(step)}
-
-    def load_state_dict(self, state_dict) -> None:
-        from megatron.core.num_microbatches_calculator import update_num_microbatches
-
-        consumed = state_dict["consumed_samples"]
-        self.data_sampler.init_consumed_samples = consumed
-        self.data_sampler.prev_consumed_samples = consumed
-        update_num_microbatches(consumed_samples=consumed, consistency_check=False)
-        self.data_sampler.if_first_step = 1
+            return WrappedDataLoader(mode=mode, dataset=dataset, num_workers=self.num_workers,
+                                     collate_fn=data.dataloader.default_collate, **kwargs)
+        return super()._create_dataloader(dataset, mode, **kwargs)
 
     def val_dataloader(self):
-        if not hasattr(self, "_val"):
-            return []
-        return WrappedDataLoader(mode="validation", dataset=self._val, num_workers=0, collate_fn=_collate)
+        return [] if self._validation_ds is None else super().val_dataloader()
 
 
-def available_windows(prefix, seq_length: int) -> int:
-    """How many non-overlapping windows of ``seq_length + 1`` tokens the dataset holds."""
-    return max(0, (len(indexed.token_stream(prefix)) - 1) // seq_length)
+def trace_batch(batch: dict, training: bool, step: int) -> None:
+    """Append this micro-batch's token ids to ``$NEMO_MINITRON_TRACE_BATCHES/rank<R>.jsonl`` (when set)."""
+    out = os.environ.get(TRACE_ENV)
+    if not out:
+        return
+    import torch.distributed as dist
+    from megatron.core import parallel_state
 
-
-def _collate(items):
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    tokens = batch.get("tokens")
+    if tokens is None:
+        tokens = batch.get("labels")
+    if tokens is None:
+        return
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rec = {"step": step, "mode": "train" if training else "val",
+           "dp_rank": parallel_state.get_data_parallel_rank(), "dp_size": parallel_state.get_data_parallel_world_size(),
+           "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+           "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+           "tokens": tokens.cpu().tolist()}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with open(Path(out) / f"rank{rank}.jsonl", "a") as fh:
+        fh.write(json.dumps(rec) + "\n")

@@ -30,16 +30,40 @@ def expand_inputs(spec) -> list[Path]:
 
 
 def run(cfg) -> None:
+    from tqdm import tqdm
+
     files = expand_inputs(cfg.input)
-    prefix = Path(cfg.output_prefix).expanduser()
-    if indexed.exists(prefix) and not cfg.overwrite:
-        raise UserError(f"output {prefix}.bin/.idx exists (pass overwrite=true to replace it)")
+    per_file = bool(cfg.preprocess.per_file)
+    out = Path(cfg.output_prefix).expanduser()
+    if per_file:  # output_prefix is a directory: one prefix per input file, named after it
+        stems = [f.stem for f in files]
+        dup = sorted({s for s in stems if stems.count(s) > 1})
+        if dup:
+            raise UserError(f"preprocess.per_file=true: several inputs are named {dup[0]!r}; their prefixes would clash")
+        if out.exists() and not out.is_dir():
+            raise UserError(f"output_prefix={out} is a file: with preprocess.per_file=true it is a directory")
+        jobs = [([f], out / f.stem) for f in files]
+    else:
+        jobs = [(files, out)]
+    for _, prefix in jobs:
+        if indexed.exists(prefix) and not cfg.overwrite:
+            raise UserError(f"output {prefix}.bin/.idx exists (pass overwrite=true to replace it)")
     if cfg.preprocess.split not in ("file", "paragraph", "line"):
         raise UserError(f"preprocess.split={cfg.preprocess.split!r}: use file, paragraph or line")
     tokenizer = tok.load(cfg.tokenizer)
     total = sum(f.stat().st_size for f in files)
-    docs = indexed.iter_documents(files, cfg.preprocess.split, cfg.preprocess.text_key)
-    stats = indexed.write(prefix, docs, tokenizer, append_eod=cfg.preprocess.append_eod, total_bytes=total)
-    print(f"{len(files)} file(s), {stats['documents']} documents, {stats['tokens']} tokens "
-          f"(vocab {len(tokenizer)})")
-    print(f"wrote dataset: {prefix.absolute()}.bin {prefix.absolute()}.idx")
+    docs = tokens = 0
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing {len(files)} file(s)") as bar:
+        for inputs, prefix in jobs:
+            stream = indexed.iter_documents(inputs, cfg.preprocess.split, cfg.preprocess.text_key)
+            stats = indexed.write(prefix, stream, tokenizer, append_eod=cfg.preprocess.append_eod, bar=bar)
+            docs, tokens = docs + stats["documents"], tokens + stats["tokens"]
+            if per_file:
+                bar.write(f"{prefix}: {stats['documents']} documents, {stats['tokens']} tokens")
+    print(f"{len(files)} file(s), {docs} documents, {tokens} tokens (vocab {len(tokenizer)})")
+    if per_file:
+        prefixes = [str(p.absolute()) for _, p in jobs]
+        print(f"a blend of them: data.train=[{','.join(prefixes)}] (weights: [w1,PREFIX1,w2,PREFIX2,...])")
+        print(f"wrote datasets: {len(prefixes)} prefixes in {out.absolute()}")
+    else:
+        print(f"wrote dataset: {out.absolute()}.bin {out.absolute()}.idx")

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from nemo_minitron import parallel, platform
 from nemo_minitron.checkpoint import nemo as ck
-from nemo_minitron.checkpoint.loader import check_vocab, describe
-from nemo_minitron.data import indexed
+from nemo_minitron.checkpoint.loader import describe
+from nemo_minitron.data import blend
+from nemo_minitron.data.blend import DataSettings
 from nemo_minitron.errors import UserError
 from nemo_minitron.model import count_params
 
@@ -35,26 +37,12 @@ def _nemo_source(source, what: str):
     return path, spec
 
 
-def _check_batch(d, tp: int, pp: int, world: int) -> int:
+def _check_batch(d: DataSettings, tp: int, pp: int, world: int) -> int:
     dp = world // (tp * pp)
-    if d.micro_batch_size < 1 or d.global_batch_size < 1 or d.seq_length < 1:
-        raise UserError("data.seq_length, data.micro_batch_size and data.global_batch_size must be >= 1")
     if d.global_batch_size % (d.micro_batch_size * dp):
         raise UserError(f"data.global_batch_size={d.global_batch_size} is not divisible by "
                         f"data.micro_batch_size={d.micro_batch_size} x data-parallel size {dp}")
     return dp
-
-
-def _check_data(prefix, spec, seq_length: int, what: str, need: int = 1) -> None:
-    from nemo_minitron.data.module import available_windows
-
-    try:
-        have = available_windows(prefix, seq_length)  # validates the files
-    except UserError as e:
-        raise UserError(f"{what}: {e}") from None
-    if have < need:
-        raise UserError(f"{what} {prefix} holds {have} windows of {seq_length}+1 tokens, needs at least {need}")
-    check_vocab(spec, int(indexed.token_stream(prefix).max()), f"{what} {prefix}")
 
 
 def _prepare_run_dir(out: Path, overwrite: bool, final: str) -> bool:
@@ -71,58 +59,64 @@ def _prepare_run_dir(out: Path, overwrite: bool, final: str) -> bool:
     return True
 
 
-def _data_module(d, max_steps: int):
-    from nemo_minitron.data.module import TokenWindowDataModule
+@dataclass(frozen=True)
+class FitSettings:
+    """The trainer settings of one training run (``trainer.*``, ``checkpoint.*``), resolved at the edge."""
 
-    return TokenWindowDataModule(
-        str(d.train), d.seq_length, d.micro_batch_size, d.global_batch_size,
-        num_train_samples=max_steps * d.global_batch_size,
-        validation=str(d.validation) if d.validation else None,
-        num_val_samples=d.num_val_samples if d.validation else 0)
+    max_steps: int
+    val_check_interval: int
+    log_every_n_steps: int
+    num_nodes: int
+    checkpoint_every: int
+    checkpoint_keep: int
+
+    @classmethod
+    def from_config(cls, cfg, max_steps: int | None = None) -> "FitSettings":
+        t, c = cfg.trainer, cfg.checkpoint
+        steps = t.max_steps if max_steps is None else max_steps
+        if steps < 1:
+            raise UserError("trainer.max_steps must be >= 1")
+        return cls(max_steps=int(steps), val_check_interval=int(min(t.val_check_interval, steps)),
+                   log_every_n_steps=int(t.log_every_n_steps), num_nodes=int(t.num_nodes),
+                   checkpoint_every=int(c.every_n_steps), checkpoint_keep=int(c.keep))
 
 
-def _common_checks(cfg, tp: int, pp: int, spec):
-    d, t = cfg.data, cfg.trainer
+def _common_checks(cfg, tp: int, pp: int, spec) -> DataSettings:
+    """Layout, batch, optimizer and data checks shared by distill and finetune; the resolved data settings."""
     world = parallel.world_size_from_env()
     parallel.validate_layout(world, tp, pp)
-    if world % t.num_nodes:
-        raise UserError(f"world size {world} is not divisible by trainer.num_nodes={t.num_nodes}")
-    _check_batch(d, tp, pp, world)
-    if t.max_steps < 1:
-        raise UserError("trainer.max_steps must be >= 1")
-    _check_data(d.train, spec, d.seq_length, "data.train")
-    if d.validation:
-        if d.num_val_samples < d.global_batch_size or d.num_val_samples % d.global_batch_size:
-            raise UserError(f"data.num_val_samples={d.num_val_samples} must be a positive multiple of "
-                            f"data.global_batch_size={d.global_batch_size}")
-        _check_data(d.validation, spec, d.seq_length, "data.validation", d.num_val_samples)
+    if world % cfg.trainer.num_nodes:
+        raise UserError(f"world size {world} is not divisible by trainer.num_nodes={cfg.trainer.num_nodes}")
+    data = blend.settings_from(cfg.data, platform.has_cuda())
+    _check_batch(data, tp, pp, world)
+    FitSettings.from_config(cfg)
     o = cfg.optim
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
         raise UserError(f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr (got {o.lr}, {o.min_lr})")
+    blend.check(data, spec.vocab_size)
+    return data
 
 
-def _fit(model, cfg, run_dir: Path, tp: int, pp: int, max_steps: int, opt):
+def _fit(model, data: DataSettings, fit: FitSettings, run_dir: Path, tp: int, pp: int, opt):
     try:
-        return _fit_inner(model, cfg, run_dir, tp, pp, max_steps, opt)
+        return _fit_inner(model, data, fit, run_dir, tp, pp, opt)
     except Preempted as e:
         if parallel.is_rank0():
             print(f"{e}; exit status {EXIT_PREEMPTED} (re-run or requeue to resume)", flush=True)
         raise SystemExit(EXIT_PREEMPTED) from None
 
 
-def _fit_inner(model, cfg, run_dir: Path, tp: int, pp: int, max_steps: int, opt):
+def _fit_inner(model, data: DataSettings, fit: FitSettings, run_dir: Path, tp: int, pp: int, opt):
+    from nemo_minitron.data.module import GPTDataModule
     from nemo_minitron.distill.train import MetricsLog, Preemption, build_trainer, drop_unfinished_checkpoints, resume
 
-    d, t = cfg.data, cfg.trainer
     drop_unfinished_checkpoints(run_dir / "checkpoints")
     preemption = Preemption(run_dir)
-    val_every = min(t.val_check_interval, max_steps)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", d.global_batch_size * d.seq_length, max_steps,
-                         every=t.log_every_n_steps)
-    trainer = build_trainer(run_dir, tp, pp, max_steps, val_every,
-                            d.num_val_samples // d.global_batch_size if d.validation else 0,
-                            cfg.checkpoint.every_n_steps, cfg.checkpoint.keep, [metrics, preemption],
-                            num_nodes=t.num_nodes)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", data.global_batch_size * data.seq_length, fit.max_steps,
+                         every=fit.log_every_n_steps)
+    trainer = build_trainer(run_dir, tp, pp, fit.max_steps, fit.val_check_interval,
+                            data.num_val_samples // data.global_batch_size if data.has_validation else 0,
+                            fit.checkpoint_every, fit.checkpoint_keep, [metrics, preemption], num_nodes=fit.num_nodes)
     model.optim = opt
     opt.connect(model)
     res = resume(run_dir)
@@ -131,9 +125,9 @@ def _fit_inner(model, cfg, run_dir: Path, tp: int, pp: int, max_steps: int, opt)
         print(f"resuming from {trainer.ckpt_path}", flush=True)
     from nemo.lightning.callback_group import CallbackGroup
 
-    data = _data_module(d, max_steps)
-    CallbackGroup.get_instance().update_config(nemo_version="v2", trainer=trainer, data=data)  # as llm.train
-    trainer.fit(model, data, ckpt_path=trainer.ckpt_path)
+    module = GPTDataModule(data, data.cache_dir(run_dir))
+    CallbackGroup.get_instance().update_config(nemo_version="v2", trainer=trainer, data=module)  # as llm.train
+    trainer.fit(model, module, ckpt_path=trainer.ckpt_path)
     if preemption.saved_step is not None:
         raise Preempted(preemption.saved_step)
     return trainer
@@ -147,8 +141,8 @@ def _optim(o, max_steps: int, lr=None, min_lr=None, warmup=None):
                      o.adam_beta1, o.adam_beta2)
 
 
-def finetune_run(cfg, model_path: Path, spec, run_dir: Path, tp: int, pp: int, max_steps: int, opt,
-                 random_init: bool = False) -> Path:
+def finetune_run(data: DataSettings, fit: FitSettings, model_path: Path, spec, run_dir: Path, tp: int, pp: int,
+                 opt, random_init: bool = False) -> Path:
     """LM fine-tuning of ``model_path`` into ``run_dir/model`` (resumable). Returns the checkpoint path."""
     from nemo_minitron.distill.model import InitializedGPTModel, save_student
     from nemo_minitron.model.build import instantiate
@@ -160,10 +154,10 @@ def finetune_run(cfg, model_path: Path, spec, run_dir: Path, tp: int, pp: int, m
         return final
     t0 = time.time()
     model = InitializedGPTModel(instantiate(spec, tp, pp), init_from=None if random_init else str(model_path))
-    _fit(model, cfg, run_dir, tp, pp, max_steps, opt)
+    _fit(model, data, fit, run_dir, tp, pp, opt)
     save_student(model, final, spec, ck.tokenizer_dir(model_path))
     if parallel.is_rank0():
-        print(f"fine-tuned {max_steps} steps in {time.time() - t0:.0f}s: {final}", flush=True)
+        print(f"fine-tuned {fit.max_steps} steps in {time.time() - t0:.0f}s: {final}", flush=True)
     return final
 
 
@@ -174,13 +168,14 @@ def run_finetune(cfg) -> None:
     tp, pp = cfg.trainer.strategy.tensor_model_parallel_size, cfg.trainer.strategy.pipeline_model_parallel_size
     path, spec = _nemo_source(cfg.model, "model")
     spec.validate_layout(tp, pp)
-    _common_checks(cfg, tp, pp, spec)
+    data = _common_checks(cfg, tp, pp, spec)
+    fit = FitSettings.from_config(cfg)
     out = Path(cfg.output).absolute()
     if not cfg.overwrite and (out / MODEL_DIR).exists() and ck.is_checkpoint(out / MODEL_DIR):
         pass  # finished before: finetune_run says so
     elif cfg.overwrite:
         _prepare_run_dir(out, True, MODEL_DIR)
-    final = finetune_run(cfg, path, spec, out, tp, pp, cfg.trainer.max_steps, _optim(cfg.optim, cfg.trainer.max_steps),
+    final = finetune_run(data, fit, path, spec, out, tp, pp, _optim(cfg.optim, fit.max_steps),
                          random_init=cfg.random_init)
     if parallel.is_rank0():
         print(f"wrote checkpoint: {final}")
@@ -242,7 +237,9 @@ def run(cfg) -> None:
         if not (-s_spec.num_layers <= s_layer < s_spec.num_layers and -t_spec.num_layers <= t_layer < t_spec.num_layers):
             raise UserError(f"distill.intermediate_pairs [{s_layer}, {t_layer}] is out of range (student has "
                             f"{s_spec.num_layers} layers, teacher {t_spec.num_layers})")
-    _common_checks(cfg, tp, pp, s_spec)
+    data = _common_checks(cfg, tp, pp, s_spec)
+    fit = FitSettings.from_config(cfg)
+    correction = FitSettings.from_config(cfg, cfg.finetune.max_steps) if cfg.distill.teacher_correction else None
     out = Path(cfg.output).absolute()
     if not _prepare_run_dir(out, cfg.overwrite, STUDENT_DIR):
         if parallel.is_rank0():
@@ -257,15 +254,16 @@ def run(cfg) -> None:
     t0 = time.time()
     if cfg.distill.teacher_correction:
         f = cfg.finetune
-        t_path = finetune_run(cfg, t_path, t_spec, out / CORRECTED_DIR, tp, pp, f.max_steps,
+        t_path = finetune_run(data, correction, t_path, t_spec, out / CORRECTED_DIR, tp, pp,
                               _optim(cfg.optim, f.max_steps, lr=f.lr, min_lr=f.min_lr, warmup=f.warmup_steps))
     if parallel.is_rank0():
+        dp = parallel.world_size_from_env() // (tp * pp)
         print(f"distilling {count_params(t_spec) / 1e6:.1f}M-param teacher -> {count_params(s_spec) / 1e6:.1f}M-param "
-              f"student, {cfg.trainer.max_steps} steps x {cfg.data.global_batch_size} x {cfg.data.seq_length} tokens "
-              f"(TP={tp} PP={pp})", flush=True)
+              f"student, {fit.max_steps} steps x {data.global_batch_size} x {data.seq_length} tokens "
+              f"(TP={tp} PP={pp} DP={dp})", flush=True)
     model = DistillationGPTModel(instantiate(s_spec, tp, pp, **s_over), teacher_ckpt=str(t_path), settings=settings,
                                  init_from=str(s_path), teacher_overrides=t_over)
-    _fit(model, cfg, out, tp, pp, cfg.trainer.max_steps, _optim(cfg.optim, cfg.trainer.max_steps))
+    _fit(model, data, fit, out, tp, pp, _optim(cfg.optim, fit.max_steps))
     final = save_student(model, out / STUDENT_DIR, s_spec, ck.tokenizer_dir(s_path) or ck.tokenizer_dir(t_path))
     if parallel.is_rank0():
         print(f"distilled in {time.time() - t0:.0f}s; metrics in {out / 'metrics.jsonl'}, TensorBoard in {out / 'tb'}")
@@ -283,9 +281,11 @@ def dry_run(cfg) -> None:
     check_pair_vocab(s_spec, t_spec, tp)
     settings_from(cfg)
     gpus = cfg.trainer.devices or 8
-    d = cfg.data
+    d = blend.settings_from(cfg.data, has_cuda=True)
+    fit = FitSettings.from_config(cfg)
     p = lp.plan(t_spec, s_spec, cfg.trainer.num_nodes, gpus, tp, pp, d.seq_length, d.micro_batch_size,
                 d.global_batch_size)
     print(lp.show(p, lp.describe_shape(t_spec), lp.describe_shape(s_spec)))
-    print(f"  {cfg.trainer.max_steps} steps = {cfg.trainer.max_steps * p['tokens_per_step'] / 1e9:.2f}B tokens")
+    print(f"  {fit.max_steps} steps = {fit.max_steps * p['tokens_per_step'] / 1e9:.2f}B tokens")
+    print(blend.plan_or_note(d, fit.max_steps, d.cache_dir(Path(cfg.output)).as_posix()))
     print("dry run: nothing was launched")

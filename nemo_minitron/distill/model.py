@@ -38,6 +38,15 @@ class InitializedGPTModel(llm.GPTModel):
 
             ck.load_weights(self.init_from, self.module)
 
+    def data_step(self, dataloader_iter) -> dict:
+        from nemo_minitron.data.module import trace_batch
+
+        batch = super().data_step(dataloader_iter)
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None:
+            trace_batch(batch, trainer.training, trainer.global_step + 1 if trainer.training else trainer.global_step)
+        return batch
+
 
 class _DistillLossReduction(MaskedTokenLossReduction):
     def __init__(self, owner: "DistillationGPTModel"):

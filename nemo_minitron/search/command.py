@@ -22,6 +22,8 @@ import os
 import time
 from pathlib import Path
 
+from nemo_minitron.data import blend
+from nemo_minitron.data.blend import blend_arg
 from nemo_minitron.errors import UserError
 
 PHASES = ("all", "rank", "distill", "report")
@@ -238,7 +240,7 @@ def run_distill(cfg, out: Path, index: int | None = None, runner=None) -> None:
     run_dir = out / "distill" / c["name"]
     r.stage(f"distill_{c['name']}", "distill",
             [f"teacher={doc['source']}", f"student={out / 'candidates' / c['name']}", f"output={run_dir}",
-             f"data.train={d.train}", f"data.validation={d.validation}", f"data.seq_length={k.seq_length}",
+             f"data.train={blend_arg(d.train)}", f"data.validation={d.validation}", f"data.seq_length={k.seq_length}",
              f"data.micro_batch_size={k.micro_batch_size}", f"data.global_batch_size={k.global_batch_size}",
              f"data.num_val_samples={k.global_batch_size}", f"trainer.max_steps={s.distill_steps}",
              f"trainer.val_check_interval={s.distill_steps}", f"checkpoint.every_n_steps={k.checkpoint_every}",
@@ -396,9 +398,11 @@ def run(cfg) -> None:
             raise UserError(f"data.{key}=PREFIX is required")
     from nemo_minitron.data import indexed
 
-    for key in ("train", "validation", "calibration"):
+    for key in ("validation", "calibration"):
         if cfg.data[key]:
             indexed.check_prefix(cfg.data[key])
+    if cfg.data.train:  # a prefix or a blend; the distillations check its token ids against the vocabulary
+        blend.check_blend(blend.Blend.parse(cfg.data.train, "data.train"), "data.train", None)
     if s.phase == "rank":
         out.mkdir(parents=True, exist_ok=True)
         if cfg.launcher.command:  # this process only drives: the phase runs under the launcher
@@ -476,4 +480,9 @@ def dry_run(cfg) -> None:
         print(f"  {c['name']:<28} {c['params'] / 1e6:8.2f}M")
     if baseline:
         print(f"  baseline {baseline['name']} {baseline['params'] / 1e6:.2f}M")
+    k = cfg.distill
+    if cfg.data.train is not None:
+        settings = blend.training_settings(cfg.data.train, k.seq_length, k.micro_batch_size, k.global_batch_size)
+        print(f"each finalist's distillation: {cfg.search.distill_steps} steps")
+        print(blend.plan_or_note(settings, cfg.search.distill_steps, f"{Path(cfg.output).absolute()}/distill/<finalist>/data_index"))
     print("dry run: nothing was run")
