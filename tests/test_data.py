@@ -8,21 +8,8 @@ import json
 from collections import Counter
 
 import pytest
-import torch
 
-from conftest import WORKERS, ByteTokenizer, cli, torchrun
-
-
-@pytest.fixture(scope="session")
-def second_data(tmp_path_factory):
-    """Another byte-token dataset (other plays), the second component of blends."""
-    from nemo_minitron.data import indexed
-    from nemo_minitron.data.corpus import shakespeare_files
-
-    prefix = tmp_path_factory.mktemp("bytes2") / "calibration"
-    indexed.write(prefix, [f.read_text()[:20000] for f in shakespeare_files("calibration")], ByteTokenizer(),
-                  progress=False)
-    return prefix
+from conftest import WORKERS, ByteTokenizer, torchrun
 
 
 def _settings(train, seed=1234, seq_length=16, mbs=2, gbs=4):
@@ -143,6 +130,7 @@ def test_refusals_of_bad_training_data(tiny_ckpt, tiny_student, tiny_data, tmp_p
         (f"data.train={empty}", "empty"),
         (f"data.train=[{tiny_data},{wide}]", "token id 295"),
         (f"data.train={tiny_data} data.validation={wide}", "different tokenizers"),
+        (f"data.train={tiny_data} data.split=90,10,0", "the validation part"),  # 4 documents: none for it
     ]
     for arg, msg in cases:
         assert main(["distill", *base, *arg.split()]) == 2, arg
@@ -169,7 +157,7 @@ def test_dry_run_reports_the_data(tiny_ckpt, tiny_student, tiny_data, second_dat
     assert "sample index: ~" in out and "unused/data_index" in out
 
 
-def test_preprocess_many_files_per_file_and_together(tmp_path):
+def test_preprocess_many_files_per_file_and_together(tmp_path, capsys):
     from nemo_minitron.data import indexed
     from nemo_minitron.data.corpus import shakespeare_files
 
@@ -182,13 +170,21 @@ def test_preprocess_many_files_per_file_and_together(tmp_path):
     from hf_fixtures import make_tokenizer
 
     make_tokenizer(tok)
-    p = cli("preprocess", f"input={src}", f"tokenizer={tok}", f"output_prefix={tmp_path / 'parts'}",
-            "preprocess.per_file=true")
-    assert p.stdout.strip().splitlines()[-1] == f"wrote datasets: 3 prefixes in {tmp_path / 'parts'}"
-    assert "tokenizing 3 file(s)" in p.stderr  # one progress bar over the whole input
+    from nemo_minitron.cli import main
+
+    # in-process: the command's own code without a new interpreter per call
+    assert main(["preprocess", f"input={src}", f"tokenizer={tok}", f"output_prefix={tmp_path / 'parts'}",
+                 "preprocess.per_file=true"]) == 0
+    p = capsys.readouterr()
+    assert p.out.strip().splitlines()[-1] == f"wrote datasets: 3 prefixes in {tmp_path / 'parts'}"
+    assert "tokenizing 3 file(s)" in p.err  # one progress bar over the whole input
     parts = [tmp_path / "parts" / f.stem for f in sorted(files)]
     assert all(indexed.exists(x) for x in parts)
-    together = cli("preprocess", f"input={src}/*.txt", f"tokenizer={tok}", f"output_prefix={tmp_path / 'all'}")
-    assert together.stdout.strip().splitlines()[-1].startswith("wrote dataset:")
+    assert f"data.train=[{','.join(str(x) for x in parts)}]" in p.out
+    assert main(["preprocess", f"input={src}/*.txt", f"tokenizer={tok}", f"output_prefix={tmp_path / 'all'}"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("wrote dataset:")
     assert indexed.num_tokens(tmp_path / "all") == sum(indexed.num_tokens(x) for x in parts)
-    assert f"data.train=[{','.join(str(x) for x in parts)}]" in p.stdout
+    # a second run refuses to overwrite a part, and writes nothing
+    assert main(["preprocess", f"input={src}", f"tokenizer={tok}", f"output_prefix={tmp_path / 'parts'}",
+                 "preprocess.per_file=true"]) == 2
+    assert "exists" in capsys.readouterr().err

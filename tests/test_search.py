@@ -112,14 +112,16 @@ def test_every_candidate_builds_and_shards_at_tp2_and_pp2(tiny_ckpt, tiny_window
 # the command, end to end on a tiny imported HF Llama and real text
 # ---------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def search_inputs(tiny_ckpt, tiny_data, tmp_path_factory):
-    """The tiny NeMo checkpoint as the model; real text (byte tokens) for calibration, training, validation."""
-    return {"teacher": tiny_ckpt, "data": tiny_data, "tmp": tmp_path_factory.mktemp("search")}
+def search_inputs(tiny_ckpt, tiny_data, second_data, tmp_path_factory):
+    """The tiny NeMo checkpoint as the model; real text (byte tokens) for calibration and validation, and a
+    blend of two corpora for the finalists' distillations."""
+    return {"teacher": tiny_ckpt, "data": tiny_data, "train": f"[0.5,{tiny_data},0.5,{second_data}]",
+            "tmp": tmp_path_factory.mktemp("search")}
 
 
 def _search_args(d, out):
     return [f"model={d['teacher']}", f"output={out}", f"data.calibration={d['data']}",
-            f"data.train={d['data']}", f"data.validation={d['data']}", "data.seq_length=32",
+            f"data.train={d['train']}", f"data.validation={d['data']}", "data.seq_length=32",
             "data.calibration_samples=8", "search.params=0.6", "search.tolerance=0.1", "search.multiple=16",
             "search.max_candidates=6", "search.top_k=2", "search.distill_steps=4", "search.eval_samples=8",
             "search.eval_seq_length=32", "search.depth_samples=8", "distill.seq_length=32",
@@ -221,3 +223,5 @@ def test_search_refusals(search_inputs, tmp_path):
     assert res.returncode == 2 and "budget must be below" in res.stderr
     dry = cli("search", *_search_args(d, out), "--dry-run")
     assert "candidates" in dry.stdout and "dry run: nothing was run" in dry.stdout
+    assert "each finalist's distillation: 4 steps" in dry.stdout and "data: 16 samples x 33 tokens" in dry.stdout
+    assert dry.stdout.count(" 50.0%  ") == 2 and "sample index: ~" in dry.stdout

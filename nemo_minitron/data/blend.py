@@ -175,10 +175,28 @@ def prefix_stats(prefix, what: str) -> dict:
         ds = IndexedDataset(str(prefix), mmap=True)
     except Exception as e:  # a truncated or foreign .idx
         raise UserError(f"{what}: dataset {prefix}: unreadable index ({type(e).__name__}: {e})") from None
-    tokens = int(ds.sequence_lengths.sum(dtype=np.int64))
+    lengths = np.array(ds.sequence_lengths)  # a copy: the index's memory map closes with ``ds``
+    tokens = int(lengths.sum(dtype=np.int64))
     if tokens == 0:
         raise UserError(f"{what}: dataset {prefix} is empty (0 tokens)")
-    return {"tokens": tokens, "documents": int(len(ds.sequence_lengths)), "dtype": np.dtype(ds.index.dtype)}
+    return {"tokens": tokens, "documents": int(len(lengths)), "dtype": np.dtype(ds.index.dtype), "lengths": lengths}
+
+
+def split_tokens(lengths: np.ndarray, split: str) -> list[int | None]:
+    """Tokens in each part (train, validation, test) of a dataset under Megatron's ``split`` (documents are
+    divided as megatron-core divides them; None: the part is not drawn)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+
+    n = len(lengths)
+    out = []
+    for part in convert_split_vector_to_split_matrix(parse_and_normalize_split(split)):
+        if part is None:
+            out.append(None)
+            continue
+        beg, end = int(round(part[0] * n)), int(round(part[1] * n))
+        out.append(int(lengths[beg:end].sum(dtype=np.int64)))
+    return out
 
 
 def max_token_id(prefix, stats: dict) -> tuple[int, bool]:
@@ -223,6 +241,13 @@ def check(settings: DataSettings, vocab_size: int | None) -> dict:
     """All data checks of a training run (before any work). Returns {'train': stats, 'validation': stats}."""
     need = settings.seq_length + 1
     out = {"train": check_blend(settings.train, "data.train", vocab_size, need)}
+    if settings.split:  # megatron-core builds each part from whole documents; an empty part never ends
+        for s in out["train"]:
+            for name, tokens in zip(("training", "validation"), split_tokens(s["lengths"], settings.split)):
+                if tokens is not None and tokens < need:
+                    raise UserError(f"data.split={settings.split}: the {name} part of {s['prefix']} ({s['documents']} "
+                                    f"documents) holds {tokens} tokens, fewer than one sample of {need}; change "
+                                    f"the split or give data.validation")
     if settings.validation is not None:
         out["validation"] = check_blend(settings.validation, "data.validation", vocab_size, need)
         have = sum(s["tokens"] - 1 for s in out["validation"]) // settings.seq_length
