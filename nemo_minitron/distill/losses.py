@@ -180,11 +180,15 @@ def fused_chunk_rows(tokens: int, v_local: int, chunk_tokens: int = 0) -> int:
 
 
 def fused_output_bytes(tokens: int, v_local: int, student_hidden: int, lm: bool = False,
-                       chunk_tokens: int = 0) -> int:
-    """Peak extra bytes of :func:`fused_output_loss` for one micro-batch (fp32): the chunk blocks (4, 5 with
-    the cross-entropy term), the weight-gradient accumulator and the hidden-state gradient."""
+                       chunk_tokens: int = 0, weight_bytes: int = 4) -> int:
+    """Peak extra bytes of :func:`fused_output_loss` for one micro-batch: the fp32 chunk blocks (4, 5 with
+    the cross-entropy term), the fp32 weight-gradient accumulator, the hidden-state gradient, and with
+    16-bit weights (``weight_bytes=2``) the 16-bit logit block and weight-gradient product of one chunk."""
     rows = fused_chunk_rows(tokens, v_local, chunk_tokens)
-    return 4 * ((5 if lm else 4) * rows * v_local + v_local * student_hidden + tokens * student_hidden)
+    total = 4 * ((5 if lm else 4) * rows * v_local + v_local * student_hidden) + weight_bytes * tokens * student_hidden
+    if weight_bytes < 4:
+        total += weight_bytes * (rows * v_local + v_local * student_hidden)
+    return total
 
 
 _FUSED_WORKSPACE: dict = {}
