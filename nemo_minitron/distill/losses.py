@@ -9,6 +9,12 @@ loss adds about one copy of the logits (their gradient) to peak memory instead o
 
 Vocabulary entries at or above ``vocab_size`` (padding rows from ``make_vocab_size_divisible_by``) are
 excluded from both distributions, so a teacher and a student that differ only by padding agree.
+
+``fused_output_loss`` goes one step further (``distill.fused_output``, the default): it takes the final
+hidden states and the output-layer weights of both models and computes the logits, the same vocab-parallel
+KL (and megatron's vocab-parallel cross-entropy) and their gradients with respect to the student's hidden
+states and output weight chunk of tokens by chunk, so neither model's full logits, nor their gradient, are
+ever held. ``bench/kd_step_memory.py`` measures a whole step against the materialized-logits path.
 """
 
 from __future__ import annotations

@@ -11,6 +11,14 @@ part is detached: no gradient flows into or out of the teacher.
 
 Tensor parallelism: the logits stay vocab-sharded; :func:`nemo_minitron.distill.losses.kl_div` reduces
 only per-token statistics across the tensor-parallel group.
+
+Fused output (``DistillSettings.fused_output``, the default): on the last stage both models run up to their
+final norm (``GPTModel.post_process`` off for the call), and :func:`nemo_minitron.distill.losses.fused_output_loss`
+applies both output layers inside the loss, chunk of tokens by chunk. The student's hidden states enter it the
+way megatron's ``ColumnParallelLinear`` takes its input (copied to the TP region: the hidden-state gradient is
+all-reduced over the TP group; all-gathered under sequence parallelism), its output weight is
+``output_layer.weight`` or, with tied embeddings, ``shared_embedding_or_output_weight()`` (the embedding, or
+the last stage's copy of it under PP, whose gradient megatron all-reduces with the first stage's as usual).
 """
 
 from __future__ import annotations
@@ -153,7 +161,8 @@ class DistillationPair:
             p.requires_grad_(False)
         self.last_stage = parallel_state.is_pipeline_last_stage()
         # multi-token prediction heads use the output layer inside the model: keep the logits there
-        self.fused = settings.fused_output and not getattr(_inner(student), "mtp_process", False)
+        self.fused = settings.fused_output and not any(getattr(_inner(m), "mtp_process", False)
+                                                        for m in (student, teacher))
         self._pairs = self._resolve_pairs(student_layers, teacher_layers)
         self._captured: dict = {}
         self._hooks = []
