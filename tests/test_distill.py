@@ -152,13 +152,14 @@ def test_fused_output_equals_materialized_logits_at_tp1(fused_ckpts):
 
 @pytest.mark.parallel
 def test_fused_output_equals_materialized_logits_at_tp2_and_pp2(fused_ckpts, tmp_path):
-    """The same 16 cases at TP=2 (vocabulary 250 padded to 256: the last shard has padding columns) and at
-    PP=2 (tied: the last stage's copy of the embedding), in one torchrun launch."""
+    """At TP=2 (vocabulary 250 padded to 256: the last shard has padding columns) and at PP=2 (tied: the last
+    stage's copy of the embedding), in one torchrun launch: 8 of the 16 cases at each, every factor at both
+    levels and every pair of factors in all four combinations."""
     out = tmp_path / "fused.pt"
     torchrun([WORKERS / "fused_output.py", fused_ckpts, fused_ckpts / "windows.pt", out, "2x1,1x2"])
     res = torch.load(out)
     for layout in ("2x1", "1x2"):
-        assert len(res[layout]) == 16
+        assert len(res[layout]) == 8
         _assert_fused_matches(res[layout], f"TPxPP={layout}")
 
 
