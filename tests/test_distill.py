@@ -232,9 +232,12 @@ def test_distill_kill_and_resume_matches_uninterrupted_run(tiny_ckpt, tiny_stude
 
 @pytest.mark.parallel
 def test_distill_command_under_pipeline_parallel_matches_single_process(tiny_ckpt, tiny_student, tiny_data, tmp_path):
-    """NeMo's trainer at PP=2: teacher activations travel with the student's; same curve as 1 process."""
+    """NeMo's trainer at PP=2: teacher activations travel with the student's; same curve as 1 process
+    (which computes the loss on materialized logits, ``distill.fused_output=false``: the PP=2 run fuses the
+    output layers into the loss, the default)."""
     single, pp2 = tmp_path / "single", tmp_path / "pp2"
-    cli("distill", *_args(tiny_ckpt, tiny_student, tiny_data, single, 4, "distill.reverse_kl=true"))
+    cli("distill", *_args(tiny_ckpt, tiny_student, tiny_data, single, 4, "distill.reverse_kl=true",
+                          "distill.fused_output=false"))
     torchrun(["-m", "nemo_minitron.cli", "distill",
               *_args(tiny_ckpt, tiny_student, tiny_data, pp2, 4, "distill.reverse_kl=true",
                      "model.pipeline_model_parallel_size=2")])
