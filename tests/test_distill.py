@@ -150,6 +150,33 @@ def test_fused_output_equals_materialized_logits_at_tp1(fused_ckpts):
     _assert_fused_matches(w.run_cases(fused_ckpts, windows, cut, student_name="student_cut"), "TP=1 cut vocab")
 
 
+def test_fused_output_loss_with_16bit_weights(dist_single):
+    """bf16 hidden states and weights (the GPU path: 16-bit logit blocks, fp32 weight-gradient accumulation):
+    the same objective as bf16 logits + kl_div + megatron's cross-entropy, gradients within bf16 rounding."""
+    from megatron.core import tensor_parallel
+
+    from nemo_minitron.distill.losses import fused_output_loss, kl_div
+
+    g = torch.Generator().manual_seed(0)
+    n, v = 96, 300
+    hs = torch.randn(n, 32, generator=g).bfloat16().requires_grad_(True)
+    ws = (torch.randn(v, 32, generator=g) * 0.5).bfloat16().requires_grad_(True)
+    ht, wt = torch.randn(n, 48, generator=g).bfloat16(), (torch.randn(v, 48, generator=g) * 0.5).bfloat16()
+    labels, w = torch.randint(0, 290, (n,), generator=g), torch.rand(n, generator=g)
+    obj, kd, lm = fused_output_loss(hs, ws, ht, wt, labels, w, 1.0, 0.5, 2.0, True, 290, chunk_tokens=7)
+    obj.backward()
+    got = hs.grad.clone(), ws.grad.clone()
+    hs.grad = ws.grad = None
+    zs = hs @ ws.t()
+    ref_kd = (kl_div(zs.unsqueeze(0), (ht @ wt.t()).unsqueeze(0), 2.0, True, 290)[0] * w).sum()
+    ref_lm = (tensor_parallel.vocab_parallel_cross_entropy(zs.float().unsqueeze(1), labels.unsqueeze(1))[:, 0] * w).sum()
+    (ref_kd + 0.5 * ref_lm).backward()
+    assert float(kd) == pytest.approx(float(ref_kd), rel=1e-5) and float(lm) == pytest.approx(float(ref_lm), rel=1e-5)
+    for a, b in zip(got, (hs.grad, ws.grad)):
+        assert a.dtype == torch.bfloat16
+        assert float((a.float() - b.float()).abs().max()) <= 2e-2 * float(b.float().abs().max())
+
+
 @pytest.mark.parallel
 def test_fused_output_equals_materialized_logits_at_tp2_and_pp2(fused_ckpts, tmp_path):
     """At TP=2 (vocabulary 250 padded to 256: the last shard has padding columns) and at PP=2 (tied: the last

@@ -69,6 +69,7 @@ def _workspace(rows: int, cols: int, device) -> torch.Tensor:
 
 def release_workspace() -> None:
     _WORKSPACE.clear()
+    _FUSED_WORKSPACE.clear()
 
 
 def _softmax_block(logits: torch.Tensor, a: int, b: int, keep: int, temperature: float, group, world: int,
