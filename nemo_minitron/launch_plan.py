@@ -6,7 +6,9 @@ teacher + student), computed from the model configs alone and refused when the l
 The memory estimate is per GPU, bf16 weights, Megatron's distributed optimizer over data parallel
 (fp32 master weights + Adam moments sharded over DP), fp32 gradients, and activations of one micro-batch
 for the student (selective recomputation: ~34*s*b*h bytes per layer / TP, Korthikanti et al. 2022) plus
-the logits (student, teacher, and the KL's gradient, each s*b*V/TP). The teacher holds weights only.
+the logits: with ``distill.fused_output`` (the default) the fused loss's chunk blocks, weight-gradient
+accumulator and hidden-state gradient (``losses.fused_output_bytes``), else the materialized logits
+(student, teacher, and the KL's gradient, each s*b*V/TP). The teacher holds weights only.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ def _check(spec, what: str, tp: int, pp: int) -> None:
         raise UserError(f"{what}: {e}") from None
 
 
-def plan(t_spec, s_spec, nodes: int, gpus_per_node: int, tp: int, pp: int, seq: int, mbs: int, gbs: int) -> dict:
+def plan(t_spec, s_spec, nodes: int, gpus_per_node: int, tp: int, pp: int, seq: int, mbs: int, gbs: int,
+         fused_output: bool = True, chunk_tokens: int = 0, lm: bool = False) -> dict:
     world = nodes * gpus_per_node
     if world % (tp * pp):
         raise UserError(f"{nodes} node(s) x {gpus_per_node} GPUs = {world} is not divisible by TP*PP = {tp}*{pp}")
@@ -42,7 +45,13 @@ def plan(t_spec, s_spec, nodes: int, gpus_per_node: int, tp: int, pp: int, seq: 
     optim = 12 * s_p / shard / dp
     L_stage = s_spec.num_layers / pp
     act = 34 * seq * mbs * s_spec.hidden_size * L_stage / tp
-    logits = 3 * 4 * seq * mbs * s_spec.vocab_size / tp
+    if fused_output:
+        from nemo_minitron.distill.losses import fused_output_bytes
+
+        logits = fused_output_bytes(seq * mbs, -(-s_spec.vocab_size // tp), s_spec.hidden_size, lm, chunk_tokens,
+                                    weight_bytes=2)
+    else:
+        logits = 3 * 4 * seq * mbs * s_spec.vocab_size / tp
     total = teacher_w + student_w + grads + optim + act + logits
     return {
         "nodes": nodes, "gpus_per_node": gpus_per_node, "world_size": world, "tp": tp, "pp": pp, "dp": dp,

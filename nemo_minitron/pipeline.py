@@ -205,7 +205,9 @@ def _prune_distill(r, tag: str, teacher: Path, pruned: Path, kd: Path, p, k, pre
     r.stage(f"{tag}distill", "distill",
             [f"teacher={kd_teacher}", f"student={pruned}", f"output={kd}", *_distill_common(k, prefixes),
              f"distill.kd_weight={k['kd_weight']}", f"distill.lm_weight={k['lm_weight']}",
-             f"distill.temperature={k['temperature']}", f"model.tensor_model_parallel_size={tp}",
+             f"distill.temperature={k['temperature']}",
+             f"distill.fused_output={str(bool(k['fused_output'])).lower()}",
+             f"model.tensor_model_parallel_size={tp}",
              f"model.pipeline_model_parallel_size={pp}", *prec["distill"]],
             lambda: _is_ckpt(kd / "student"))
     return kd / "student"
@@ -341,7 +343,8 @@ def dry_run(cfg) -> None:
     t_spec, s_spec = shapes[-2], shapes[-1]
     k = cfg.distill
     nodes, gpus = cfg.launcher.nodes, cfg.launcher.gpus_per_node
-    plan = lp.plan(t_spec, s_spec, nodes, gpus, tp, pp, k.seq_length, k.micro_batch_size, k.global_batch_size)
+    plan = lp.plan(t_spec, s_spec, nodes, gpus, tp, pp, k.seq_length, k.micro_batch_size, k.global_batch_size,
+                   fused_output=k.fused_output, lm=k.lm_weight > 0)
     print(lp.show(plan, lp.describe_shape(t_spec), lp.describe_shape(s_spec)))
     print(f"  distillation: {k.max_steps} steps = {k.max_steps * plan['tokens_per_step'] / 1e9:.1f}B tokens")
     train = cfg.data.train

@@ -86,6 +86,113 @@ def test_one_distillation_step_is_layout_independent(tiny_ckpt, tiny_student, ti
 
 
 # ------------------------------------------------------------------------------------------------
+# the output layer fused with the loss (distill.fused_output) against materialized logits
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fused_ckpts(tmp_path_factory, dist_single):
+    """Teacher/student checkpoints, tied and untied, vocabulary 250 (padded to 256: padding at TP=1 and 2),
+    plus a student padded to 250 only (its logits are cut to the teacher's width at TP=1)."""
+    from nemo_minitron.checkpoint import nemo as ck
+    from nemo_minitron.model import build, tiny_spec
+
+    root = tmp_path_factory.mktemp("fused")
+    shapes = {"teacher": {}, "student": dict(num_layers=2, hidden_size=48, ffn_hidden_size=96)}
+    for seed, (name, tied, extra) in enumerate([("teacher", False, {}), ("teacher_tied", True, {}),
+                                                ("student", False, {}), ("student_tied", True, {}),
+                                                ("student_cut", False, {"make_vocab_size_divisible_by": 50})]):
+        spec = tiny_spec(vocab_size=250, share_embeddings_and_output_weights=tied,
+                         **shapes[name.split("_")[0]], **extra)
+        torch.manual_seed(seed)
+        model = build(spec)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+        ck.save(root / name, model, spec)
+    windows = torch.randint(0, 250, (4, 33), generator=torch.Generator().manual_seed(3))
+    torch.save(windows, root / "windows.pt")
+    return root
+
+
+def _fused_worker():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fused_output_worker", WORKERS / "fused_output.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _assert_fused_matches(results, where):
+    for r in results:
+        f, u = r["fused"], r["unfused"]
+        what = f"{where} {r['case']}"
+        assert set(f["terms"]) == set(u["terms"]), what
+        for k, ref in u["terms"].items():
+            assert f["terms"][k] == pytest.approx(ref, rel=1e-6, abs=1e-9), (what, k)
+        assert set(f["grads"]) == set(u["grads"]), what
+        assert any(n.endswith(("output_layer.weight", "word_embeddings.weight")) for n in u["grads"]), what
+        for name, g in u["grads"].items():  # 1e-5 relative to the tensor's largest entry
+            torch.testing.assert_close(f["grads"][name], g, rtol=1e-5, atol=1e-5 * float(g.abs().max()),
+                                       msg=lambda m: f"{what} {name}: {m}")
+
+
+def test_fused_output_equals_materialized_logits_at_tp1(fused_ckpts):
+    """Same weights and tokens: loss terms and every student gradient (output layer, tied embedding,
+    learned projection) of the fused path equal today's, for tied/untied, T=1/2, forward/reverse KL,
+    lm_weight 0/0.5 (with an intermediate loss), automatic and uneven chunks, and a student whose padded
+    vocabulary is narrower than the teacher's."""
+    w = _fused_worker()
+    windows = torch.load(fused_ckpts / "windows.pt")
+    res = w.run_cases(fused_ckpts, windows, w.CASES)
+    assert len(res) == 16 and all(r["unfused"]["terms"]["kd_loss"] > 0 for r in res)
+    assert any("embedding.word_embeddings.weight" in r["fused"]["grads"] and r["case"]["tied"]
+               and "output_layer.weight" not in r["fused"]["grads"] for r in res)  # tied: one shared weight
+    _assert_fused_matches(res, "TP=1")
+    cut = [dict(tied=False, temperature=2.0, reverse_kl=rev, lm_weight=0.5, chunk_tokens=7) for rev in (False, True)]
+    _assert_fused_matches(w.run_cases(fused_ckpts, windows, cut, student_name="student_cut"), "TP=1 cut vocab")
+
+
+def test_fused_output_loss_with_16bit_weights(dist_single):
+    """bf16 hidden states and weights (the GPU path: 16-bit logit blocks, fp32 weight-gradient accumulation):
+    the same objective as bf16 logits + kl_div + megatron's cross-entropy, gradients within bf16 rounding."""
+    from megatron.core import tensor_parallel
+
+    from nemo_minitron.distill.losses import fused_output_loss, kl_div
+
+    g = torch.Generator().manual_seed(0)
+    n, v = 96, 300
+    hs = torch.randn(n, 32, generator=g).bfloat16().requires_grad_(True)
+    ws = (torch.randn(v, 32, generator=g) * 0.5).bfloat16().requires_grad_(True)
+    ht, wt = torch.randn(n, 48, generator=g).bfloat16(), (torch.randn(v, 48, generator=g) * 0.5).bfloat16()
+    labels, w = torch.randint(0, 290, (n,), generator=g), torch.rand(n, generator=g)
+    obj, kd, lm = fused_output_loss(hs, ws, ht, wt, labels, w, 1.0, 0.5, 2.0, True, 290, chunk_tokens=7)
+    obj.backward()
+    got = hs.grad.clone(), ws.grad.clone()
+    hs.grad = ws.grad = None
+    zs = hs @ ws.t()
+    ref_kd = (kl_div(zs.unsqueeze(0), (ht @ wt.t()).unsqueeze(0), 2.0, True, 290)[0] * w).sum()
+    ref_lm = (tensor_parallel.vocab_parallel_cross_entropy(zs.float().unsqueeze(1), labels.unsqueeze(1))[:, 0] * w).sum()
+    (ref_kd + 0.5 * ref_lm).backward()
+    assert float(kd) == pytest.approx(float(ref_kd), rel=1e-5) and float(lm) == pytest.approx(float(ref_lm), rel=1e-5)
+    for a, b in zip(got, (hs.grad, ws.grad)):
+        assert a.dtype == torch.bfloat16
+        assert float((a.float() - b.float()).abs().max()) <= 2e-2 * float(b.float().abs().max())
+
+
+@pytest.mark.parallel
+def test_fused_output_equals_materialized_logits_at_tp2_and_pp2(fused_ckpts, tmp_path):
+    """At TP=2 (vocabulary 250 padded to 256: the last shard has padding columns) and at PP=2 (tied: the last
+    stage's copy of the embedding), in one torchrun launch: 8 of the 16 cases at each, every factor at both
+    levels and every pair of factors in all four combinations."""
+    out = tmp_path / "fused.pt"
+    torchrun([WORKERS / "fused_output.py", fused_ckpts, fused_ckpts / "windows.pt", out, "2x1,1x2"])
+    res = torch.load(out)
+    for layout in ("2x1", "1x2"):
+        assert len(res[layout]) == 8
+        _assert_fused_matches(res[layout], f"TPxPP={layout}")
+
+
+# ------------------------------------------------------------------------------------------------
 # the command: NeMo trainer, resume, teacher correction, refusals
 # ------------------------------------------------------------------------------------------------
 def _args(teacher, student, data, out, steps=8, *extra):
@@ -176,9 +283,12 @@ def test_distill_kill_and_resume_matches_uninterrupted_run(tiny_ckpt, tiny_stude
 
 @pytest.mark.parallel
 def test_distill_command_under_pipeline_parallel_matches_single_process(tiny_ckpt, tiny_student, tiny_data, tmp_path):
-    """NeMo's trainer at PP=2: teacher activations travel with the student's; same curve as 1 process."""
+    """NeMo's trainer at PP=2: teacher activations travel with the student's; same curve as 1 process
+    (which computes the loss on materialized logits, ``distill.fused_output=false``: the PP=2 run fuses the
+    output layers into the loss, the default)."""
     single, pp2 = tmp_path / "single", tmp_path / "pp2"
-    cli("distill", *_args(tiny_ckpt, tiny_student, tiny_data, single, 4, "distill.reverse_kl=true"))
+    cli("distill", *_args(tiny_ckpt, tiny_student, tiny_data, single, 4, "distill.reverse_kl=true",
+                          "distill.fused_output=false"))
     torchrun(["-m", "nemo_minitron.cli", "distill",
               *_args(tiny_ckpt, tiny_student, tiny_data, pp2, 4, "distill.reverse_kl=true",
                      "model.pipeline_model_parallel_size=2")])

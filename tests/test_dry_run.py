@@ -17,6 +17,10 @@ def test_pipeline_recipe_dry_run(capsys):
     assert "32 node(s) x 8 GPUs = 256 ranks; TP=8 x PP=1 x DP=32" in out
     assert "student 4.51B params (32 layers, hidden 3072, ffn 9216, 32 heads / 8 groups" in out
     assert "total ~" in out and "nothing was launched" in out
+    # the fused output layer + loss (default) holds chunks, not the logits: 0.6 GiB instead of 1.5 GiB
+    assert "logits_and_kl 0.6\n" in out
+    assert main([*base[:1], "recipe=llama31_8b_to_4b_width", *base[1:], "distill.fused_output=false"]) == 0
+    assert "logits_and_kl 1.5\n" in capsys.readouterr().out
     assert main([*base[:1], "recipe=llama31_8b_to_4b_depth", *base[1:]]) == 0
     assert "student 4.54B params (16 layers, hidden 4096" in capsys.readouterr().out
     # iterative: each round's shape, then the last round's student as the final stage's teacher

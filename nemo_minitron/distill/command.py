@@ -186,7 +186,7 @@ def settings_from(cfg):
 
     k = cfg.distill
     s = DistillSettings(kd_weight=k.kd_weight, lm_weight=k.lm_weight, temperature=k.temperature,
-                        reverse_kl=k.reverse_kl, chunk_tokens=k.chunk_tokens,
+                        reverse_kl=k.reverse_kl, chunk_tokens=k.chunk_tokens, fused_output=k.fused_output,
                         intermediate_pairs=[list(p) for p in k.intermediate_pairs],
                         intermediate_loss=k.intermediate_loss, intermediate_weight=k.intermediate_weight,
                         intermediate_balance=k.intermediate_balance,
@@ -283,8 +283,9 @@ def dry_run(cfg) -> None:
     gpus = cfg.trainer.devices or 8
     d = blend.settings_from(cfg.data, has_cuda=True)
     fit = FitSettings.from_config(cfg)
+    k = cfg.distill
     p = lp.plan(t_spec, s_spec, cfg.trainer.num_nodes, gpus, tp, pp, d.seq_length, d.micro_batch_size,
-                d.global_batch_size)
+                d.global_batch_size, fused_output=k.fused_output, chunk_tokens=k.chunk_tokens, lm=k.lm_weight > 0)
     print(lp.show(p, lp.describe_shape(t_spec), lp.describe_shape(s_spec)))
     print(f"  {fit.max_steps} steps = {fit.max_steps * p['tokens_per_step'] / 1e9:.2f}B tokens")
     print(blend.plan_or_note(d, fit.max_steps, d.cache_dir(Path(cfg.output)).as_posix()))

@@ -11,6 +11,14 @@ part is detached: no gradient flows into or out of the teacher.
 
 Tensor parallelism: the logits stay vocab-sharded; :func:`nemo_minitron.distill.losses.kl_div` reduces
 only per-token statistics across the tensor-parallel group.
+
+Fused output (``DistillSettings.fused_output``, the default): on the last stage both models run up to their
+final norm (``GPTModel.post_process`` off for the call), and :func:`nemo_minitron.distill.losses.fused_output_loss`
+applies both output layers inside the loss, chunk of tokens by chunk. The student's hidden states enter it the
+way megatron's ``ColumnParallelLinear`` takes its input (copied to the TP region: the hidden-state gradient is
+all-reduced over the TP group; all-gathered under sequence parallelism), its output weight is
+``output_layer.weight`` or, with tied embeddings, ``shared_embedding_or_output_weight()`` (the embedding, or
+the last stage's copy of it under PP, whose gradient megatron all-reduces with the first stage's as usual).
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ class DistillSettings:
     temperature: float = 1.0
     reverse_kl: bool = False
     chunk_tokens: int = losses.DEFAULT_CHUNK_TOKENS
+    # the output layers fused with the KL/CE, chunked over tokens: the full logits are never held
+    fused_output: bool = True
     # [[student_layer, teacher_layer], ...], global 0-based layer numbers (negative: from the end)
     intermediate_pairs: list = field(default_factory=list)
     intermediate_loss: str = "cosine"  # cosine | mse
@@ -82,6 +92,52 @@ def _layers(model):
     return model.decoder.layers
 
 
+def _inner(model):
+    from nemo_minitron.model.build import unwrap
+
+    return unwrap(model)
+
+
+class _without_output_layer:
+    """Run a megatron ``GPTModel`` up to its final norm: ``GPTModel._postprocess`` returns the decoder's
+    (final-norm) hidden states ``[s, b, h]`` when ``post_process`` is off; the decoder keeps its own flag."""
+
+    def __init__(self, *models):
+        self.models = [_inner(m) for m in models]
+
+    def __enter__(self):
+        for m in self.models:
+            m.post_process = False
+
+    def __exit__(self, *exc):
+        for m in self.models:
+            m.post_process = True
+
+
+def output_weight(model):
+    """This rank's vocabulary shard of the output weight: the tied embedding (the last stage's copy under
+    PP) when embeddings are shared, else ``output_layer.weight``."""
+    m = _inner(model)
+    if m.share_embeddings_and_output_weights:
+        return m.shared_embedding_or_output_weight()
+    return m.output_layer.weight
+
+
+def to_output_region(hidden: torch.Tensor, model, grad: bool = True) -> torch.Tensor:
+    """What megatron's ``ColumnParallelLinear`` does to its input before the matmul: all-gather the sequence
+    under sequence parallelism (reduce-scatter of the gradient), else copy to the TP region (all-reduce of
+    the gradient over the tensor-parallel group)."""
+    from megatron.core.tensor_parallel import mappings
+
+    layer = _inner(model).output_layer
+    group = getattr(layer, "tp_group", None)
+    if getattr(layer, "sequence_parallel", False):
+        return mappings.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=grad, group=group)
+    if grad and not getattr(layer, "disable_grad_reduce", False):
+        return mappings.copy_to_tensor_model_parallel_region(hidden, group=group)
+    return hidden
+
+
 def _layer_offset(model) -> int:
     from nemo_minitron.model.shards import layer_offset
 
@@ -104,6 +160,9 @@ class DistillationPair:
         for p in teacher.parameters():
             p.requires_grad_(False)
         self.last_stage = parallel_state.is_pipeline_last_stage()
+        # multi-token prediction heads use the output layer inside the model: keep the logits there
+        self.fused = settings.fused_output and not any(getattr(_inner(m), "mtp_process", False)
+                                                        for m in (student, teacher))
         self._pairs = self._resolve_pairs(student_layers, teacher_layers)
         self._captured: dict = {}
         self._hooks = []
@@ -176,15 +235,25 @@ class DistillationPair:
         self.teacher.set_input_tensor(input_tensor[..., self.h_student:].detach())
 
     def forward(self, input_ids, position_ids, attention_mask=None):
-        """Non-last stage: the concatenated hidden states to send on. Last stage: logits of both (and the
-        captured hidden states), consumed by :meth:`loss`."""
+        """Non-last stage: the concatenated hidden states to send on. Last stage: logits of both, or with
+        ``fused_output`` the final-norm hidden states of both (the output layers run inside the loss), and
+        the captured intermediate hidden states; consumed by :meth:`loss`."""
         self._captured = {}
-        student_out = self.student(input_ids, position_ids, attention_mask)
-        with torch.no_grad():
-            teacher_out = self.teacher(input_ids, position_ids, attention_mask)
+        fused = self.fused and self.last_stage
+        if fused:
+            with _without_output_layer(self.student, self.teacher):
+                student_out = self.student(input_ids, position_ids, attention_mask)
+                with torch.no_grad():
+                    teacher_out = self.teacher(input_ids, position_ids, attention_mask)
+        else:
+            student_out = self.student(input_ids, position_ids, attention_mask)
+            with torch.no_grad():
+                teacher_out = self.teacher(input_ids, position_ids, attention_mask)
         if not self.last_stage:
             return torch.cat([student_out, teacher_out.detach().to(student_out.dtype)], dim=-1)
         hidden = [(self._captured[("s", k)], self._captured[("t", k)]) for k in range(len(self._pairs))]
+        if fused:
+            return {"student_hidden": student_out, "teacher_hidden": teacher_out.detach(), "hidden": hidden}
         return {"student_logits": student_out, "teacher_logits": teacher_out, "hidden": hidden}
 
     def tensor_shapes(self, recv_shapes, send_shapes):
@@ -196,28 +265,18 @@ class DistillationPair:
     # ---------------------------------------------------------------------------------------------
     def loss(self, out: dict, labels: torch.Tensor, loss_mask: torch.Tensor):
         """(weighted loss sum, token count, {term: sum}) for one micro-batch on the last stage."""
-        from megatron.core import tensor_parallel
-
         st = self.settings
-        s_logits, t_logits = out["student_logits"], out["teacher_logits"]
-        if s_logits.shape[-1] != t_logits.shape[-1]:
-            s_logits, t_logits = losses.match_vocab(s_logits, t_logits)  # TP=1, padding differs
         mask = loss_mask.float()
         tokens = mask.sum()
         terms = {}
-        total = torch.zeros((), dtype=torch.float32, device=s_logits.device)
-        if st.kd_weight > 0:
-            kl = losses.kl_div(s_logits, t_logits, st.temperature, st.reverse_kl, self.vocab_size, st.chunk_tokens)
-            terms["kd_loss"] = (kl * mask).sum()
-            total = total + st.kd_weight * terms["kd_loss"]
-        if st.lm_weight > 0:
-            ce = tensor_parallel.vocab_parallel_cross_entropy(s_logits.float().transpose(0, 1).contiguous(),
-                                                              labels.transpose(0, 1).contiguous())
-            terms["lm_loss"] = (ce.transpose(0, 1) * mask).sum()
-            total = total + st.lm_weight * terms["lm_loss"]
+        total = torch.zeros((), dtype=torch.float32, device=mask.device)
+        if "student_hidden" in out:
+            total = total + self._fused_logit_terms(out, labels, mask, terms)
+        else:
+            total = total + self._logit_terms(out, labels, mask, terms)
         if out["hidden"]:
             projs = getattr(self.student, "kd_projections", None)
-            inter = torch.zeros((), dtype=torch.float32, device=s_logits.device)
+            inter = torch.zeros((), dtype=torch.float32, device=mask.device)
             smask = mask.transpose(0, 1)  # hidden states are [s, b, h]
             for k, (hs, ht) in enumerate(out["hidden"]):
                 if projs is not None:
@@ -229,6 +288,50 @@ class DistillationPair:
                 scale = scale * (terms["kd_loss"].detach() / inter.detach())
             total = total + scale * inter
         return total, tokens, {k: v.detach().clone() for k, v in terms.items()}
+
+    def _fused_logit_terms(self, out: dict, labels, mask, terms: dict):
+        """The KL and CE terms straight from the final hidden states (:func:`losses.fused_output_loss`)."""
+        st = self.settings
+        if st.kd_weight == 0 and st.lm_weight == 0:
+            return 0.0
+        hs = to_output_region(out["student_hidden"], self.student)  # [s, b, h]
+        ws = output_weight(self.student)
+        ht = wt = None
+        if st.kd_weight > 0:
+            ht = to_output_region(out["teacher_hidden"], self.teacher, grad=False)
+            wt = output_weight(self.teacher)
+            v = min(ws.shape[0], wt.shape[0])  # TP=1: vocabularies that differ only by padding
+            ws, wt = ws[:v], wt[:v]
+        objective, kd_sum, lm_sum = losses.fused_output_loss(
+            hs.reshape(-1, hs.shape[-1]), ws, None if ht is None else ht.reshape(-1, ht.shape[-1]), wt,
+            labels.transpose(0, 1).reshape(-1) if st.lm_weight > 0 else None, mask.transpose(0, 1).reshape(-1),
+            kd_weight=st.kd_weight, lm_weight=st.lm_weight, temperature=st.temperature, reverse=st.reverse_kl,
+            vocab_size=self.vocab_size, chunk_tokens=st.chunk_tokens)
+        if st.kd_weight > 0:
+            terms["kd_loss"] = kd_sum
+        if st.lm_weight > 0:
+            terms["lm_loss"] = lm_sum
+        return objective
+
+    def _logit_terms(self, out: dict, labels, mask, terms: dict):
+        """The KL and CE terms on materialized logits (``distill.fused_output=false``)."""
+        from megatron.core import tensor_parallel
+
+        st = self.settings
+        s_logits, t_logits = out["student_logits"], out["teacher_logits"]
+        if s_logits.shape[-1] != t_logits.shape[-1]:
+            s_logits, t_logits = losses.match_vocab(s_logits, t_logits)  # TP=1, padding differs
+        total = torch.zeros((), dtype=torch.float32, device=s_logits.device)
+        if st.kd_weight > 0:
+            kl = losses.kl_div(s_logits, t_logits, st.temperature, st.reverse_kl, self.vocab_size, st.chunk_tokens)
+            terms["kd_loss"] = (kl * mask).sum()
+            total = total + st.kd_weight * terms["kd_loss"]
+        if st.lm_weight > 0:
+            ce = tensor_parallel.vocab_parallel_cross_entropy(s_logits.float().transpose(0, 1).contiguous(),
+                                                              labels.transpose(0, 1).contiguous())
+            terms["lm_loss"] = (ce.transpose(0, 1) * mask).sum()
+            total = total + st.lm_weight * terms["lm_loss"]
+        return total
 
 
 def distill_step(pair: DistillationPair, windows: torch.Tensor, micro_batch_size: int,

@@ -248,6 +248,7 @@ def run_distill(cfg, out: Path, index: int | None = None, runner=None) -> None:
              f"optim.min_lr={k.min_lr}", f"optim.warmup_steps={min(k.warmup_steps, s.distill_steps)}",
              f"distill.kd_weight={k.kd_weight}", f"distill.lm_weight={k.lm_weight}",
              f"distill.temperature={k.temperature}",
+             f"distill.fused_output={str(bool(k.fused_output)).lower()}",
              f"model.tensor_model_parallel_size={st.tensor_model_parallel_size}",
              f"model.pipeline_model_parallel_size={st.pipeline_model_parallel_size}"],
             lambda: _is_ckpt(run_dir / "student"))
