@@ -115,6 +115,15 @@ class DataSettings:
     def has_validation(self) -> bool:
         return self.num_val_samples > 0 and (self.validation is not None or self.split is not None)
 
+    def check_batches(self, data_parallel_size: int) -> None:
+        """Global batch = micro-batch x DP x micro-batches per step; validation in whole global batches."""
+        if self.global_batch_size % (self.micro_batch_size * data_parallel_size):
+            raise UserError(f"data.global_batch_size={self.global_batch_size} is not divisible by "
+                            f"data.micro_batch_size={self.micro_batch_size} x data-parallel size {data_parallel_size}")
+        if self.num_val_samples % self.global_batch_size:
+            raise UserError(f"data.num_val_samples={self.num_val_samples} must be a positive multiple of "
+                            f"data.global_batch_size={self.global_batch_size}")
+
     def cache_dir(self, run_dir: Path) -> Path:
         return Path(self.index_cache_dir).expanduser().absolute() if self.index_cache_dir else Path(run_dir) / "data_index"
 
@@ -150,9 +159,6 @@ def settings_from(d, has_cuda: bool = False) -> DataSettings:
             raise UserError("data.split and data.validation both set: the split draws validation from data.train; "
                             "set one of them")
     num_val = int(d.num_val_samples) if (validation is not None or split_val) else 0
-    if num_val and (num_val < d.global_batch_size or num_val % d.global_batch_size):
-        raise UserError(f"data.num_val_samples={num_val} must be a positive multiple of "
-                        f"data.global_batch_size={d.global_batch_size}")
     workers = d.get("num_workers")
     return DataSettings(train=train, validation=validation, split=split, seq_length=int(d.seq_length),
                         micro_batch_size=int(d.micro_batch_size), global_batch_size=int(d.global_batch_size),

@@ -37,14 +37,6 @@ def _nemo_source(source, what: str):
     return path, spec
 
 
-def _check_batch(d: DataSettings, tp: int, pp: int, world: int) -> int:
-    dp = world // (tp * pp)
-    if d.global_batch_size % (d.micro_batch_size * dp):
-        raise UserError(f"data.global_batch_size={d.global_batch_size} is not divisible by "
-                        f"data.micro_batch_size={d.micro_batch_size} x data-parallel size {dp}")
-    return dp
-
-
 def _prepare_run_dir(out: Path, overwrite: bool, final: str) -> bool:
     """False when the run already finished (its final checkpoint is complete)."""
     if out.exists() and out.is_file():
@@ -88,7 +80,7 @@ def _common_checks(cfg, tp: int, pp: int, spec) -> DataSettings:
     if world % cfg.trainer.num_nodes:
         raise UserError(f"world size {world} is not divisible by trainer.num_nodes={cfg.trainer.num_nodes}")
     data = blend.settings_from(cfg.data, platform.has_cuda())
-    _check_batch(data, tp, pp, world)
+    data.check_batches(world // (tp * pp))
     FitSettings.from_config(cfg)
     o = cfg.optim
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
