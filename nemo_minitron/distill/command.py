@@ -73,20 +73,20 @@ class FitSettings:
                    checkpoint_every=int(c.every_n_steps), checkpoint_keep=int(c.keep))
 
 
-def _common_checks(cfg, tp: int, pp: int, spec) -> DataSettings:
-    """Layout, batch, optimizer and data checks shared by distill and finetune; the resolved data settings."""
+def _common_checks(cfg, tp: int, pp: int, spec) -> tuple[DataSettings, FitSettings]:
+    """Layout, batch, optimizer and data checks shared by distill and finetune; the resolved settings."""
     world = parallel.world_size_from_env()
     parallel.validate_layout(world, tp, pp)
     if world % cfg.trainer.num_nodes:
         raise UserError(f"world size {world} is not divisible by trainer.num_nodes={cfg.trainer.num_nodes}")
     data = blend.settings_from(cfg.data, platform.has_cuda())
     data.check_batches(world // (tp * pp))
-    FitSettings.from_config(cfg)
+    fit = FitSettings.from_config(cfg)
     o = cfg.optim
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
         raise UserError(f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr (got {o.lr}, {o.min_lr})")
     blend.check(data, spec.vocab_size)
-    return data
+    return data, fit
 
 
 def _fit(model, data: DataSettings, fit: FitSettings, run_dir: Path, tp: int, pp: int, opt):
@@ -160,8 +160,7 @@ def run_finetune(cfg) -> None:
     tp, pp = cfg.trainer.strategy.tensor_model_parallel_size, cfg.trainer.strategy.pipeline_model_parallel_size
     path, spec = _nemo_source(cfg.model, "model")
     spec.validate_layout(tp, pp)
-    data = _common_checks(cfg, tp, pp, spec)
-    fit = FitSettings.from_config(cfg)
+    data, fit = _common_checks(cfg, tp, pp, spec)
     out = Path(cfg.output).absolute()
     if not cfg.overwrite and (out / MODEL_DIR).exists() and ck.is_checkpoint(out / MODEL_DIR):
         pass  # finished before: finetune_run says so
@@ -229,8 +228,7 @@ def run(cfg) -> None:
         if not (-s_spec.num_layers <= s_layer < s_spec.num_layers and -t_spec.num_layers <= t_layer < t_spec.num_layers):
             raise UserError(f"distill.intermediate_pairs [{s_layer}, {t_layer}] is out of range (student has "
                             f"{s_spec.num_layers} layers, teacher {t_spec.num_layers})")
-    data = _common_checks(cfg, tp, pp, s_spec)
-    fit = FitSettings.from_config(cfg)
+    data, fit = _common_checks(cfg, tp, pp, s_spec)
     correction = FitSettings.from_config(cfg, cfg.finetune.max_steps) if cfg.distill.teacher_correction else None
     out = Path(cfg.output).absolute()
     if not _prepare_run_dir(out, cfg.overwrite, STUDENT_DIR):
