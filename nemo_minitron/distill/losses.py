@@ -57,19 +57,21 @@ def _chunk_rows(chunk: int, v_local: int) -> int:
 _WORKSPACE: dict = {}
 
 
-def _workspace(rows: int, cols: int, device) -> torch.Tensor:
-    """Four reusable fp32 blocks [4, rows, cols] (fresh allocations per chunk cost page faults on CPU)."""
-    key = str(device)
+def _workspace(rows: int, cols: int, device, blocks: int = 4, user: str = "kl") -> torch.Tensor:
+    """Reusable fp32 blocks ``[blocks, rows, cols]``, one buffer per ``user`` and device (fresh allocations
+    per chunk cost page faults on CPU); the old buffer is dropped before a larger one is allocated."""
+    key = (user, str(device))
+    need = blocks * rows * cols
     buf = _WORKSPACE.get(key)
-    if buf is None or buf.numel() < 4 * rows * cols:
-        buf = torch.empty(4 * rows * cols, dtype=torch.float32, device=device)
+    if buf is None or buf.numel() < need:
+        _WORKSPACE.pop(key, None)
+        buf = torch.empty(need, dtype=torch.float32, device=device)
         _WORKSPACE[key] = buf
-    return buf[: 4 * rows * cols].view(4, rows, cols)
+    return buf[:need].view(blocks, rows, cols)
 
 
 def release_workspace() -> None:
     _WORKSPACE.clear()
-    _FUSED_WORKSPACE.clear()
 
 
 def _softmax_block(logits: torch.Tensor, a: int, b: int, keep: int, temperature: float, group, world: int,
@@ -198,20 +200,6 @@ def fused_output_bytes(tokens: int, v_local: int, student_hidden: int, lm: bool 
     return total
 
 
-_FUSED_WORKSPACE: dict = {}
-
-
-def _fused_workspace(blocks: int, rows: int, cols: int, device) -> torch.Tensor:
-    key = str(device)
-    need = blocks * rows * cols
-    buf = _FUSED_WORKSPACE.get(key)
-    if buf is None or buf.numel() < need:
-        _FUSED_WORKSPACE.pop(key, None)
-        buf = torch.empty(need, dtype=torch.float32, device=device)
-        _FUSED_WORKSPACE[key] = buf
-    return buf[:need].view(blocks, rows, cols)
-
-
 def _logits_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
     """``out`` (fp32 block) = h @ w^T, the output layer's matmul in the weight's dtype."""
     if h.dtype == torch.float32 and w.dtype == torch.float32:
@@ -250,7 +238,7 @@ class _FusedOutputLoss(torch.autograd.Function):
         kl_tok = torch.zeros(n, dtype=torch.float32, device=dev)
         ce_tok = torch.zeros(n, dtype=torch.float32, device=dev)
         weights = weights.float()
-        ws_blocks = _fused_workspace((4 if kd else 2) + (1 if lm and kd else 0), rows, v, dev)
+        ws_blocks = _workspace(rows, v, dev, blocks=(4 if kd else 2) + (1 if lm and kd else 0), user="fused")
         if lm:
             local = labels - rank * v
             on_rank = (local >= 0) & (local < v)
