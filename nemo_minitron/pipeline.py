@@ -226,8 +226,8 @@ def run(cfg) -> None:
         import shutil
 
         shutil.rmtree(run_dir)
-    sources = {s: _data_source(d[s] if OmegaConf.is_list(d[s]) else str(d[s]), s)
-               for s in ("train", "calibration", "heldout")}
+    given = {s: list(d[s]) if OmegaConf.is_list(d[s]) else str(d[s]) for s in ("train", "calibration", "heldout")}
+    sources = {s: _data_source(v, s) for s, v in given.items()}
     run_dir.mkdir(parents=True, exist_ok=True)
     r = Runner(run_dir, cfg.launcher.command)
     t_start = time.time()
@@ -246,7 +246,7 @@ def run(cfg) -> None:
     for split, files in sources.items():
         prefix = run_dir / "data" / split
         if files is None:
-            prefixes[split] = list(d[split]) if OmegaConf.is_list(d[split]) else Path(str(d[split]))
+            prefixes[split] = given[split] if isinstance(given[split], list) else Path(given[split])
             continue
         prefixes[split] = prefix
         r.stage(f"preprocess_{split}", "preprocess",
