@@ -3,9 +3,11 @@ teacher + student), computed from the model configs alone and refused when the l
 
     nemo-minitron distill ... --dry-run          nemo-minitron pipeline ... --dry-run
 
-The memory estimate is per GPU, bf16 weights, Megatron's distributed optimizer over data parallel
-(fp32 master weights + Adam moments sharded over DP), fp32 gradients, and activations of one micro-batch
-for the student (selective recomputation: ~34*s*b*h bytes per layer / TP, Korthikanti et al. 2022) plus
+The memory estimate is per GPU: weights in ``model.precision`` (bf16 by default), Megatron's distributed
+optimizer over data parallel (fp32 master weights + Adam moments sharded over DP; ``optim.distributed_optimizer
+=false``: not sharded), fp32 gradients, and activations of one micro-batch for the student (selective
+recomputation: ~34*s*b*h bytes per layer / TP with sequence parallelism, (10 + 24/TP)*s*b*h without,
+Korthikanti et al. 2022) plus
 the logits: with ``distill.fused_output`` (the default) the fused loss's chunk blocks, weight-gradient
 accumulator and hidden-state gradient (``losses.fused_output_bytes``), else the materialized logits
 (student, teacher, and the KL's gradient, each s*b*V/TP). The teacher holds weights only.
@@ -25,10 +27,16 @@ def _check(spec, what: str, tp: int, pp: int) -> None:
 
 
 def plan(t_spec, s_spec, nodes: int, gpus_per_node: int, tp: int, pp: int, seq: int, mbs: int, gbs: int,
-         fused_output: bool = True, chunk_tokens: int = 0, lm: bool = False) -> dict:
+         fused_output: bool = True, chunk_tokens: int = 0, lm: bool = False, sequence_parallel: bool | None = None,
+         distributed_optimizer: bool = True, precision: str = "bf16") -> dict:
+    from nemo_minitron.parallel import Layout
+
     world = nodes * gpus_per_node
     if world % (tp * pp):
         raise UserError(f"{nodes} node(s) x {gpus_per_node} GPUs = {world} is not divisible by TP*PP = {tp}*{pp}")
+    layout = Layout.resolve(world, tp, pp, sequence_parallel)
+    if layout.sequence_parallel and seq % tp:
+        raise UserError(f"sequence length {seq} is not divisible by TP={tp} (sequence parallelism)")
     if tp > gpus_per_node:
         raise UserError(f"TP={tp} spans nodes ({gpus_per_node} GPUs per node): keep tensor parallelism within a node")
     _check(t_spec, "teacher", tp, pp)
@@ -39,26 +47,33 @@ def plan(t_spec, s_spec, nodes: int, gpus_per_node: int, tp: int, pp: int, seq: 
     gib = 2 ** 30
     t_p, s_p = count_params(t_spec), count_params(s_spec)
     shard = tp * pp
-    teacher_w = 2 * t_p / shard
-    student_w = 2 * s_p / shard
+    wb = 4 if precision == "fp32" else 2
+    teacher_w = wb * t_p / shard
+    student_w = wb * s_p / shard
     grads = 4 * s_p / shard
-    optim = 12 * s_p / shard / dp
+    # Adam moments (+ fp32 main parameters beside 16-bit weights), sharded over DP by the distributed optimizer
+    optim = (8 if precision == "fp32" else 12) * s_p / shard / (dp if distributed_optimizer else 1)
     L_stage = s_spec.num_layers / pp
-    act = 34 * seq * mbs * s_spec.hidden_size * L_stage / tp
+    # per layer: 34 s b h / TP with sequence parallelism, (10 + 24 / TP) s b h without (Korthikanti et al.)
+    per_sbh = 34 / tp if layout.sequence_parallel or tp == 1 else 10 + 24 / tp
+    act = per_sbh * seq * mbs * s_spec.hidden_size * L_stage * wb / 2
     if fused_output:
         from nemo_minitron.distill.losses import fused_output_bytes
 
         logits = fused_output_bytes(seq * mbs, -(-s_spec.vocab_size // tp), s_spec.hidden_size, lm, chunk_tokens,
-                                    weight_bytes=2)
+                                    weight_bytes=wb)
     else:
         logits = 3 * 4 * seq * mbs * s_spec.vocab_size / tp
     total = teacher_w + student_w + grads + optim + act + logits
     return {
         "nodes": nodes, "gpus_per_node": gpus_per_node, "world_size": world, "tp": tp, "pp": pp, "dp": dp,
+        "sequence_parallel": layout.sequence_parallel, "distributed_optimizer": distributed_optimizer,
+        "precision": precision,
         "micro_batches_per_step": gbs // (mbs * dp), "tokens_per_step": gbs * seq,
         "teacher_params": t_p, "student_params": s_p,
         "memory_gib_per_gpu": {"teacher_weights": teacher_w / gib, "student_weights": student_w / gib,
-                               "student_grads_fp32": grads / gib, "optimizer_fp32_dp_sharded": optim / gib,
+                               "student_grads_fp32": grads / gib,
+                               ("optimizer_fp32_dp_sharded" if distributed_optimizer else "optimizer_fp32"): optim / gib,
                                "activations": act / gib, "logits_and_kl": logits / gib, "total": total / gib},
     }
 
@@ -67,7 +82,10 @@ def show(p: dict, t_desc: str, s_desc: str) -> str:
     m = p["memory_gib_per_gpu"]
     lines = [
         f"launch: {p['nodes']} node(s) x {p['gpus_per_node']} GPUs = {p['world_size']} ranks; "
-        f"TP={p['tp']} x PP={p['pp']} x DP={p['dp']}",
+        f"TP={p['tp']} x PP={p['pp']} x DP={p['dp']}"
+        + (", sequence parallel" if p.get("sequence_parallel") else "")
+        + f"; {p.get('precision', 'bf16')}"
+        + (f", distributed optimizer over DP={p['dp']}" if p.get("distributed_optimizer", True) else ", Adam (not sharded)"),
         f"  teacher {p['teacher_params'] / 1e9:.2f}B params ({t_desc})",
         f"  student {p['student_params'] / 1e9:.2f}B params ({s_desc})",
         f"  {p['micro_batches_per_step']} micro-batches per step per DP rank, {p['tokens_per_step']:,} tokens per step",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -42,6 +43,36 @@ def validate_layout(world_size: int, tp: int, pp: int) -> None:
         raise UserError(f"tensor/pipeline parallel sizes must be >= 1 (got TP={tp}, PP={pp})")
     if world_size % (tp * pp) != 0:
         raise UserError(f"world size {world_size} is not divisible by TP*PP = {tp}*{pp}")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One run's process layout: tensor x pipeline model parallelism, data parallelism over the rest of the
+    world (DP = world / (TP x PP), as in Megatron-LM) and sequence parallelism (activations outside the
+    tensor-parallel regions split along the sequence over the TP ranks)."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    sequence_parallel: bool = False
+
+    @classmethod
+    def resolve(cls, world: int, tp: int, pp: int, sequence_parallel: bool | None = None,
+                sp_key: str = "model.sequence_parallel") -> "Layout":
+        """Validate and derive the layout; ``sequence_parallel=None`` means on when TP > 1 (Megatron's advice)."""
+        validate_layout(world, tp, pp)
+        sp = tp > 1 if sequence_parallel is None else bool(sequence_parallel)
+        if sp and tp == 1:
+            raise UserError(f"{sp_key}=true needs tensor parallelism (TP > 1; TP is 1 here): sequence "
+                            "parallelism splits the activations over the tensor-parallel ranks")
+        return cls(tp=tp, pp=pp, dp=world // (tp * pp), sequence_parallel=sp)
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def __str__(self) -> str:
+        return f"TP={self.tp} PP={self.pp} DP={self.dp}" + (" SP" if self.sequence_parallel else "")
 
 
 def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:

@@ -176,7 +176,13 @@ def _precision_args(cfg) -> dict:
     from nemo_minitron.model import precision
 
     precision.resolve(cfg.model)
-    return {"distill": [f"model.{k}={'null' if cfg.model[k] is None else cfg.model[k]}" for k in PRECISION_KEYS],
+    m = cfg.model
+    sp = "null" if m.sequence_parallel is None else str(bool(m.sequence_parallel)).lower()
+    dist_opt = f"optim.distributed_optimizer={str(bool(cfg.optim.distributed_optimizer)).lower()}"
+    return {"distill": [f"model.{k}={'null' if m[k] is None else m[k]}" for k in PRECISION_KEYS]
+            + [f"model.sequence_parallel={sp}", dist_opt],
+            "finetune": [f"trainer.strategy.sequence_parallel={sp}",
+                         f"trainer.precision={'null' if m.precision is None else m.precision}", dist_opt],
             "prune": ["prune.fp8_shapes=true"] if cfg.model.get("fp8") else []}
 
 
@@ -261,7 +267,7 @@ def run(cfg) -> None:
                 [f"model={teacher}", f"output={tc}", f"data.train={blend_arg(prefixes['train'])}",
                  f"data.seq_length={k.seq_length}", f"data.micro_batch_size={k.micro_batch_size}",
                  f"data.global_batch_size={k.global_batch_size}", f"trainer.max_steps={tcfg.max_steps}",
-                 f"optim.lr={tcfg.lr}", f"optim.min_lr={tcfg.lr / 10}", *par],
+                 f"optim.lr={tcfg.lr}", f"optim.min_lr={tcfg.lr / 10}", *par, *prec["finetune"]],
                 lambda: _is_ckpt(tc / "model"))
         teacher = tc / "model"
 
@@ -284,7 +290,7 @@ def run(cfg) -> None:
     scratch = run_dir / "scratch"
     if e.scratch_baseline:
         r.stage("scratch", "finetune", [f"model={pruned}", f"output={scratch}", "random_init=true", *common,
-                                        "optim.lr=1e-3", *par],
+                                        "optim.lr=1e-3", *par, *prec["finetune"]],
                 lambda: _is_ckpt(scratch / "model"))
 
     # 6. evaluate
@@ -343,8 +349,12 @@ def dry_run(cfg) -> None:
     t_spec, s_spec = shapes[-2], shapes[-1]
     k = cfg.distill
     nodes, gpus = cfg.launcher.nodes, cfg.launcher.gpus_per_node
+    from nemo_minitron.model.precision import name as precision_name
+
     plan = lp.plan(t_spec, s_spec, nodes, gpus, tp, pp, k.seq_length, k.micro_batch_size, k.global_batch_size,
-                   fused_output=k.fused_output, lm=k.lm_weight > 0)
+                   fused_output=k.fused_output, lm=k.lm_weight > 0, sequence_parallel=cfg.model.sequence_parallel,
+                   distributed_optimizer=bool(cfg.optim.distributed_optimizer),
+                   precision=precision_name(cfg.model.precision, cuda=True))
     print(lp.show(plan, lp.describe_shape(t_spec), lp.describe_shape(s_spec)))
     print(f"  distillation: {k.max_steps} steps = {k.max_steps * plan['tokens_per_step'] / 1e9:.1f}B tokens")
     train = cfg.data.train

@@ -61,27 +61,47 @@ class FitSettings:
     num_nodes: int
     checkpoint_every: int
     checkpoint_keep: int
+    layout: parallel.Layout = parallel.Layout()
+    precision: str = "fp32"  # bf16 | fp16 | fp32: megatron mixed precision (fp32 main parameters)
+    distributed_optimizer: bool = True
 
     @classmethod
-    def from_config(cls, cfg, max_steps: int | None = None) -> "FitSettings":
+    def from_config(cls, cfg, layout: parallel.Layout, precision: str,
+                    max_steps: int | None = None) -> "FitSettings":
         t, c = cfg.trainer, cfg.checkpoint
         steps = t.max_steps if max_steps is None else max_steps
         if steps < 1:
             raise UserError("trainer.max_steps must be >= 1")
         return cls(max_steps=int(steps), val_check_interval=int(min(t.val_check_interval, steps)),
                    log_every_n_steps=int(t.log_every_n_steps), num_nodes=int(t.num_nodes),
-                   checkpoint_every=int(c.every_n_steps), checkpoint_keep=int(c.keep))
+                   checkpoint_every=int(c.every_n_steps), checkpoint_keep=int(c.keep), layout=layout,
+                   precision=precision, distributed_optimizer=bool(cfg.optim.distributed_optimizer))
+
+    def replace(self, **changes) -> "FitSettings":
+        import dataclasses
+
+        return dataclasses.replace(self, **changes)
 
 
-def _common_checks(cfg, tp: int, pp: int, spec) -> tuple[DataSettings, FitSettings]:
-    """Layout, batch, optimizer and data checks shared by distill and finetune; the resolved settings."""
+def _common_checks(cfg, tp: int, pp: int, spec, sequence_parallel, precision, sp_key: str,
+                   precision_key: str) -> tuple[DataSettings, FitSettings]:
+    """Layout, batch, precision, optimizer and data checks shared by distill and finetune; the resolved settings."""
+    from nemo_minitron.model.precision import name as precision_name
+
     world = parallel.world_size_from_env()
-    parallel.validate_layout(world, tp, pp)
+    layout = parallel.Layout.resolve(world, tp, pp, sequence_parallel, sp_key=sp_key)
     if world % cfg.trainer.num_nodes:
         raise UserError(f"world size {world} is not divisible by trainer.num_nodes={cfg.trainer.num_nodes}")
+    try:
+        precision = precision_name(precision, platform.has_cuda())
+    except UserError as e:
+        raise UserError(str(e).replace("model.precision", precision_key)) from None
     data = blend.settings_from(cfg.data, platform.has_cuda())
-    data.check_batches(world // (tp * pp))
-    fit = FitSettings.from_config(cfg)
+    data.check_batches(layout.dp)
+    if layout.sequence_parallel and data.seq_length % tp:
+        raise UserError(f"data.seq_length={data.seq_length} is not divisible by TP={tp}: sequence parallelism "
+                        f"splits each sequence over the tensor-parallel ranks (or set {sp_key}=false)")
+    fit = FitSettings.from_config(cfg, layout, precision)
     o = cfg.optim
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
         raise UserError(f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr (got {o.lr}, {o.min_lr})")
@@ -106,7 +126,7 @@ def _fit_inner(model, data: DataSettings, fit: FitSettings, run_dir: Path, tp: i
     preemption = Preemption(run_dir)
     metrics = MetricsLog(run_dir / "metrics.jsonl", data.global_batch_size * data.seq_length, fit.max_steps,
                          every=fit.log_every_n_steps)
-    trainer = build_trainer(run_dir, tp, pp, fit.max_steps, fit.val_check_interval,
+    trainer = build_trainer(run_dir, fit.layout, fit.precision, fit.max_steps, fit.val_check_interval,
                             data.num_val_samples // data.global_batch_size if data.has_validation else 0,
                             fit.checkpoint_every, fit.checkpoint_keep, [metrics, preemption], num_nodes=fit.num_nodes)
     model.optim = opt
@@ -125,12 +145,16 @@ def _fit_inner(model, data: DataSettings, fit: FitSettings, run_dir: Path, tp: i
     return trainer
 
 
-def _optim(o, max_steps: int, lr=None, min_lr=None, warmup=None):
+def _optim(o, fit: FitSettings, lr=None, min_lr=None, warmup=None):
     from nemo_minitron.distill.train import optimizer
 
     return optimizer(lr or o.lr, o.min_lr if min_lr is None else min_lr,
-                     o.warmup_steps if warmup is None else warmup, max_steps, o.weight_decay, o.clip_grad,
-                     o.adam_beta1, o.adam_beta2)
+                     o.warmup_steps if warmup is None else warmup, fit.max_steps, o.weight_decay, o.clip_grad,
+                     o.adam_beta1, o.adam_beta2, distributed=fit.distributed_optimizer, precision=fit.precision)
+
+
+def _optimizer_name(fit: FitSettings) -> str:
+    return f"distributed optimizer over DP={fit.layout.dp}" if fit.distributed_optimizer else "Adam"
 
 
 def finetune_run(data: DataSettings, fit: FitSettings, model_path: Path, spec, run_dir: Path, tp: int, pp: int,
@@ -157,16 +181,18 @@ def run_finetune(cfg) -> None:
     from nemo_minitron.distill.train import install_signal_handlers
 
     install_signal_handlers()
-    tp, pp = cfg.trainer.strategy.tensor_model_parallel_size, cfg.trainer.strategy.pipeline_model_parallel_size
+    st = cfg.trainer.strategy
+    tp, pp = st.tensor_model_parallel_size, st.pipeline_model_parallel_size
     path, spec = _nemo_source(cfg.model, "model")
     spec.validate_layout(tp, pp)
-    data, fit = _common_checks(cfg, tp, pp, spec)
+    data, fit = _common_checks(cfg, tp, pp, spec, st.sequence_parallel, cfg.trainer.precision,
+                               "trainer.strategy.sequence_parallel", "trainer.precision")
     out = Path(cfg.output).absolute()
     if not cfg.overwrite and (out / MODEL_DIR).exists() and ck.is_checkpoint(out / MODEL_DIR):
         pass  # finished before: finetune_run says so
     elif cfg.overwrite:
         _prepare_run_dir(out, True, MODEL_DIR)
-    final = finetune_run(data, fit, path, spec, out, tp, pp, _optim(cfg.optim, fit.max_steps),
+    final = finetune_run(data, fit, path, spec, out, tp, pp, _optim(cfg.optim, fit),
                          random_init=cfg.random_init)
     if parallel.is_rank0():
         print(f"wrote checkpoint: {final}")
@@ -228,8 +254,11 @@ def run(cfg) -> None:
         if not (-s_spec.num_layers <= s_layer < s_spec.num_layers and -t_spec.num_layers <= t_layer < t_spec.num_layers):
             raise UserError(f"distill.intermediate_pairs [{s_layer}, {t_layer}] is out of range (student has "
                             f"{s_spec.num_layers} layers, teacher {t_spec.num_layers})")
-    data, fit = _common_checks(cfg, tp, pp, s_spec)
-    correction = FitSettings.from_config(cfg, cfg.finetune.max_steps) if cfg.distill.teacher_correction else None
+    data, fit = _common_checks(cfg, tp, pp, s_spec, cfg.model.sequence_parallel, cfg.model.precision,
+                               "model.sequence_parallel", "model.precision")
+    correction = None
+    if cfg.distill.teacher_correction:
+        correction = FitSettings.from_config(cfg, fit.layout, fit.precision, cfg.finetune.max_steps)
     out = Path(cfg.output).absolute()
     if not _prepare_run_dir(out, cfg.overwrite, STUDENT_DIR):
         if parallel.is_rank0():
@@ -245,15 +274,14 @@ def run(cfg) -> None:
     if cfg.distill.teacher_correction:
         f = cfg.finetune
         t_path = finetune_run(data, correction, t_path, t_spec, out / CORRECTED_DIR, tp, pp,
-                              _optim(cfg.optim, f.max_steps, lr=f.lr, min_lr=f.min_lr, warmup=f.warmup_steps))
+                              _optim(cfg.optim, correction, lr=f.lr, min_lr=f.min_lr, warmup=f.warmup_steps))
     if parallel.is_rank0():
-        dp = parallel.world_size_from_env() // (tp * pp)
         print(f"distilling {count_params(t_spec) / 1e6:.1f}M-param teacher -> {count_params(s_spec) / 1e6:.1f}M-param "
               f"student, {fit.max_steps} steps x {data.global_batch_size} x {data.seq_length} tokens "
-              f"(TP={tp} PP={pp} DP={dp})", flush=True)
+              f"({fit.layout}, {fit.precision}, {_optimizer_name(fit)})", flush=True)
     model = DistillationGPTModel(instantiate(s_spec, tp, pp, **s_over), teacher_ckpt=str(t_path), settings=settings,
                                  init_from=str(s_path), teacher_overrides=t_over)
-    _fit(model, data, fit, out, tp, pp, _optim(cfg.optim, fit.max_steps))
+    _fit(model, data, fit, out, tp, pp, _optim(cfg.optim, fit))
     final = save_student(model, out / STUDENT_DIR, s_spec, ck.tokenizer_dir(s_path) or ck.tokenizer_dir(t_path))
     if parallel.is_rank0():
         print(f"distilled in {time.time() - t0:.0f}s; metrics in {out / 'metrics.jsonl'}, TensorBoard in {out / 'tb'}")
@@ -270,12 +298,17 @@ def dry_run(cfg) -> None:
     tp, pp = cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size
     check_pair_vocab(s_spec, t_spec, tp)
     settings_from(cfg)
+    from nemo_minitron.model.precision import name as precision_name
+
     gpus = cfg.trainer.devices or 8
     d = blend.settings_from(cfg.data, has_cuda=True)
-    fit = FitSettings.from_config(cfg)
+    layout = parallel.Layout.resolve(cfg.trainer.num_nodes * gpus, tp, pp, cfg.model.sequence_parallel)
+    fit = FitSettings.from_config(cfg, layout, precision_name(cfg.model.precision, cuda=True))
     k = cfg.distill
     p = lp.plan(t_spec, s_spec, cfg.trainer.num_nodes, gpus, tp, pp, d.seq_length, d.micro_batch_size,
-                d.global_batch_size, fused_output=k.fused_output, chunk_tokens=k.chunk_tokens, lm=k.lm_weight > 0)
+                d.global_batch_size, fused_output=k.fused_output, chunk_tokens=k.chunk_tokens, lm=k.lm_weight > 0,
+                sequence_parallel=layout.sequence_parallel, distributed_optimizer=fit.distributed_optimizer,
+                precision=fit.precision)
     print(lp.show(p, lp.describe_shape(t_spec), lp.describe_shape(s_spec)))
     print(f"  {fit.max_steps} steps = {fit.max_steps * p['tokens_per_step'] / 1e9:.2f}B tokens")
     print(blend.plan_or_note(d, fit.max_steps, d.cache_dir(Path(cfg.output)).as_posix()))

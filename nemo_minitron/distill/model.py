@@ -95,7 +95,8 @@ class DistillationGPTModel(InitializedGPTModel):
 
         t_spec = ck.read_spec(self.teacher_ckpt)
         teacher = build(t_spec, self.config.tensor_model_parallel_size, self.config.pipeline_model_parallel_size,
-                        initialize=False, **self.teacher_overrides)
+                        initialize=False, **{"sequence_parallel": bool(self.config.sequence_parallel),
+                                             **self.teacher_overrides})
         ck.load_weights(self.teacher_ckpt, teacher)
         # outside the module tree: Lightning, DDP, the optimizer and checkpoints never see the teacher
         object.__setattr__(self, "teacher", teacher)

@@ -138,6 +138,17 @@ def to_output_region(hidden: torch.Tensor, model, grad: bool = True) -> torch.Te
     return hidden
 
 
+def _full_sequence(hidden: torch.Tensor, model) -> torch.Tensor:
+    """A layer's output as the whole sequence on every TP rank. Under sequence parallelism each TP rank holds
+    its slice of the sequence: all-gather it; the gradient is each rank's own slice (every TP rank computes
+    the same loss on the gathered tensor, so a sum over ranks would count it TP times)."""
+    if not getattr(_inner(model).config, "sequence_parallel", False):
+        return hidden
+    from megatron.core.tensor_parallel import mappings
+
+    return mappings.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+
+
 def _layer_offset(model) -> int:
     from nemo_minitron.model.shards import layer_offset
 
@@ -279,6 +290,7 @@ class DistillationPair:
             inter = torch.zeros((), dtype=torch.float32, device=mask.device)
             smask = mask.transpose(0, 1)  # hidden states are [s, b, h]
             for k, (hs, ht) in enumerate(out["hidden"]):
+                hs, ht = _full_sequence(hs, self.student), _full_sequence(ht, self.teacher)
                 if projs is not None:
                     hs = projs[k](hs)
                 inter = inter + (losses.hidden_loss(hs, ht, st.intermediate_loss) * smask).sum()

@@ -173,34 +173,45 @@ def read_metrics(path: Path) -> dict:
     return {"train": train, "val": val}
 
 
-def build_trainer(run_dir: Path, tp: int, pp: int, max_steps: int, val_check_interval: int, limit_val_batches: int,
-                  ckpt_every: int, keep: int, callbacks: list, num_nodes: int = 1):
-    """nl.Trainer + MegatronStrategy for this platform, with checkpointing and resume under ``run_dir``."""
+PLUGIN_PRECISION = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32"}
+
+
+def build_trainer(run_dir: Path, layout: parallel.Layout, precision: str, max_steps: int, val_check_interval: int,
+                  limit_val_batches: int, ckpt_every: int, keep: int, callbacks: list, num_nodes: int = 1):
+    """nl.Trainer + MegatronStrategy for this layout and precision, with checkpointing and resume under ``run_dir``.
+
+    ``precision`` is megatron's mixed precision (NeMo's ``MegatronMixedPrecision``): bf16/fp16 parameters and
+    activations, fp32 main parameters and gradients in the optimizer; it runs on CPU as on GPU. Optimizer
+    state is checkpointed in megatron's fully reshardable format, so a run may resume at another TP/PP/DP.
+    """
     from nemo import lightning as nl
     from nemo.lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
+
+    from nemo_minitron.model.precision import dtype_fields
 
     platform.activate()
     world = parallel.world_size_from_env()
     devices = max(1, world // num_nodes)
     strategy = nl.MegatronStrategy(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        sequence_parallel=layout.sequence_parallel,
         ckpt_async_save=False, ckpt_parallel_save=False, ckpt_load_strictness="log_all",
-        pipeline_dtype=None if not platform.has_cuda() else torch.bfloat16,
+        ckpt_optim_fully_reshardable=True,
+        pipeline_dtype=dtype_fields(precision)["pipeline_dtype"],
     )
     checkpoint = ModelCheckpoint(
         dirpath=str(run_dir / "checkpoints"), filename="{step}", monitor="step", mode="max",
         every_n_train_steps=ckpt_every, save_top_k=keep, save_last=True, save_on_train_epoch_end=False,
         always_save_context=False, save_context_on_train_end=False, save_optim_on_train_end=True,
     )
-    precision = "bf16-mixed" if platform.has_cuda() else "32"
     trainer = nl.Trainer(
         accelerator="gpu" if platform.has_cuda() else "cpu", devices=devices, num_nodes=num_nodes,
         max_steps=max_steps, val_check_interval=val_check_interval, limit_val_batches=limit_val_batches,
         num_sanity_val_steps=0, log_every_n_steps=1, enable_progress_bar=False,
         check_val_every_n_epoch=None,  # val_check_interval counts global steps (survives resume)
         logger=False, callbacks=list(callbacks), strategy=strategy,
-        plugins=nl.MegatronMixedPrecision(precision=precision),
+        plugins=nl.MegatronMixedPrecision(precision=PLUGIN_PRECISION[precision]),
     )
     log = nl.NeMoLogger(explicit_log_dir=str(run_dir), ckpt=checkpoint, use_datetime_version=False,
                         tensorboard=TensorBoardLogger(save_dir="tb", name="", version=""))  # NeMo puts it under run_dir
@@ -211,15 +222,21 @@ def build_trainer(run_dir: Path, tp: int, pp: int, max_steps: int, val_check_int
 
 
 def optimizer(lr: float, min_lr: float, warmup_steps: int, max_steps: int, weight_decay: float,
-              clip_grad: float, beta1: float = 0.9, beta2: float = 0.95):
-    """Megatron Adam + linear warmup and cosine decay to ``min_lr`` (NeMo's scheduler)."""
+              clip_grad: float, beta1: float = 0.9, beta2: float = 0.95, distributed: bool = True,
+              precision: str = "fp32"):
+    """Megatron Adam + linear warmup and cosine decay to ``min_lr`` (NeMo's scheduler).
+
+    ``distributed``: megatron's distributed optimizer (ZeRO-1: fp32 main parameters and Adam moments sharded
+    over the data-parallel ranks; gradients reduce-scattered, parameters all-gathered). ``precision`` must
+    be the trainer's: with bf16/fp16 the optimizer keeps fp32 main parameters beside the 16-bit model.
+    """
     from megatron.core.optimizer import OptimizerConfig
     from nemo import lightning as nl
     from nemo.lightning.pytorch.optim import CosineAnnealingScheduler
 
     cfg = OptimizerConfig(optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=weight_decay,
                           adam_beta1=beta1, adam_beta2=beta2, clip_grad=clip_grad,
-                          use_distributed_optimizer=platform.has_cuda(), bf16=platform.has_cuda())
+                          use_distributed_optimizer=distributed, bf16=precision == "bf16", fp16=precision == "fp16")
     sched = CosineAnnealingScheduler(warmup_steps=warmup_steps, constant_steps=0, max_steps=max_steps, min_lr=min_lr)
     return nl.MegatronOptimizerModule(config=cfg, lr_scheduler=sched)
 

@@ -15,9 +15,7 @@ def instantiate(spec: ModelSpec, tp: int = 1, pp: int = 1, **extra):
     args.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     args.update(platform.config_overrides())
     args.update(extra)
-    if not platform.has_cuda():
-        args.update(bf16=False, fp16=False)
-    elif "pipeline_dtype" not in args:
+    if "pipeline_dtype" not in args:
         args["pipeline_dtype"] = (
             torch.bfloat16 if args.get("bf16") else torch.float16 if args.get("fp16") else torch.float32
         )
@@ -34,7 +32,7 @@ def build(spec: ModelSpec, tp: int = 1, pp: int = 1, tokenizer=None, initialize:
     config = instantiate(spec, tp, pp, perform_initialization=initialize, **extra)
     model = config.configure_model(tokenizer)
     model.to(platform.device())
-    if platform.has_cuda() and (config.bf16 or config.fp16):
+    if config.bf16 or config.fp16:
         dtype = torch.bfloat16 if config.bf16 else torch.float16
         model.to(dtype)
     return model

@@ -39,6 +39,23 @@ def current() -> Platform:
     return Platform(platform.has_cuda(), platform.has_transformer_engine(), cap)
 
 
+def name(precision: str | None, cuda: bool) -> str:
+    """``model.precision``, validated; null means bf16 with CUDA and fp32 on CPU (fastest there)."""
+    precision = precision or ("bf16" if cuda else "fp32")
+    if precision not in PRECISIONS:
+        raise UserError(f"model.precision={precision!r}: one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def dtype_fields(precision: str) -> dict:
+    """TransformerConfig dtype fields of a model held in ``precision`` (a frozen teacher, an evaluated model)."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    return dict(bf16=precision == "bf16", fp16=precision == "fp16", params_dtype=dtype, pipeline_dtype=dtype,
+                autocast_dtype=dtype)
+
+
 def resolve(m, env: Platform | None = None) -> dict:
     """``model.*`` settings -> config fields (``transformer_layer_spec``, dtypes, fp8_*)."""
     env = env or current()
@@ -52,15 +69,8 @@ def resolve(m, env: Platform | None = None) -> dict:
 
     out = {"transformer_impl": impl,
            "transformer_layer_spec": transformer_engine_layer_spec if impl == "transformer_engine" else local_layer_spec}
-    precision = m.get("precision") or "bf16"
-    if precision not in PRECISIONS:
-        raise UserError(f"model.precision={precision!r}: one of {', '.join(PRECISIONS)}")
-    if env.cuda:
-        import torch
-
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-        out.update(bf16=precision == "bf16", fp16=precision == "fp16", params_dtype=dtype, pipeline_dtype=dtype,
-                   autocast_dtype=dtype)
+    precision = name(m.get("precision"), env.cuda)
+    out.update(dtype_fields(precision))
     fp8 = m.get("fp8")
     if not fp8:
         return out

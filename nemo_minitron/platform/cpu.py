@@ -14,7 +14,8 @@ What is changed, in one list:
 1. A global ``TorchFunctionMode`` rewrites every CUDA device argument (``"cuda"``, ``"cuda:N"``, an
    integer ordinal) to ``cpu`` and makes ``Tensor.cuda()`` a no-op, so megatron's hard-coded CUDA
    factories (schedules, p2p communication, rerun state machine, tensor-parallel buffers, causal mask)
-   allocate on the CPU.
+   allocate on the CPU, and ``Tensor.type()`` names CPU tensors as their CUDA types (megatron's mixed
+   precision and distributed optimizers dispatch on ``"torch.cuda.BFloat16Tensor"`` and the like).
 2. ``torch.cuda.current_device`` returns the CPU device, ``torch.cuda.synchronize`` /
    ``torch.cuda.set_device`` / ``torch.cuda.empty_cache`` are no-ops, and ``torch.cuda.Stream`` /
    ``torch.cuda.stream`` are inert stand-ins (NeMo's ``MegatronParallel`` uses a side stream).
@@ -25,9 +26,16 @@ What is changed, in one list:
    and ``all_gather_into_tensor`` falls back to ``all_gather`` (gloo lacks the fused collective).
 5. Gradient clipping: megatron's ``clip_grad_by_total_norm_fp32`` asserts CUDA grads; a CPU version
    scales the same grads by the same coefficient.
-6. NeMo's checkpoint loader asserts ``torch.cuda.is_initialized()`` to move loaded tensors to the
+6. Resume with megatron's distributed optimizer over torch's Adam (no Apex/TE): the empty optimizer state
+   gets its initial values before megatron reads it as the load template (see ``_patch_megatron``).
+   NeMo's checkpoint loader asserts ``torch.cuda.is_initialized()`` to move loaded tensors to the
    current GPU (``nemo.lightning.io.pl._fix_tensors_device``): on CPU there is nothing to move.
-7. :func:`config_overrides` names the megatron ``TransformerConfig`` fields that must be off without
+7. Sequence parallelism without Apex or TE: megatron's only norm then is ``WrappedTorchNorm`` (torch's
+   LayerNorm/RMSNorm), which refuses ``sequence_parallel``. The norm itself needs nothing for it: each TP
+   rank normalizes its slice of the sequence, and megatron all-reduces the norm weights' gradients over TP
+   when they carry the ``sequence_parallel`` attribute. So the norm is built as usual and its parameters
+   are marked, which is what Apex's ``FusedLayerNorm`` and TE's norms do.
+8. :func:`config_overrides` names the megatron ``TransformerConfig`` fields that must be off without
    TE/CUDA (every fusion, ``gradient_accumulation_fusion``); the model builder applies them.
 """
 
@@ -124,6 +132,9 @@ class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
             return args[0]
         if name == "is_pinned":
             return False
+        if name == "type" and len(args) == 1 and not kwargs:  # t.type(): megatron's optimizers dispatch on
+            out = func(*args)                                   # "torch.cuda.FloatTensor" / BFloat16Tensor
+            return "torch.cuda." + out[len("torch."):] if out.startswith("torch.") and ".cuda." not in out else out
         dev = kwargs.get("device")
         if dev is not None and _is_cuda_device(dev):
             kwargs = dict(kwargs)
@@ -225,6 +236,53 @@ def _patch_megatron() -> None:
     clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
+    # Without Apex/TE megatron's distributed optimizer wraps torch's Adam, whose per-parameter "step" its
+    # state_dict() reads; on resume, NeMo asks for the state dict (the load template) before any step, when
+    # torch's state is still empty, and megatron asserts. Give the empty state its initial values (zero
+    # moments, step 0) first: the checkpoint's values then replace them, as with TE's or Apex's Adam.
+    from megatron.core.optimizer import distrib_optimizer
+
+    orig_state_dict = distrib_optimizer.DistributedOptimizer.state_dict
+
+    def state_dict(self):
+        if not getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True) and self.optimizer is not None \
+                and len(self.optimizer.state) == 0 and self.init_state_fn is not None:
+            self.init_state_fn(self.optimizer, self.config)
+            for st in self.optimizer.state.values():
+                st.setdefault("step", torch.tensor(0.0))
+        return orig_state_dict(self)
+
+    distrib_optimizer.DistributedOptimizer.state_dict = state_dict
+
+    # ... and loading a fully reshardable checkpoint into torch's Adam copies every per-parameter state
+    # entry from the checkpoint's, but torch's "step" is restored from the param groups instead (megatron
+    # skips it on the checkpoint side, not on ours): keep the restored step.
+    orig_set = distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if not getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True) and "step" not in tensors \
+                and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+            if "step" in state:
+                tensors = {**tensors, "step": state["step"]}
+        return orig_set(self, model_param, tensors)
+
+    distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+
+    # ... and it restores that step as ONE tensor shared by every parameter's state, which torch's Adam then
+    # increments once per parameter per step (wrong bias correction from the first step after a resume).
+    orig_load = distrib_optimizer.DistributedOptimizer.load_state_dict
+
+    def load_state_dict(self, state_dict):
+        orig_load(self, state_dict)
+        if not getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True) and self.optimizer is not None:
+            for st in self.optimizer.state.values():
+                if torch.is_tensor(st.get("step")):
+                    st["step"] = st["step"].detach().clone()
+
+    distrib_optimizer.DistributedOptimizer.load_state_dict = load_state_dict
+
     import nemo.lightning.io.pl as nemo_io_pl
 
     nemo_io_pl._fix_tensors_device = lambda ckpt: ckpt
@@ -270,6 +328,26 @@ def _patch_gloo_collectives() -> None:
             mod.dist_reduce_scatter_func = reduce_scatter_tensor
 
 
+def _patch_norm_for_sequence_parallel() -> None:
+    import copy
+
+    from megatron.core.transformer import torch_norm
+
+    orig_new = torch_norm.WrappedTorchNorm.__new__
+
+    def __new__(cls, config, hidden_size, *args, **kwargs):
+        if not getattr(config, "sequence_parallel", False):
+            return orig_new(cls, config, hidden_size, *args, **kwargs)
+        plain = copy.copy(config)
+        plain.sequence_parallel = False
+        norm = orig_new(cls, plain, hidden_size, *args, **kwargs)
+        for p in norm.parameters():
+            setattr(p, "sequence_parallel", True)
+        return norm
+
+    torch_norm.WrappedTorchNorm.__new__ = staticmethod(__new__)
+
+
 def activate() -> bool:
     """Install the CPU accommodations once per process. Returns True when they are active.
 
@@ -284,6 +362,7 @@ def activate() -> bool:
         _patch_torch_cuda()
         _patch_megatron()
         _patch_gloo_collectives()
+        _patch_norm_for_sequence_parallel()
         _CudaToCpuMode().__enter__()  # stays pushed for the life of the process
         _ACTIVE = True
     return True

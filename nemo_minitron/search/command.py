@@ -250,7 +250,10 @@ def run_distill(cfg, out: Path, index: int | None = None, runner=None) -> None:
              f"distill.temperature={k.temperature}",
              f"distill.fused_output={str(bool(k.fused_output)).lower()}",
              f"model.tensor_model_parallel_size={st.tensor_model_parallel_size}",
-             f"model.pipeline_model_parallel_size={st.pipeline_model_parallel_size}"],
+             f"model.pipeline_model_parallel_size={st.pipeline_model_parallel_size}",
+             f"model.sequence_parallel={_null_or(st.sequence_parallel)}",
+             f"model.precision={_null_or(cfg.trainer.precision)}",
+             f"optim.distributed_optimizer={str(bool(cfg.optim.distributed_optimizer)).lower()}"],
             lambda: _is_ckpt(run_dir / "student"))
     ev = out / "eval" / f"{c['name']}.json"
     ev.parent.mkdir(exist_ok=True)
@@ -259,6 +262,10 @@ def run_distill(cfg, out: Path, index: int | None = None, runner=None) -> None:
              f"eval.seq_length={s.eval_seq_length}", f"eval.micro_batch_size={d.micro_batch_size}",
              f"output_json={ev}", *_par(cfg)],
             lambda: ev.is_file())
+
+
+def _null_or(value) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _read_candidates(out: Path) -> dict:
@@ -389,6 +396,21 @@ def _candidate_index(cfg) -> int:
     return int(i)
 
 
+def _check_training_keys(cfg) -> None:
+    """The finalists' distillation settings (sequence parallelism, precision), refused here, not in a child."""
+    from nemo_minitron import parallel, platform
+    from nemo_minitron.model.precision import name as precision_name
+
+    st = cfg.trainer.strategy
+    if st.sequence_parallel and st.tensor_model_parallel_size == 1:
+        parallel.Layout.resolve(st.pipeline_model_parallel_size, 1, st.pipeline_model_parallel_size,
+                                st.sequence_parallel, sp_key="trainer.strategy.sequence_parallel")
+    try:
+        precision_name(cfg.trainer.precision, platform.has_cuda())
+    except UserError as e:
+        raise UserError(str(e).replace("model.precision", "trainer.precision")) from None
+
+
 def run(cfg) -> None:
     s = cfg.search
     if s.phase not in PHASES:
@@ -404,6 +426,7 @@ def run(cfg) -> None:
             indexed.check_prefix(cfg.data[key])
     if cfg.data.train:  # a prefix or a blend; the distillations check its token ids against the vocabulary
         blend.check_blend(blend.Blend.parse(cfg.data.train, "data.train"), "data.train", None)
+    _check_training_keys(cfg)
     if s.phase == "rank":
         out.mkdir(parents=True, exist_ok=True)
         if cfg.launcher.command:  # this process only drives: the phase runs under the launcher
