@@ -1,4 +1,5 @@
-"""``nemo-minitron evaluate``: held-out LM loss and perplexity, at any TP/PP layout."""
+"""``nemo-minitron evaluate``: held-out LM loss and perplexity, at any TP/PP/DP layout (each DP rank
+evaluates its share of the windows; the loss is of all of them)."""
 
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ def run(cfg) -> None:
     for name in ("num_samples", "seq_length", "micro_batch_size"):
         if e[name] < 1:
             raise UserError(f"eval.{name} must be >= 1 (got {e[name]})")
-    if e.num_samples % e.micro_batch_size:
-        raise UserError(f"eval.num_samples={e.num_samples} is not divisible by eval.micro_batch_size={e.micro_batch_size}")
-    parallel.validate_layout(parallel.world_size_from_env(), tp, pp)
+    layout = parallel.Layout.resolve(parallel.world_size_from_env(), tp, pp, sequence_parallel=False)
+    if e.num_samples % (e.micro_batch_size * layout.dp):
+        raise UserError(f"eval.num_samples={e.num_samples} is not divisible by eval.micro_batch_size={e.micro_batch_size}"
+                        + (f" x data-parallel size {layout.dp} (each DP rank evaluates its share)" if layout.dp > 1 else ""))
     kind, path, spec = describe(cfg.model)
     spec.validate_layout(tp, pp)
     windows = indexed.windows(cfg.data, e.num_samples, e.seq_length, offset=e.offset)
@@ -66,7 +68,7 @@ def run(cfg) -> None:
             print(f"task {t}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if parallel.is_rank0():
         print(f"{kind} model {path}: loss {res['loss']:.4f}  perplexity {res['perplexity']:.2f}  "
-              f"tokens {res['tokens']}  ({time.time() - t0:.1f}s, TP={tp} PP={pp})")
+              f"tokens {res['tokens']}  ({time.time() - t0:.1f}s, {layout})")
         if cfg.output_json:
             tmp = Path(str(cfg.output_json) + ".partial")
             tmp.write_text(json.dumps(res, indent=2))

@@ -103,6 +103,38 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
+def data_parallel_size() -> int:
+    """DP of the initialized megatron parallel state (1 before initialization)."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_data_parallel_world_size()
+
+
+def data_parallel_shard(rows: torch.Tensor) -> torch.Tensor:
+    """This DP rank's contiguous share of ``rows`` (the first dimension must divide by DP)."""
+    dp = data_parallel_size()
+    if dp == 1:
+        return rows
+    from megatron.core import parallel_state
+
+    if rows.shape[0] % dp:
+        raise ValueError(f"{rows.shape[0]} rows do not split over {dp} data-parallel ranks")
+    n = rows.shape[0] // dp
+    r = parallel_state.get_data_parallel_rank()
+    return rows[r * n:(r + 1) * n]
+
+
+def data_parallel_all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    """In-place all-reduce of ``t`` over the data-parallel group (SUM unless ``op``); a no-op at DP=1."""
+    if data_parallel_size() > 1:
+        from megatron.core import parallel_state
+
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=parallel_state.get_data_parallel_group())
+    return t
+
+
 def destroy() -> None:
     from megatron.core import parallel_state
 

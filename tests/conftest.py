@@ -37,11 +37,11 @@ def run(cmd, timeout=600, check=True, env=None, cwd=None):
     return proc
 
 
-def torchrun(args, nproc=2, timeout=600, check=True):
+def torchrun(args, nproc=2, timeout=600, check=True, env=None):
     """``torchrun --nproc-per-node nproc`` on CPU: one gloo process per rank, 1 thread each."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", *args]
-    return run(cmd, timeout=timeout, check=check)
+    return run(cmd, timeout=timeout, check=check, env=env)
 
 
 def cli(*args, timeout=600, check=True, env=None):

@@ -1,19 +1,16 @@
 """Distillation: the vocab-parallel KL against a full-logits reference, one step at TP=1/TP=2/PP=2,
-NeMo-trainer runs (CLI) with exact kill-and-resume, teacher correction, and refusals of bad input."""
+NeMo-trainer runs (CLI): teacher correction, fine-tuning and refusals of bad input. The trainer at every
+parallel layout, kill-and-resume and resharding are in test_cluster.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 
 import pytest
 import torch
 
-from conftest import CLI, REPO, WORKERS, cli, torchrun
+from conftest import WORKERS, cli, torchrun
 
-TRACE = "NEMO_MINITRON_TRACE_BATCHES"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -207,95 +204,6 @@ def _metrics(run_dir):
     from nemo_minitron.distill.train import read_metrics
 
     return read_metrics(run_dir / "metrics.jsonl")
-
-
-def _trace(path) -> dict:
-    """{(mode, step): [token ids of each micro-batch, in order]} from a NEMO_MINITRON_TRACE_BATCHES file."""
-    out = {}
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        out.setdefault((rec["mode"], rec["step"]), []).append(rec["tokens"])
-    return out
-
-
-def test_distill_kill_and_resume_matches_uninterrupted_run(tiny_ckpt, tiny_student, tiny_data, tmp_path):
-    """SIGKILL at step 5 of 8, re-run: the same loss curve, weights, and from the resumed step on exactly
-    the samples (token ids of every micro-batch) the uninterrupted run read."""
-    full = tmp_path / "full"
-    trace = {k: tmp_path / f"trace_{k}" for k in ("full", "killed", "again")}
-    p = cli("distill", *_args(tiny_ckpt, tiny_student, tiny_data, full), env={TRACE: str(trace["full"])})
-    assert p.stdout.strip().splitlines()[-1] == f"wrote checkpoint: {full / 'student'}"
-    ref = _metrics(full)
-    assert sorted(ref["train"]) == list(range(1, 9)) and sorted(ref["val"]) == [4, 8]
-    assert ref["train"][8]["kd_loss"] < ref["train"][1]["kd_loss"]  # it learns
-    assert ref["train"][8]["lr"] == pytest.approx(1e-5)  # cosine decay reached min_lr
-    events = list((full / "tb").glob("events.out.tfevents.*"))
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(str(events[0]))
-    ea.Reload()
-    assert {"train/kd_loss", "train/lr", "train/tokens_per_s", "val_loss"} <= set(ea.Tags()["scalars"])
-    assert not list((full / "checkpoints").glob("*teacher*"))
-
-    run = tmp_path / "killed"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **{TRACE: str(trace["killed"])})
-    proc = subprocess.Popen([*CLI, "distill", *_args(tiny_ckpt, tiny_student, tiny_data, run)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    for line in proc.stdout:
-        if line.startswith("step 5/8"):
-            os.killpg(proc.pid, signal.SIGKILL)  # no clean-up, no final save: a real crash
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    assert not (run / "student").exists()
-    again = cli("distill", *_args(tiny_ckpt, tiny_student, tiny_data, run), env={TRACE: str(trace["again"])})
-    assert "resuming from" in again.stdout
-    assert "step 1/8" not in again.stdout  # continued, not restarted
-    want, before, after = (_trace(trace[k] / "rank0.jsonl") for k in ("full", "killed", "again"))
-    resumed = min(step for mode, step in after if mode == "train")
-    assert resumed in (3, 5)  # the step after the newest complete checkpoint (every 2 steps; killed at 5)
-    assert sorted(k for k in want if k[0] == "train") == [("train", s) for s in range(1, 9)]
-    assert all(len(want["train", s]) == 2 for s in range(1, 9))  # 2 micro-batches of 2 samples per step
-    assert len({json.dumps(want["train", s]) for s in range(1, 9)}) == 8  # no step re-reads another's data
-    for key in want:  # same micro-batches, same order, from the resumed step on (validation too)
-        if key[1] >= resumed:
-            assert after[key] == want[key], key
-    assert all(before[key] == want[key] for key in before)  # and before the kill
-    got = _metrics(run)
-    assert sorted(got["train"]) == list(range(1, 9))
-    for step in range(1, 9):
-        assert got["train"][step]["loss"] == ref["train"][step]["loss"], step  # exact on CPU
-    assert got["val"] == ref["val"]
-
-    from nemo_minitron.checkpoint import nemo as ck
-    from nemo_minitron.model import build
-
-    a, b = (build(ck.read_spec(d / "student"), initialize=False) for d in (full, run))
-    ck.load_weights(full / "student", a)
-    ck.load_weights(run / "student", b)
-    for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
-        if torch.is_tensor(x):
-            assert torch.equal(x, y), n
-    # the finished run is not redone
-    done = cli("distill", *_args(tiny_ckpt, tiny_student, tiny_data, run))
-    assert "already complete" in done.stdout
-
-
-@pytest.mark.parallel
-def test_distill_command_under_pipeline_parallel_matches_single_process(tiny_ckpt, tiny_student, tiny_data, tmp_path):
-    """NeMo's trainer at PP=2: teacher activations travel with the student's; same curve as 1 process
-    (which computes the loss on materialized logits, ``distill.fused_output=false``: the PP=2 run fuses the
-    output layers into the loss, the default)."""
-    single, pp2 = tmp_path / "single", tmp_path / "pp2"
-    cli("distill", *_args(tiny_ckpt, tiny_student, tiny_data, single, 4, "distill.reverse_kl=true",
-                          "distill.fused_output=false"))
-    torchrun(["-m", "nemo_minitron.cli", "distill",
-              *_args(tiny_ckpt, tiny_student, tiny_data, pp2, 4, "distill.reverse_kl=true",
-                     "model.pipeline_model_parallel_size=2")])
-    a, b = _metrics(single), _metrics(pp2)
-    for step in range(1, 5):
-        assert b["train"][step]["loss"] == pytest.approx(a["train"][step]["loss"], rel=1e-5)
-    assert b["val"][4] == pytest.approx(a["val"][4], rel=1e-5)
 
 
 def test_teacher_correction_then_distill(tiny_ckpt, tiny_student, tiny_data, tmp_path):

@@ -36,11 +36,16 @@ def test_dry_run_refuses_impossible_layouts(tiny_ckpt, tiny_student, capsys):
     kd = ["distill", f"teacher={tiny_ckpt}", f"student={tiny_student}", "output=unused", "data.train=unused",
           "data.seq_length=32", "data.global_batch_size=8", "--dry-run"]
     assert main([*kd, "trainer.devices=2", "model.tensor_model_parallel_size=2"]) == 0
-    assert "TP=2 x PP=1 x DP=1" in capsys.readouterr().out
+    assert "TP=2 x PP=1 x DP=1, sequence parallel; bf16, distributed optimizer over DP=1" in capsys.readouterr().out
+    assert main([*kd, "trainer.devices=8", "model.tensor_model_parallel_size=2", "model.sequence_parallel=false",
+                 "optim.distributed_optimizer=false", "model.precision=fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "TP=2 x PP=1 x DP=4; fp32, Adam (not sharded)" in out and "optimizer_fp32 " in out
     for extra, msg in ((["trainer.devices=3", "model.tensor_model_parallel_size=2"], "not divisible by TP*PP"),
                        (["trainer.devices=3", "model.pipeline_model_parallel_size=3"], "layers"),
                        (["trainer.devices=8", "model.tensor_model_parallel_size=8"], "heads"),
-                       (["trainer.devices=4", "data.global_batch_size=6"], "global batch 6")):
+                       (["trainer.devices=4", "data.global_batch_size=6"], "global batch 6"),
+                       (["trainer.devices=2", "model.sequence_parallel=true"], "needs tensor parallelism")):
         assert main([*kd, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert msg in err, (msg, err)

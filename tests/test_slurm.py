@@ -1,5 +1,5 @@
 """The project's own batch scripts on a real SLURM cluster (slurm-wlm: one controller, two emulated
-nodes on this machine, CPU): a 2-node TP=2 distillation through srun, a dependent prune -> distill ->
+nodes on this machine, CPU): a 2-node x 2-task TP=2 x DP=2 distillation through srun, a dependent prune -> distill ->
 export chain, and a distillation that gets the warning signal, checkpoints, requeues itself and
 finishes with the same loss as an uninterrupted run. The cluster is stopped at the end, even on failure."""
 
@@ -51,20 +51,29 @@ def _log(tmp_path, job):
     return "".join(p.read_text() for d in logs for p in sorted(d.glob("*"))) if logs else ""
 
 
-def test_two_node_tp2_distillation_through_srun(cluster, tiny_ckpt, tiny_student, tiny_data, tmp_path):
+def test_two_nodes_two_tasks_tp2_dp2_distillation_through_srun(cluster, tiny_ckpt, tiny_student, tiny_data, tmp_path):
+    """2 nodes x 2 tasks: TP=2 inside each node, DP=2 across the nodes (gradients reduce-scattered and
+    parameters all-gathered between the nodes by the distributed optimizer); tensor parallelism without
+    sequence parallelism here (test_cluster.py runs it with). The loss curve of one process."""
+    from nemo_minitron.distill.train import read_metrics
+
     ref = tmp_path / "ref"
     cli("distill", *_kd_args(tiny_ckpt, tiny_student, tiny_data, ref, 4))
-    out = tmp_path / "tp2"
-    job = _submit(cluster, tmp_path, "distill", ["--nodes=2", "--ntasks-per-node=1"],
+    out = tmp_path / "tp2dp2"
+    job = _submit(cluster, tmp_path, "distill", ["--nodes=2", "--ntasks-per-node=2"],
                   [*_kd_args(tiny_ckpt, tiny_student, tiny_data, out, 4), "trainer.num_nodes=2",
-                   "model.tensor_model_parallel_size=2"])
+                   "model.tensor_model_parallel_size=2", "model.sequence_parallel=false"])
     j = cluster.wait(job)
     assert j["JobState"] == "COMPLETED", _log(tmp_path, job)[-3000:]
     assert j["NumNodes"] == "2" and j["NodeList"] == "node[1-2]"
     log = _log(tmp_path, job)
-    assert "2 node(s), 2 task(s)" in log and "TP=2" in log
+    assert "2 node(s), 4 task(s)" in log and "(TP=2 PP=1 DP=2, fp32, distributed optimizer over DP=2)" in log
+    assert "sequence_parallel=False" in log
     assert (tmp_path / "logs" / f"minitron-distill-{job}" / "config.yaml").is_file()
-    assert _last_loss(out)[0] == pytest.approx(_last_loss(ref)[0], rel=1e-5)
+    got, want = read_metrics(out / "metrics.jsonl")["train"], read_metrics(ref / "metrics.jsonl")["train"]
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in got:
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5, abs=1e-5), step
 
 
 def test_dependent_chain_prune_distill_export(cluster, tiny_ckpt, tiny_data, tmp_path):

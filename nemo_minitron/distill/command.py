@@ -169,6 +169,10 @@ def finetune_run(data: DataSettings, fit: FitSettings, model_path: Path, spec, r
             print(f"fine-tuned model already complete: {final}")
         return final
     t0 = time.time()
+    if parallel.is_rank0():
+        print(f"fine-tuning {count_params(spec) / 1e6:.1f}M params{' from random init' if random_init else ''}, "
+              f"{fit.max_steps} steps x {data.global_batch_size} x {data.seq_length} tokens "
+              f"({fit.layout}, {fit.precision}, {_optimizer_name(fit)})", flush=True)
     model = InitializedGPTModel(instantiate(spec, tp, pp), init_from=None if random_init else str(model_path))
     _fit(model, data, fit, run_dir, tp, pp, opt)
     save_student(model, final, spec, ck.tokenizer_dir(model_path))

@@ -37,6 +37,12 @@ class InitializedGPTModel(llm.GPTModel):
             from nemo_minitron.checkpoint import nemo as ck
 
             ck.load_weights(self.init_from, self.module)
+        from nemo_minitron import parallel
+
+        if parallel.is_rank0():  # what megatron built with (after NeMo's strategy and precision plugin)
+            c = self.config
+            print(f"model built: TP={c.tensor_model_parallel_size} PP={c.pipeline_model_parallel_size} "
+                  f"sequence_parallel={bool(c.sequence_parallel)} bf16={bool(c.bf16)} fp16={bool(c.fp16)}", flush=True)
 
     def data_step(self, dataloader_iter) -> dict:
         from nemo_minitron.data.module import trace_batch

@@ -24,14 +24,26 @@ def split_window(window: torch.Tensor):
 def lm_loss(model, windows: torch.Tensor, micro_batch_size: int, forward_only: bool = True):
     """Mean per-token LM loss of ``windows`` ([n, L+1] tokens). Returns (loss_sum, num_tokens) as floats.
 
+    Forward only, with data parallelism (DP > 1) each DP rank runs its contiguous share of ``windows`` and
+    the sums are all-reduced: every rank returns the loss of all of them (the same windows as one process,
+    in micro-batches of the same composition when ``micro_batch_size`` divides the share).
     With ``forward_only=False`` the gradient of the *mean* loss is accumulated into the parameters'
-    ``.grad`` (or ``main_grad`` under megatron DDP), identically at any TP/PP layout.
+    ``.grad`` (or ``main_grad`` under megatron DDP), identically at any TP/PP layout (no DP split).
     """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from nemo_minitron import parallel
+
     dev = platform.device()
-    n, L1 = windows.shape
+    n_all, L1 = windows.shape
+    split = forward_only and parallel.data_parallel_size() > 1
+    if split:
+        if n_all % (micro_batch_size * parallel.data_parallel_size()):
+            raise ValueError(f"{n_all} samples do not split into micro-batches of {micro_batch_size} on each of "
+                             f"{parallel.data_parallel_size()} data-parallel ranks")
+        windows = parallel.data_parallel_shard(windows)
+    n = windows.shape[0]
     if n % micro_batch_size:
         raise ValueError(f"{n} samples do not split into micro-batches of {micro_batch_size}")
     num_mb = n // micro_batch_size
@@ -67,4 +79,6 @@ def lm_loss(model, windows: torch.Tensor, micro_batch_size: int, forward_only: b
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         src = parallel_state.get_pipeline_model_parallel_last_rank()
         dist.broadcast(loss_sum, src=src, group=parallel_state.get_pipeline_model_parallel_group())
-    return float(loss_sum.item()), total_tokens
+    if split:
+        parallel.data_parallel_all_reduce(loss_sum)
+    return float(loss_sum.item()), float(n_all * (L1 - 1))

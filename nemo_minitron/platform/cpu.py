@@ -23,7 +23,9 @@ What is changed, in one list:
    ``model_parallel_cuda_manual_seed`` and dropout forks work and stay reproducible; a fork of a state
    nobody added (NeMo seeds only on CUDA) seeds it by megatron's rule instead of failing.
 4. gloo: 0-dim tensors given to ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` are viewed 1-d,
-   and ``all_gather_into_tensor`` falls back to ``all_gather`` (gloo lacks the fused collective).
+   ``all_gather_into_tensor`` falls back to ``all_gather`` and ``reduce_scatter_tensor`` to an
+   ``all_reduce`` of which each rank keeps its slice (gloo lacks both fused collectives, which megatron's
+   distributed optimizer and sequence parallelism use for every gradient bucket and activation).
 5. Gradient clipping: megatron's ``clip_grad_by_total_norm_fp32`` asserts CUDA grads; a CPU version
    scales the same grads by the same coefficient.
 6. Resume with megatron's distributed optimizer over torch's Adam (no Apex/TE): the empty optimizer state
@@ -288,6 +290,16 @@ def _patch_megatron() -> None:
     nemo_io_pl._fix_tensors_device = lambda ckpt: ckpt
 
 
+class _Completed:
+    """A finished collective's handle (``Work``) for callers that asked for an asynchronous one."""
+
+    def wait(self, *args, **kwargs):
+        return True
+
+    def is_completed(self):
+        return True
+
+
 def _patch_gloo_collectives() -> None:
     import torch.distributed as dist
 
@@ -314,7 +326,7 @@ def _patch_gloo_collectives() -> None:
         buf = input.reshape(world, -1).clone()
         dist.all_reduce(buf, op=op, group=group)
         output.reshape(-1).copy_(buf[rank])
-        return None
+        return _Completed() if async_op else None  # done already: megatron's overlapped path waits on it
 
     dist.all_gather_into_tensor = all_gather_into_tensor
     dist.reduce_scatter_tensor = reduce_scatter_tensor

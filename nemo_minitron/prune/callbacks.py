@@ -61,6 +61,13 @@ class PruningCallback(pl.Callback):
         tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
         validate_targets(self.spec, self.targets, tp)
         validate_depth(self.spec, self.num_layers, self.drop, pp, self.depth_method)
+        dp = ps.get_data_parallel_world_size()
+        if self.windows is not None and (self.samples % (self.micro_batch_size * dp)
+                                         or self.depth_samples % (self.micro_batch_size * dp)):
+            from nemo_minitron.errors import UserError
+
+            raise UserError(f"calibration samples ({self.samples}, depth {self.depth_samples}) must be divisible by "
+                            f"micro_batch_size {self.micro_batch_size} x data-parallel size {dp}")
         model, spec, _ = load_model(self._path, tp, pp)
         w = self.windows
         pruned, self.pruned_spec, self.depth, self.scores, self.plan = prune(

@@ -25,7 +25,7 @@ def run(cfg) -> None:
     pp = cfg.trainer.strategy.pipeline_model_parallel_size
     p, d = cfg.prune, cfg.data
     # ---- everything that can be refused is refused here, before any model is built -------------------
-    parallel.validate_layout(parallel.world_size_from_env(), tp, pp)
+    layout = parallel.Layout.resolve(parallel.world_size_from_env(), tp, pp, sequence_parallel=False)
     kind, src_path, spec = describe(cfg.model)
     spec.validate_layout(tp, pp)
     explicit_drop = validate_depth(spec, p.num_layers, p.drop_layers, pp, p.depth_method)
@@ -46,11 +46,13 @@ def run(cfg) -> None:
         raise UserError(f"prune.head_importance must be one of {HEAD_IMPORTANCE}")
     ck.check_output(Path(cfg.output), cfg.overwrite)
     scores, windows = inputs(spec, targets, depth, explicit_drop, p.scores, d.calibration, d.calibration_samples,
-                             p.depth_samples, d.seq_length, d.micro_batch_size)
+                             p.depth_samples, d.seq_length, d.micro_batch_size, layout.dp)
 
     # ---- work --------------------------------------------------------------------------------------
     t0 = time.time()
     parallel.initialize(tp, pp)
+    if windows is not None and parallel.is_rank0():
+        print(f"calibration over {layout}: {d.calibration_samples // layout.dp} windows per DP rank", flush=True)
     model, spec, _ = load_model(src_path, tp, pp)
     src_spec = spec
     meta = {"source": str(src_path), "seq_agg": p.seq_agg, "batch_agg": p.batch_agg,

@@ -9,7 +9,8 @@ Methods (``prune.depth_method``):
   with the lowest loss is dropped (the paper found one contiguous block beat independently ranked layers).
 
 Layers are skipped at run time (their forward returns the input), so scoring works unchanged under TP
-and PP; every rank computes the same loss (broadcast from the last stage). Layer numbers in the API and
+and PP; every rank computes the same loss (broadcast from the last stage). With data parallelism each DP
+rank scores its share of the windows and the sums are all-reduced. Layer numbers in the API and
 the report are 1-indexed, like NeMo's ``drop_layers``.
 """
 
@@ -98,6 +99,10 @@ def block_influence(model, windows, micro_batch_size: int):
     finally:
         for h in handles:
             h.remove()
+    from nemo_minitron import parallel
+
+    parallel.data_parallel_all_reduce(sums)  # DP > 1: each DP rank saw its share of the windows
+    parallel.data_parallel_all_reduce(counts)
     local = 1.0 - sums / counts
     if dist.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
         parts = [None] * ps.get_pipeline_model_parallel_world_size()

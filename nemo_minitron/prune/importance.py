@@ -14,7 +14,8 @@ paper's best; ModelOpt's choice).
   sites. With the Transformer Engine spec the norms are fused into ``linear_qkv``/``linear_fc1``; the norm
   output is then recomputed from their input and ``layer_norm_weight``.
 
-``ImportanceRecorder`` holds this rank's hooks and accumulators (local layers, local TP shard);
+``ImportanceRecorder`` holds this rank's hooks and accumulators (local layers, local TP shard; with data
+parallelism each DP rank sees its share of the calibration windows and the accumulators are summed over DP);
 :func:`gather` turns them into full scores on every rank (TP all-gather, PP all-gather, summed embedding
 channels over pipeline stages).
 """
@@ -59,6 +60,18 @@ class _Acc:
             self.sumsq += sq
             self.max = torch.maximum(self.max, m)
         self.n += v.shape[0]
+
+    def all_reduce_data_parallel(self) -> None:
+        """Merge the statistics of every DP rank (each saw its share of the calibration windows)."""
+        from nemo_minitron import parallel
+
+        if parallel.data_parallel_size() == 1 or self.sum is None:
+            return
+        n = torch.tensor([float(self.n)], dtype=torch.float64)
+        for t in (n, self.sum, self.sumsq):
+            parallel.data_parallel_all_reduce(t)
+        parallel.data_parallel_all_reduce(self.max, dist.ReduceOp.MAX)
+        self.n = int(n.item())
 
     def result(self, how: str) -> torch.Tensor:
         if how == "l2":
@@ -158,6 +171,8 @@ class ImportanceRecorder:
         """This rank's scores: heads [L_local, H_local], ffn [L_local, F_local], hidden [h] (summed over sites)."""
         if self.hidden[0][0].n == 0:
             raise RuntimeError("no calibration forward pass was recorded")
+        for acc in [*self.heads, *self.ffn, *(a for pair in self.hidden for a in pair)]:
+            acc.all_reduce_data_parallel()  # DP > 1: each DP rank calibrated on its share of the windows
         ba = self.batch_agg
         return {
             "heads": torch.stack([a.result(ba) for a in self.heads]),

@@ -31,7 +31,7 @@ def load_scores(path) -> dict:
 
 
 def inputs(spec: ModelSpec, targets: dict, depth: bool, explicit_drop, scores_path, calibration,
-           calibration_samples: int, depth_samples: int, seq_length: int, micro_batch_size: int):
+           calibration_samples: int, depth_samples: int, seq_length: int, micro_batch_size: int, dp: int = 1):
     """Validate and read what :func:`prune` consumes, before any model is built: (width scores or None,
     calibration windows or None; enough windows for both width calibration and depth scoring)."""
     from nemo_minitron.checkpoint.loader import check_vocab
@@ -51,8 +51,11 @@ def inputs(spec: ModelSpec, targets: dict, depth: bool, explicit_drop, scores_pa
         if min(calibration_samples, seq_length, micro_batch_size, depth_samples) < 1:
             raise UserError("data.calibration_samples, data.seq_length, data.micro_batch_size and "
                             "prune.depth_samples must be >= 1")
-        if calibration_samples % micro_batch_size or depth_samples % micro_batch_size:
-            raise UserError("data.calibration_samples and prune.depth_samples must be divisible by data.micro_batch_size")
+        if calibration_samples % (micro_batch_size * dp) or depth_samples % (micro_batch_size * dp):
+            per = "data.micro_batch_size" + (f" x data-parallel size {dp} (each DP rank calibrates on its share)"
+                                             if dp > 1 else "")
+            raise UserError(f"data.calibration_samples ({calibration_samples}) and prune.depth_samples "
+                            f"({depth_samples}) must be divisible by {per}")
         windows = indexed.windows(calibration, max(calibration_samples, depth_samples), seq_length)
         check_vocab(spec, int(windows.max()), f"dataset {calibration}")
     return scores, windows

@@ -22,13 +22,17 @@ from nemo_minitron.prune.trim import new_spec, trim
 
 def calibrate(model, windows: torch.Tensor, micro_batch_size: int, seq_agg: str = "mean",
               batch_agg: str = "l2", progress: bool = True, head_importance: str = "contribution") -> dict:
-    """Importance scores (heads [L, H], ffn [L, F], hidden [h]) from forward passes over ``windows``."""
+    """Importance scores (heads [L, H], ffn [L, F], hidden [h]) from forward passes over ``windows``.
+
+    With data parallelism each DP rank runs its share of every chunk of windows and the statistics are
+    reduced over DP, so the scores are those of all windows (calibration scales with the number of nodes)."""
     from tqdm import tqdm
 
     from nemo_minitron import parallel
 
     n, L1 = windows.shape
-    step = micro_batch_size * max(1, min(8, n // micro_batch_size))
+    group = micro_batch_size * parallel.data_parallel_size()  # DP > 1: each chunk is split over the DP ranks
+    step = group * max(1, min(8, n // group))
     bar = tqdm(total=n, unit="sample", desc="calibration", disable=not (progress and parallel.is_rank0()))
     t0, done, loss_sum = time.time(), 0, 0.0
     model.eval()

@@ -57,9 +57,13 @@ def _settings(cfg, dry: bool = False):
     for key in ("top_k", "distill_steps", "eval_samples", "eval_seq_length", "max_candidates"):
         if not isinstance(s[key], int) or s[key] < 1:
             raise UserError(f"search.{key}={s[key]!r} must be a positive integer")
-    if s.eval_samples % cfg.data.micro_batch_size:
-        raise UserError(f"search.eval_samples={s.eval_samples} is not divisible by data.micro_batch_size="
-                        f"{cfg.data.micro_batch_size}")
+    from nemo_minitron import parallel
+
+    dp = 1 if dry else parallel.world_size_from_env() // (tp * pp)  # the rank phase's DP (under launcher.command: 1)
+    per = f"data.micro_batch_size={cfg.data.micro_batch_size}" + (f" x data-parallel size {dp}" if dp > 1 else "")
+    for key, n in (("search.eval_samples", s.eval_samples), ("data.calibration_samples", cfg.data.calibration_samples)):
+        if n % (cfg.data.micro_batch_size * dp):
+            raise UserError(f"{key}={n} is not divisible by {per}")
     from nemo_minitron.prune.depth import DEPTH_METHODS
 
     if s.depth_method not in DEPTH_METHODS:
