@@ -77,11 +77,6 @@ class FitSettings:
                    checkpoint_every=int(c.every_n_steps), checkpoint_keep=int(c.keep), layout=layout,
                    precision=precision, distributed_optimizer=bool(cfg.optim.distributed_optimizer))
 
-    def replace(self, **changes) -> "FitSettings":
-        import dataclasses
-
-        return dataclasses.replace(self, **changes)
-
 
 def _common_checks(cfg, tp: int, pp: int, spec, sequence_parallel, precision, sp_key: str,
                    precision_key: str) -> tuple[DataSettings, FitSettings]:
