@@ -171,6 +171,9 @@ def test_distributed_optimizer_equals_adam_at_dp2(runs):
         return {k for k in FileSystemReader(str(last / "weights")).read_metadata().state_dict_metadata
                 if k.startswith("optimizer.")}
     assert any(k.startswith("optimizer.state.param.") for k in optim_keys(dist_dir))  # fp32 main params, resharded
+    last = sorted((dist_dir / "checkpoints").glob("*-last"))[-1]
+    meta = torch.load(last / "weights" / "common.pt", weights_only=False)["content_metadata"]
+    assert meta["distrib_optim_sharding_type"] == "fully_reshardable"  # checkpoint.optim_fully_reshardable
 
 
 def test_bf16_mixed_precision_close_to_fp32_with_fp32_main_params(runs):

@@ -64,6 +64,7 @@ class FitSettings:
     layout: parallel.Layout = parallel.Layout()
     precision: str = "fp32"  # bf16 | fp16 | fp32: megatron mixed precision (fp32 main parameters)
     distributed_optimizer: bool = True
+    optim_fully_reshardable: bool = True  # the optimizer checkpoint resumes at any TP/PP/DP
 
     @classmethod
     def from_config(cls, cfg, layout: parallel.Layout, precision: str,
@@ -75,7 +76,8 @@ class FitSettings:
         return cls(max_steps=int(steps), val_check_interval=int(min(t.val_check_interval, steps)),
                    log_every_n_steps=int(t.log_every_n_steps), num_nodes=int(t.num_nodes),
                    checkpoint_every=int(c.every_n_steps), checkpoint_keep=int(c.keep), layout=layout,
-                   precision=precision, distributed_optimizer=bool(cfg.optim.distributed_optimizer))
+                   precision=precision, distributed_optimizer=bool(cfg.optim.distributed_optimizer),
+                   optim_fully_reshardable=bool(c.optim_fully_reshardable))
 
 
 def _common_checks(cfg, tp: int, pp: int, spec, sequence_parallel, precision, sp_key: str,
@@ -123,7 +125,8 @@ def _fit_inner(model, data: DataSettings, fit: FitSettings, run_dir: Path, tp: i
                          every=fit.log_every_n_steps)
     trainer = build_trainer(run_dir, fit.layout, fit.precision, fit.max_steps, fit.val_check_interval,
                             data.num_val_samples // data.global_batch_size if data.has_validation else 0,
-                            fit.checkpoint_every, fit.checkpoint_keep, [metrics, preemption], num_nodes=fit.num_nodes)
+                            fit.checkpoint_every, fit.checkpoint_keep, [metrics, preemption], num_nodes=fit.num_nodes,
+                            optim_fully_reshardable=fit.optim_fully_reshardable)
     model.optim = opt
     opt.connect(model)
     res = resume(run_dir)

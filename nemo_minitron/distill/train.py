@@ -177,12 +177,14 @@ PLUGIN_PRECISION = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32"}
 
 
 def build_trainer(run_dir: Path, layout: parallel.Layout, precision: str, max_steps: int, val_check_interval: int,
-                  limit_val_batches: int, ckpt_every: int, keep: int, callbacks: list, num_nodes: int = 1):
+                  limit_val_batches: int, ckpt_every: int, keep: int, callbacks: list, num_nodes: int = 1,
+                  optim_fully_reshardable: bool = True):
     """nl.Trainer + MegatronStrategy for this layout and precision, with checkpointing and resume under ``run_dir``.
 
     ``precision`` is megatron's mixed precision (NeMo's ``MegatronMixedPrecision``): bf16/fp16 parameters and
     activations, fp32 main parameters and gradients in the optimizer; it runs on CPU as on GPU. Optimizer
-    state is checkpointed in megatron's fully reshardable format, so a run may resume at another TP/PP/DP.
+    state is checkpointed in megatron's fully reshardable format (``optim_fully_reshardable``, the default),
+    so a run may resume at another TP/PP/DP; else in its DP-reshardable one (same TP/PP only).
     """
     from nemo import lightning as nl
     from nemo.lightning.pytorch.callbacks import ModelCheckpoint
@@ -197,7 +199,7 @@ def build_trainer(run_dir: Path, layout: parallel.Layout, precision: str, max_st
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         sequence_parallel=layout.sequence_parallel,
         ckpt_async_save=False, ckpt_parallel_save=False, ckpt_load_strictness="log_all",
-        ckpt_optim_fully_reshardable=True,
+        ckpt_optim_fully_reshardable=optim_fully_reshardable,
         pipeline_dtype=dtype_fields(precision)["pipeline_dtype"],
     )
     checkpoint = ModelCheckpoint(
