@@ -88,7 +88,8 @@ def test_pipeline_end_to_end_with_kill_and_resume(texts, tmp_path):
     first = "".join(seen)
     distill_line = next(line for line in first.splitlines() if line.startswith("[distill] ") and " teacher=" in line)
     assert f"teacher={r1 / 'distill' / 'student'}" in distill_line
-    assert "model.precision=bf16" in distill_line and "model.fp8=null" in distill_line  # precision keys reach distill
+    assert "model.precision=null" in distill_line and "model.fp8=null" in distill_line  # precision keys reach distill
+    assert "model.sequence_parallel=null" in distill_line and "optim.distributed_optimizer=true" in distill_line
     assert '"step": 4' in (r1 / "distill" / "metrics.jsonl").read_text()
     assert [k for k in rep if k in ("teacher", "round1_pruned", "round1_distilled", "pruned", "distilled")] == [
         "teacher", "round1_pruned", "round1_distilled", "pruned", "distilled"]
