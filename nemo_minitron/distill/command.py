@@ -89,10 +89,7 @@ def _common_checks(cfg, tp: int, pp: int, spec, sequence_parallel, precision, sp
     layout = parallel.Layout.resolve(world, tp, pp, sequence_parallel, sp_key=sp_key)
     if world % cfg.trainer.num_nodes:
         raise UserError(f"world size {world} is not divisible by trainer.num_nodes={cfg.trainer.num_nodes}")
-    try:
-        precision = precision_name(precision, platform.has_cuda())
-    except UserError as e:
-        raise UserError(str(e).replace("model.precision", precision_key)) from None
+    precision = precision_name(precision, platform.has_cuda(), precision_key)
     data = blend.settings_from(cfg.data, platform.has_cuda())
     data.check_batches(layout.dp)
     if layout.sequence_parallel and data.seq_length % tp:

@@ -39,11 +39,11 @@ def current() -> Platform:
     return Platform(platform.has_cuda(), platform.has_transformer_engine(), cap)
 
 
-def name(precision: str | None, cuda: bool) -> str:
-    """``model.precision``, validated; null means bf16 with CUDA and fp32 on CPU (fastest there)."""
+def name(precision: str | None, cuda: bool, key: str = "model.precision") -> str:
+    """The precision setting ``key``, validated; null means bf16 with CUDA and fp32 on CPU (fastest there)."""
     precision = precision or ("bf16" if cuda else "fp32")
     if precision not in PRECISIONS:
-        raise UserError(f"model.precision={precision!r}: one of {', '.join(PRECISIONS)}")
+        raise UserError(f"{key}={precision!r}: one of {', '.join(PRECISIONS)}")
     return precision
 
 

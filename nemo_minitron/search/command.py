@@ -409,10 +409,7 @@ def _check_training_keys(cfg) -> None:
     if st.sequence_parallel and st.tensor_model_parallel_size == 1:
         parallel.Layout.resolve(st.pipeline_model_parallel_size, 1, st.pipeline_model_parallel_size,
                                 st.sequence_parallel, sp_key="trainer.strategy.sequence_parallel")
-    try:
-        precision_name(cfg.trainer.precision, platform.has_cuda())
-    except UserError as e:
-        raise UserError(str(e).replace("model.precision", "trainer.precision")) from None
+    precision_name(cfg.trainer.precision, platform.has_cuda(), "trainer.precision")
 
 
 def run(cfg) -> None:
