@@ -56,18 +56,13 @@ class PruningCallback(pl.Callback):
         from nemo_minitron.checkpoint.loader import load_model
         from nemo_minitron.prune.depth import validate_depth
         from nemo_minitron.prune.plan import validate_targets
-        from nemo_minitron.prune.stage import prune
+        from nemo_minitron.prune.stage import check_split, prune
 
         tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
         validate_targets(self.spec, self.targets, tp)
         validate_depth(self.spec, self.num_layers, self.drop, pp, self.depth_method)
-        dp = ps.get_data_parallel_world_size()
-        if self.windows is not None and (self.samples % (self.micro_batch_size * dp)
-                                         or self.depth_samples % (self.micro_batch_size * dp)):
-            from nemo_minitron.errors import UserError
-
-            raise UserError(f"calibration samples ({self.samples}, depth {self.depth_samples}) must be divisible by "
-                            f"micro_batch_size {self.micro_batch_size} x data-parallel size {dp}")
+        if self.windows is not None:  # now that the trainer's DP is known
+            check_split(self.samples, self.depth_samples, self.micro_batch_size, ps.get_data_parallel_world_size())
         model, spec, _ = load_model(self._path, tp, pp)
         w = self.windows
         pruned, self.pruned_spec, self.depth, self.scores, self.plan = prune(

@@ -30,6 +30,15 @@ def load_scores(path) -> dict:
         raise UserError(f"prune.scores={p}: cannot read ({e.__class__.__name__})") from None
 
 
+def check_split(calibration_samples: int, depth_samples: int, micro_batch_size: int, dp: int) -> None:
+    """The calibration windows must split into micro-batches on every DP rank (each calibrates on its share)."""
+    if calibration_samples % (micro_batch_size * dp) or depth_samples % (micro_batch_size * dp):
+        per = "data.micro_batch_size" + (f" x data-parallel size {dp} (each DP rank calibrates on its share)"
+                                         if dp > 1 else "")
+        raise UserError(f"data.calibration_samples ({calibration_samples}) and prune.depth_samples "
+                        f"({depth_samples}) must be divisible by {per}")
+
+
 def inputs(spec: ModelSpec, targets: dict, depth: bool, explicit_drop, scores_path, calibration,
            calibration_samples: int, depth_samples: int, seq_length: int, micro_batch_size: int, dp: int = 1):
     """Validate and read what :func:`prune` consumes, before any model is built: (width scores or None,
@@ -51,11 +60,7 @@ def inputs(spec: ModelSpec, targets: dict, depth: bool, explicit_drop, scores_pa
         if min(calibration_samples, seq_length, micro_batch_size, depth_samples) < 1:
             raise UserError("data.calibration_samples, data.seq_length, data.micro_batch_size and "
                             "prune.depth_samples must be >= 1")
-        if calibration_samples % (micro_batch_size * dp) or depth_samples % (micro_batch_size * dp):
-            per = "data.micro_batch_size" + (f" x data-parallel size {dp} (each DP rank calibrates on its share)"
-                                             if dp > 1 else "")
-            raise UserError(f"data.calibration_samples ({calibration_samples}) and prune.depth_samples "
-                            f"({depth_samples}) must be divisible by {per}")
+        check_split(calibration_samples, depth_samples, micro_batch_size, dp)
         windows = indexed.windows(calibration, max(calibration_samples, depth_samples), seq_length)
         check_vocab(spec, int(windows.max()), f"dataset {calibration}")
     return scores, windows
