@@ -153,6 +153,12 @@ def _check_rounds(cfg, tp: int, pp: int) -> tuple[list, list | None]:
         if not any(step[t] is not None for t in TARGETS):
             raise UserError(f"{where}: no pruning target: set prune.hidden_size / ffn_hidden_size / "
                             "num_attention_heads / num_query_groups / num_layers / drop_layers")
+        from nemo_minitron.prune.stage import check_reconstruction
+
+        try:
+            check_reconstruction(step["reconstruction"], step["reconstruction_damping"])
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
         if spec is None:
             continue
         try:
@@ -196,16 +202,20 @@ def _distill_common(k, prefixes) -> list:
 
 
 def _prune_distill(r, tag: str, teacher: Path, pruned: Path, kd: Path, p, k, prefixes, par, tp: int, pp: int,
-                   iterative_teacher: str, original_teacher: Path, prec: dict) -> Path:
+                   iterative_teacher: str, original_teacher: Path, prec: dict, heldout: tuple) -> Path:
     """Prune ``teacher`` into ``pruned``, distill it into ``kd`` (resumable); returns the student checkpoint."""
     args = [f"model={teacher}", f"output={pruned}", "overwrite=true", f"data.calibration={prefixes['calibration']}",
             f"data.calibration_samples={p['calibration_samples']}", f"data.seq_length={p['seq_length']}",
-            f"prune.depth_method={p['depth_method']}", *par, *prec["prune"]]
+            f"prune.depth_method={p['depth_method']}", f"prune.reconstruction={p['reconstruction']}",
+            f"prune.reconstruction_damping={p['reconstruction_damping']}", *par, *prec["prune"]]
     for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers"):
         if p[key] is not None:
             args.append(f"prune.{key}={p[key]}")
     if p["drop_layers"] is not None:
         args.append(f"prune.drop_layers=[{','.join(str(i) for i in p['drop_layers'])}]")
+    if p["reconstruction"] != "none":  # the report compares the refitted student with the trimmed one
+        args += [f"data.validation={prefixes['heldout']}", f"data.validation_samples={heldout[0]}",
+                 f"data.validation_seq_length={heldout[1]}"]
     r.stage(f"{tag}prune", "prune", args, lambda: _is_ckpt(pruned))
     kd_teacher = teacher if iterative_teacher == "previous" else original_teacher
     r.stage(f"{tag}distill", "distill",
@@ -279,13 +289,14 @@ def run(cfg) -> None:
         rp, rk = _round_prune(p, rnd.get("prune")), _merged(k, rnd.get("distill"))
         rdir = run_dir / f"round{i}"
         student = _prune_distill(r, f"round{i}_", teacher, rdir / "pruned", rdir / "distill", rp, rk, prefixes,
-                                 par, tp, pp, cfg.iterative_teacher, original_teacher, prec)
+                                 par, tp, pp, cfg.iterative_teacher, original_teacher, prec,
+                                 (e.num_samples, e.seq_length))
         round_models[f"round{i}_pruned"] = rdir / "pruned"
         round_models[f"round{i}_distilled"] = student
         teacher = student
     pruned, kd = run_dir / "pruned", run_dir / "distill"
     _prune_distill(r, "", teacher, pruned, kd, p, k, prefixes, par, tp, pp, cfg.iterative_teacher, original_teacher,
-                   prec)
+                   prec, (e.num_samples, e.seq_length))
     common = _distill_common(k, prefixes)
     scratch = run_dir / "scratch"
     if e.scratch_baseline:

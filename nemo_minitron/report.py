@@ -132,6 +132,12 @@ def write(run_dir: Path, models: dict, exports: dict, heldout_prefix, num_sample
         shutil.copy2(png, run_dir / f"pruning_{png.name}")
         plots.append(f"pruning_{png.name}")
     rep["plots"] = plots
+    prune_rep = prune_dir / "report.json"
+    recon = json.loads(prune_rep.read_text()).get("reconstruction_info") if prune_rep.is_file() else None
+    if recon and recon.get("heldout"):
+        rep["reconstruction"] = {"pruned_trimmed_heldout_loss": recon["heldout"]["trimmed"],
+                                 "pruned_least_squares_heldout_loss": recon["heldout"]["least_squares"],
+                                 "damping": recon["damping"]}
     (run_dir / "report.json").write_text(json.dumps(rep, indent=2))
 
     lines = ["# Minitron run report", "", f"Run directory: `{run_dir}`", "",
@@ -143,6 +149,12 @@ def write(run_dir: Path, models: dict, exports: dict, heldout_prefix, num_sample
                      f"{s['num_layers']} | {s['hidden_size']} | {s['ffn_hidden_size']} | "
                      f"{s['num_attention_heads']} / {s['num_query_groups']} |")
     lines += ["", f"Held-out: {num_samples} windows of {seq_length} tokens from `{heldout_prefix}`.", ""]
+    if "reconstruction" in rep:
+        h = rep["reconstruction"]
+        lines += [f"Least-squares reconstruction (prune.reconstruction=least_squares, damping {h['damping']}): "
+                  f"the pruned student's held-out loss is {h['pruned_least_squares_heldout_loss']:.4f}, against "
+                  f"{h['pruned_trimmed_heldout_loss']:.4f} "
+                  "with its kept weights only trimmed (the `pruned` row is the refitted student).", ""]
     if "distillation" in rep:
         dd = rep["distillation"]
         lines += [f"Distillation: {dd['steps']} steps, {dd['tokens']} tokens; final train KD loss "

@@ -37,16 +37,28 @@ def test_pruned_equals_skipped(method, tiny_ckpt, tiny_data, dist_single):
 
 
 def test_lm_loss_scores_are_losses_without_each_layer(tiny_ckpt, tiny_data, dist_single):
+    """Each score is the loss of the model without that layer; reusing the unchanged prefix of every pass
+    (the default) gives the same scores as re-running it, at the cost the report states."""
     from nemo_minitron.checkpoint.loader import load_model
     from nemo_minitron.data import indexed
     from nemo_minitron.evaluate import heldout_loss
-    from nemo_minitron.prune.depth import drop_layers, layer_scores
+    from nemo_minitron.prune.depth import drop_layers, forward_equivalents, layer_scores
 
     model, spec, _ = load_model(tiny_ckpt)
     windows = indexed.windows(tiny_data, 8, 32)
     info = layer_scores(model, spec, windows, 4, "lm_loss", num_layers=3, progress=False)
     only, _ = drop_layers(model, spec, [2])
     assert info["scores"][2].item() == pytest.approx(heldout_loss(only, windows, 4)["loss"], rel=1e-6)
+    for method, n in (("lm_loss", 3), ("contiguous", 2)):
+        reused = layer_scores(model, spec, windows, 4, method, num_layers=n, progress=False)
+        full = layer_scores(model, spec, windows, 4, method, num_layers=n, progress=False, reuse_prefix=False)
+        torch.testing.assert_close(reused["scores"], full["scores"], rtol=1e-6, atol=0)
+        assert reused["drop"] == full["drop"] and reused["prefix_reuse"] and not full["prefix_reuse"]
+    # 4 layers, lm_loss: base pass + 4 passes of 3 layers each, or of 3, 2, 1, 0 layers (+1 cached, but the last)
+    e = lambda n: forward_equivalents(spec, n)  # noqa: E731
+    assert full["forward_equivalents"] == pytest.approx(1 + 3 * e(2), abs=0.01)  # contiguous, blocks of 2
+    assert info["forward_equivalents"] == pytest.approx(1 + e(4) + e(3) + e(2) + e(0), abs=0.01)
+    assert forward_equivalents(spec, spec.num_layers) == 1.0
 
 
 @pytest.mark.parametrize("kwargs,pp,needle", [
@@ -83,13 +95,24 @@ def test_explicit_drop_layers_cli(tiny_ckpt, tmp_path, dist_single):
     assert bad.returncode == 2 and "prune.num_layers=9" in bad.stderr and not (tmp_path / "x").exists()
 
 
+def _layout_args(tiny_ckpt, tiny_data):
+    return [f"model={tiny_ckpt}", f"data.calibration={tiny_data}", *DEPTH_ARGS, "prune.num_layers=2",
+            "prune.depth_method=lm_loss"]
+
+
+@pytest.fixture(scope="module")
+def depth_one_process(tiny_ckpt, tiny_data, tmp_path_factory):
+    one = tmp_path_factory.mktemp("depth") / "one"
+    cli("prune", *_layout_args(tiny_ckpt, tiny_data), f"output={one}")
+    return one
+
+
 @pytest.mark.parallel
 @pytest.mark.parametrize("tp,pp", [(1, 2), (2, 1)], ids=["PP2", "TP2"])
-def test_same_layers_across_layouts(tp, pp, tiny_ckpt, tiny_data, tmp_path, dist_single):
-    one, two = tmp_path / "one", tmp_path / "two"
-    args = [f"model={tiny_ckpt}", f"data.calibration={tiny_data}", *DEPTH_ARGS, "prune.num_layers=2",
-            "prune.depth_method=lm_loss"]
-    cli("prune", *args, f"output={one}")
+def test_same_layers_across_layouts(tp, pp, depth_one_process, tiny_ckpt, tiny_data, tmp_path, dist_single):
+    """lm_loss scores (each pass reusing the cached prefix: at PP=2 the cache of a layer lives on its stage)."""
+    one, two = depth_one_process, tmp_path / "two"
+    args = _layout_args(tiny_ckpt, tiny_data)
     torchrun(["-m", "nemo_minitron.cli", "prune", *args, f"output={two}",
               f"trainer.strategy.tensor_model_parallel_size={tp}", f"trainer.strategy.pipeline_model_parallel_size={pp}"])
     r1, r2 = (json.loads((p / "pruning" / "report.json").read_text())["depth"] for p in (one, two))

@@ -63,17 +63,20 @@ SETTINGS = {"lm_weight": 0.5, "intermediate_pairs": [[-1, -1]], "intermediate_lo
 
 @pytest.mark.parallel
 def test_one_distillation_step_is_layout_independent(tiny_ckpt, tiny_student, tiny_windows, tmp_path):
+    """TP=1 in this process; TP=2 and PP=2 one after the other in one 2-process launch."""
+    import importlib.util
+
     _, windows = tiny_windows
-    res = {}
-    for tp, pp in ((1, 1), (2, 1), (1, 2)):
-        out = tmp_path / f"{tp}{pp}.pt"
-        torchrun([WORKERS / "distill_step.py", tiny_ckpt, tiny_student, windows, out, tp, pp, json.dumps(SETTINGS)],
-                 nproc=tp * pp)
-        res[tp, pp] = torch.load(out)
-    ref = res[1, 1]
+    spec = importlib.util.spec_from_file_location("distill_step_worker", WORKERS / "distill_step.py")
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    ref = worker.step(tiny_ckpt, tiny_student, torch.load(windows), SETTINGS)
+    out = tmp_path / "steps.pt"
+    torchrun([WORKERS / "distill_step.py", tiny_ckpt, tiny_student, windows, out, "2x1,1x2", json.dumps(SETTINGS)])
+    res = torch.load(out)
     assert ref["terms"]["kd_loss"] > 0 and ref["terms"]["lm_loss"] > 0 and ref["terms"]["intermediate_loss"] > 0
     assert "kd_projections.0.weight" in ref["grads"]  # hidden 48 -> 64: learned projection is trained
-    for layout in ((2, 1), (1, 2)):
+    for layout in ("2x1", "1x2"):
         got = res[layout]
         for k in ("loss", "kd_loss", "lm_loss", "intermediate_loss"):
             assert got["terms"][k] == pytest.approx(ref["terms"][k], rel=1e-5), (layout, k)

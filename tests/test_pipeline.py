@@ -1,5 +1,6 @@
 """The pipeline command end to end on a tiny Hugging Face Llama and real text: every stage, the report,
-stage skipping, and a kill during distillation followed by a resume (not a restart)."""
+stage skipping (a re-run skips every completed stage), and a kill during distillation followed by a resume
+(not a restart)."""
 
 from __future__ import annotations
 
@@ -76,6 +77,12 @@ def test_pipeline_end_to_end_with_kill_and_resume(texts, tmp_path):
     assert "training_curves.png" in rep["plots"] and any(p.startswith("pruning_") for p in rep["plots"])
     md = (run_dir / "report.md").read_text()
     assert "| distilled |" in md and "Wall time" in md
+    # least-squares reconstruction (the default): the prune stage measured the refitted and the trimmed
+    # student on the same held-out windows the evaluate stage reads
+    rc = rep["reconstruction"]
+    assert rc["pruned_least_squares_heldout_loss"] == pytest.approx(rep["pruned"]["heldout_loss"], abs=1e-4)
+    assert rc["pruned_trimmed_heldout_loss"] > 0
+    assert "Least-squares reconstruction (prune.reconstruction=least_squares" in md
     times = json.loads((run_dir / "stages.json").read_text())
     assert {"import", "prune", "distill", "evaluate_distilled", "export_hf", "export_nemo"} <= set(times)
 
@@ -97,9 +104,6 @@ def test_pipeline_end_to_end_with_kill_and_resume(texts, tmp_path):
     assert rep["teacher"]["params"] > rep["round1_distilled"]["params"] > rep["distilled"]["params"]
     assert "round1_distilled" in out and "| round1_pruned |" in md
 
-    # a third run does nothing but the report
-    third = cli("pipeline", *args)
-    assert "[distill] complete, skipped" in third.stdout and "[export_nemo] complete, skipped" in third.stdout
 
 
 def test_pipeline_refusals_before_any_work(texts, tmp_path):

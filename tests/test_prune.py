@@ -10,6 +10,7 @@ from conftest import cli, torchrun
 
 TARGETS = ["prune.hidden_size=48", "prune.ffn_hidden_size=96", "prune.num_attention_heads=2",
            "prune.num_query_groups=2"]
+TRIM = "prune.reconstruction=none"  # kept weights trimmed, not refitted: exact across layouts (test_reconstruct.py)
 
 
 def _full(model):
@@ -160,7 +161,7 @@ def test_cli_refuses_before_calibration(tiny_ckpt, tmp_path):
 def pruned_tp1(tiny_ckpt, tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("pruned") / "tp1"
     proc = cli("prune", f"model={tiny_ckpt}", f"output={out}", f"data.calibration={tiny_data}",
-               "data.calibration_samples=16", "data.seq_length=32", *TARGETS)
+               "data.calibration_samples=16", "data.seq_length=32", *TARGETS, TRIM)
     assert proc.stdout.strip().splitlines()[-1] == f"wrote checkpoint: {out}"
     return out
 
@@ -173,7 +174,7 @@ def test_report_scores_and_reuse(pruned_tp1, tiny_ckpt, tmp_path, dist_single):
         assert (pruned_tp1 / "pruning" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # re-prune from the saved scores: no calibration, identical result
     again = tmp_path / "again"
-    proc = cli("prune", f"model={tiny_ckpt}", f"output={again}", f"prune.scores={pruned_tp1}", *TARGETS)
+    proc = cli("prune", f"model={tiny_ckpt}", f"output={again}", f"prune.scores={pruned_tp1}", *TARGETS, TRIM)
     assert "calibration:" not in proc.stderr  # no calibration progress bar: scores were reused
     from nemo_minitron.checkpoint.loader import load_model
 
@@ -192,7 +193,7 @@ def test_pruned_checkpoint_evaluates_in_fresh_process(pruned_tp1, tiny_data):
 def test_pruning_identical_across_layouts(tp, pp, pruned_tp1, tiny_ckpt, tiny_data, tmp_path, dist_single):
     out = tmp_path / "pruned"
     torchrun(["-m", "nemo_minitron.cli", "prune", f"model={tiny_ckpt}", f"output={out}",
-              f"data.calibration={tiny_data}", "data.calibration_samples=16", "data.seq_length=32", *TARGETS,
+              f"data.calibration={tiny_data}", "data.calibration_samples=16", "data.seq_length=32", *TARGETS, TRIM,
               f"trainer.strategy.tensor_model_parallel_size={tp}", f"trainer.strategy.pipeline_model_parallel_size={pp}"])
     r1 = json.loads((pruned_tp1 / "pruning" / "report.json").read_text())
     r2 = json.loads((out / "pruning" / "report.json").read_text())
@@ -215,7 +216,7 @@ def test_callback_prunes_then_nemo_trains(pruned_tp1, tiny_ckpt, tiny_data, dist
 
     targets = {t.split("=")[0].split(".")[1]: int(t.split("=")[1]) for t in TARGETS}
     cb = WidthPruningCallback(source=tiny_ckpt, targets=targets, calibration=str(tiny_data),
-                              calibration_samples=16, seq_length=32, micro_batch_size=4)
+                              calibration_samples=16, seq_length=32, micro_batch_size=4, reconstruction="none")
     model, trained = nemo_fit_with_callback(tiny_ckpt, cb, tiny_data, steps=2)
 
     assert cb.pruned_spec.hidden_size == 48 and model.config.ffn_hidden_size == 96

@@ -29,11 +29,12 @@ class PruningCallback(pl.Callback):
                  depth_method: str = "lm_loss", calibration=None, calibration_samples: int = 1024,
                  depth_samples: int = 64, seq_length: int = 256, micro_batch_size: int = 4, scores=None,
                  seq_agg: str = "mean", batch_agg: str = "l2", head_importance: str = "contribution",
-                 merge_pruned_heads: bool = False):
+                 merge_pruned_heads: bool = False, reconstruction: str = "least_squares",
+                 reconstruction_damping: float = 0.01):
         from nemo_minitron.checkpoint.loader import describe
         from nemo_minitron.prune.depth import validate_depth
         from nemo_minitron.prune.plan import validate_targets
-        from nemo_minitron.prune.stage import inputs
+        from nemo_minitron.prune.stage import check_reconstruction, inputs
 
         # validate now, before the trainer starts: the error names the problem, nothing runs
         _, self._path, self.spec = describe(source)
@@ -42,11 +43,14 @@ class PruningCallback(pl.Callback):
         self.num_layers, self.depth_method = num_layers, depth_method
         self.samples, self.depth_samples, self.micro_batch_size = calibration_samples, depth_samples, micro_batch_size
         depth = bool(self.drop) or (num_layers is not None and num_layers != self.spec.num_layers)
+        check_reconstruction(reconstruction, reconstruction_damping, merge_pruned_heads)
         self.given_scores, self.windows = inputs(self.spec, self.targets, depth, self.drop, scores, calibration,
-                                                 calibration_samples, depth_samples, seq_length, micro_batch_size)
+                                                 calibration_samples, depth_samples, seq_length, micro_batch_size,
+                                                 reconstruction=reconstruction)
         self.kw = dict(seq_agg=seq_agg, batch_agg=batch_agg, head_importance=head_importance,
-                       merge_pruned_heads=merge_pruned_heads)
-        self.pruned_spec = self.scores = self.plan = self.depth = None
+                       merge_pruned_heads=merge_pruned_heads, reconstruction=reconstruction,
+                       reconstruction_damping=float(reconstruction_damping))
+        self.pruned_spec = self.scores = self.plan = self.depth = self.reconstruction = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.pruned_spec is not None:
@@ -65,7 +69,7 @@ class PruningCallback(pl.Callback):
             check_split(self.samples, self.depth_samples, self.micro_batch_size, ps.get_data_parallel_world_size())
         model, spec, _ = load_model(self._path, tp, pp)
         w = self.windows
-        pruned, self.pruned_spec, self.depth, self.scores, self.plan = prune(
+        pruned, self.pruned_spec, self.depth, self.scores, self.plan, self.reconstruction = prune(
             model, spec, self.targets, num_layers=self.num_layers, explicit_drop=self.drop,
             depth_method=self.depth_method, depth_windows=None if w is None else w[: self.depth_samples],
             windows=None if w is None else w[: self.samples], scores=self.given_scores,

@@ -26,6 +26,7 @@ from nemo_minitron.model import build
 from nemo_minitron.model.forward import lm_loss
 from nemo_minitron.model.shards import gather_full, layer_offset, load_full_state_dict
 from nemo_minitron.model.spec import ModelSpec
+from nemo_minitron.prune.replay import PrefixReplay
 
 DEPTH_METHODS = ("block_influence", "lm_loss", "contiguous")
 
@@ -111,11 +112,43 @@ def block_influence(model, windows, micro_batch_size: int):
     return local, loss
 
 
-def layer_scores(model, spec: ModelSpec, windows, micro_batch_size: int, method: str, num_layers: int,
-                 progress: bool = True) -> dict:
-    """{'method', 'scores' (per layer or per block start), 'drop' (0-indexed layers), 'base_loss'}."""
+def forward_equivalents(spec: ModelSpec, layers_run: float) -> float:
+    """Cost of running ``layers_run`` transformer layers plus the output layer, in full forward passes
+    (matmul parameters as the cost: each layer's weights, and the vocabulary x hidden output layer)."""
+    h, f, d = spec.hidden_size, spec.ffn_hidden_size, spec.kv_channels
+    per_layer = h * d * (spec.num_attention_heads * 2 + spec.num_query_groups * 2) + 3 * h * f
+    head = spec.vocab_size * h
+    return (layers_run * per_layer + head) / (spec.num_layers * per_layer + head)
+
+
+def _skip_scores(model, spec, windows, micro_batch_size, blocks, desc, quiet, reuse):
+    """Loss with each block of layers skipped: ``blocks`` = [(start, k)] with consecutive starts 0, 1, ...
+    Returns (losses, cost in forward-pass equivalents)."""
     from tqdm import tqdm
 
+    L, vals, cost = spec.num_layers, [], 0.0
+    replay = PrefixReplay(model) if reuse else None
+    for n, (start, k) in enumerate(tqdm(blocks, desc=desc, disable=quiet)):
+        skip = frozenset(range(start, start + k))
+        if replay is None:
+            with skipping(model, skip):
+                vals.append(_loss(model, windows, micro_batch_size))
+            cost += forward_equivalents(spec, L - k)
+        else:  # layers before `start` replay the cache; layer `start` runs (skipped) for the next pass's
+            keep_next = n + 1 < len(blocks)
+            with replay.run(start, skip, record=start if keep_next else None):
+                vals.append(_loss(model, windows, micro_batch_size))
+            cost += forward_equivalents(spec, (L - start - k) + (1 if keep_next else 0))
+    return torch.tensor(vals, dtype=torch.float64), cost
+
+
+def layer_scores(model, spec: ModelSpec, windows, micro_batch_size: int, method: str, num_layers: int,
+                 progress: bool = True, reuse_prefix: bool = True) -> dict:
+    """{'method', 'scores' (per layer or per block start), 'drop' (0-indexed layers), 'base_loss',
+    'forward_equivalents' (cost in full forward passes over the windows), 'prefix_reuse'}.
+
+    ``reuse_prefix`` (``lm_loss``, ``contiguous``): the layers before the skipped ones are not re-run (see
+    :class:`~nemo_minitron.prune.replay.PrefixReplay`); the scores are the same, at about half the cost."""
     from nemo_minitron import parallel
 
     L = spec.num_layers
@@ -124,24 +157,20 @@ def layer_scores(model, spec: ModelSpec, windows, micro_batch_size: int, method:
     if method == "block_influence":
         scores, base = block_influence(model, windows, micro_batch_size)  # one pass gives both
         drop = torch.argsort(scores)[:k].tolist()
-        return {"method": method, "scores": scores, "drop": sorted(drop), "base_loss": base}
+        return {"method": method, "scores": scores, "drop": sorted(drop), "base_loss": base,
+                "forward_equivalents": 1.0}
     base = _loss(model, windows, micro_batch_size)
     if method == "lm_loss":
-        vals = []
-        for i in tqdm(range(L), desc="depth: loss without each layer", disable=quiet):
-            with skipping(model, {i}):
-                vals.append(_loss(model, windows, micro_batch_size))
-        scores = torch.tensor(vals, dtype=torch.float64)
+        scores, cost = _skip_scores(model, spec, windows, micro_batch_size, [(i, 1) for i in range(L)],
+                                    "depth: loss without each layer", quiet, reuse_prefix)
         drop = torch.argsort(scores)[:k].tolist()
     else:
-        vals = []
-        for start in tqdm(range(L - k + 1), desc=f"depth: loss without each block of {k}", disable=quiet):
-            with skipping(model, set(range(start, start + k))):
-                vals.append(_loss(model, windows, micro_batch_size))
-        scores = torch.tensor(vals, dtype=torch.float64)
+        scores, cost = _skip_scores(model, spec, windows, micro_batch_size, [(s, k) for s in range(L - k + 1)],
+                                    f"depth: loss without each block of {k}", quiet, reuse_prefix)
         best = int(torch.argmin(scores))
         drop = list(range(best, best + k))
-    return {"method": method, "scores": scores, "drop": sorted(drop), "base_loss": base}
+    return {"method": method, "scores": scores, "drop": sorted(drop), "base_loss": base,
+            "forward_equivalents": round(1.0 + cost, 2), "prefix_reuse": reuse_prefix}
 
 
 def drop_layers(model, spec: ModelSpec, drop: list, tp: int = 1, pp: int = 1):

@@ -67,7 +67,7 @@ def _plot_depth(path: Path, depth: dict) -> None:
 
 
 def write(out_dir: Path, src: ModelSpec, dst: ModelSpec, scores: dict | None, plan: WidthPlan | None,
-          meta: dict, depth: dict | None = None) -> dict:
+          meta: dict, depth: dict | None = None, reconstruction: dict | None = None) -> dict:
     """``src`` -> (depth) -> (width) -> ``dst``; width scores are those of the depth-pruned model."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -76,12 +76,15 @@ def write(out_dir: Path, src: ModelSpec, dst: ModelSpec, scores: dict | None, pl
     if depth is not None:
         rep_depth = {"method": depth["method"], "dropped_layers": [i + 1 for i in depth["drop"]],
                      "scores": [round(float(x), 6) for x in (depth.get("scores") if depth.get("scores") is not None else [])],
-                     "base_loss": depth.get("base_loss")}
+                     "base_loss": depth.get("base_loss"), "forward_equivalents": depth.get("forward_equivalents"),
+                     "prefix_reuse": depth.get("prefix_reuse")}
         if depth.get("scores") is not None and len(depth["scores"]):
             _plot_depth(out_dir / "depth_scores.png", depth)
             plots["depth"] = "depth_scores.png"
     if plan is None:
         return _finish(out_dir, src, dst, plots, meta, rep_depth, None)
+    if reconstruction is not None:
+        meta = {**meta, "reconstruction_info": reconstruction}
     torch.save({k: scores[k] for k in ("heads", "ffn", "hidden")} | {"meta": meta}, out_dir / "scores.pt")
     _plot(out_dir / "importance_hidden.png", scores["hidden"], plan.hidden, "embedding channels", "channel (sorted)")
     plots["hidden"] = "importance_hidden.png"
@@ -110,13 +113,42 @@ def _finish(out_dir, src, dst, plots, meta, depth, plan) -> dict:
               + (" Width scores: `scores.pt` (reuse with `prune.scores=...`)." if plan is not None else ""), ""]
     if depth is not None:
         lines += [f"Depth ({depth['method']}): dropped layers {depth['dropped_layers']} (1-indexed)."]
+        if depth.get("forward_equivalents") is not None:
+            lines[-1] += f" Scoring cost: {depth['forward_equivalents']} forward passes over the depth windows"
+            lines[-1] += (" (the layers before each skipped one are not re-run: their output is cached)."
+                          if depth.get("prefix_reuse") else ".")
         if depth["scores"]:
             lines += ["", "| " + ("block start" if depth["method"] == "contiguous" else "layer") + " | score |",
                       "|---|---|"] + [f"| {i + 1} | {v:.4f} |" for i, v in enumerate(depth["scores"])]
         lines.append("")
-    for k in ("calibration_samples", "seq_length", "seq_agg", "batch_agg", "calibration_loss", "scores_from"):
+    for k in ("calibration_samples", "seq_length", "seq_agg", "batch_agg", "calibration_loss", "scores_from",
+              "reconstruction"):
         if k in meta:
             lines.append(f"- {k}: {meta[k]}")
+    lines += _reconstruction_lines(meta.get("reconstruction_info"))
     lines += [""] + [f"![{k}]({v})" for k, v in plots.items()]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     return rep
+
+
+def _reconstruction_lines(info: dict | None) -> list:
+    """The least-squares refit: relative output error of each refitted layer on the calibration tokens."""
+    if not info or not info.get("layers"):
+        return []
+    kinds = [k for k in ("heads", "ffn") if k in info["layers"][0]]
+    names = {"heads": "linear_proj (heads)", "ffn": "linear_fc2 (neurons)"}
+    mean = {k: (sum(r[k]["before"] for r in info["layers"]) / len(info["layers"]),
+                sum(r[k]["after"] for r in info["layers"]) / len(info["layers"])) for k in kinds}
+    lines = ["", f"Least-squares reconstruction (damping {info['damping']}): relative squared output error of the "
+             "refitted layers on the calibration tokens, pruned as is -> refitted (mean over layers: "
+             + ", ".join(f"{names[k]} {b:.4f} -> {a:.4f}" for k, (b, a) in mean.items())
+             + f"). Cost: {info.get('forward_equivalents')} forward passes, {info.get('seconds')} s."]
+    if info.get("heldout"):
+        h = info["heldout"]
+        lines[-1] += (f" Loss on the validation windows ({h['windows'][0]} x {h['windows'][1] - 1} tokens): "
+                      f"{h['trimmed']:.4f} trimmed -> {h['least_squares']:.4f} refitted.")
+    lines += ["",
+             "| layer | " + " | ".join(names[k] for k in kinds) + " |", "|---|" + "---|" * len(kinds)]
+    lines += [f"| {r['layer']} | " + " | ".join(f"{r[k]['before']:.4f} -> {r[k]['after']:.4f}" for k in kinds) + " |"
+              for r in info["layers"]]
+    return lines

@@ -65,16 +65,34 @@ def prune_model(model, spec: ModelSpec, plan: WidthPlan, tp: int = 1, pp: int = 
 
 def prune_width(model, spec: ModelSpec, targets: dict, windows=None, scores=None, micro_batch_size: int = 4,
                 seq_agg: str = "mean", batch_agg: str = "l2", head_importance: str = "contribution",
-                merge_pruned_heads: bool = False, tp: int = 1, pp: int = 1, progress: bool = True):
-    """The whole width-pruning stage: (calibrate unless ``scores``) -> plan -> trim.
+                merge_pruned_heads: bool = False, tp: int = 1, pp: int = 1, progress: bool = True,
+                reconstruction: str = "none", reconstruction_damping: float = 0.01, validation=None):
+    """The whole width-pruning stage: (calibrate unless ``scores``) -> plan -> trim (-> least-squares refit of
+    ``linear_proj`` / ``linear_fc2`` on ``windows`` with ``reconstruction="least_squares"``).
 
-    Returns (pruned model chunk, pruned spec, scores, plan). Used by ``nemo-minitron prune`` and by
-    :class:`~nemo_minitron.prune.callbacks.WidthPruningCallback`.
+    Returns (pruned model chunk, pruned spec, scores, plan, reconstruction info or None). Used by
+    ``nemo-minitron prune``, ``search`` and the pruning callbacks.
     """
     from nemo_minitron.prune.plan import make_plan
 
     if scores is None:
         scores = calibrate(model, windows, micro_batch_size, seq_agg, batch_agg, progress, head_importance)
     plan = make_plan(scores, spec, targets)
+    if reconstruction == "least_squares":
+        from nemo_minitron.prune.reconstruct import reconstruct
+
+        if merge_pruned_heads:
+            raise ValueError("merge_pruned_heads and least-squares reconstruction are alternatives")
+        pruned, spec2, info = reconstruct(model, spec, plan, windows, micro_batch_size, reconstruction_damping,
+                                          tp, pp, progress)
+        if validation is not None:
+            from nemo_minitron.evaluate import heldout_loss
+
+            trimmed, _ = prune_model(model, spec, plan, tp, pp)
+            info["heldout"] = {"least_squares": heldout_loss(pruned, validation, micro_batch_size)["loss"],
+                               "trimmed": heldout_loss(trimmed, validation, micro_batch_size)["loss"],
+                               "windows": list(validation.shape)}
+            del trimmed
+        return pruned, spec2, scores, plan, info
     pruned, spec2 = prune_model(model, spec, plan, tp, pp, merge_pruned_heads)
-    return pruned, spec2, scores, plan
+    return pruned, spec2, scores, plan, None

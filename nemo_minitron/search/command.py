@@ -68,6 +68,9 @@ def _settings(cfg, dry: bool = False):
 
     if s.depth_method not in DEPTH_METHODS:
         raise UserError(f"search.depth_method={s.depth_method!r}: one of {', '.join(DEPTH_METHODS)}")
+    from nemo_minitron.prune.stage import check_reconstruction
+
+    check_reconstruction(s.reconstruction, s.reconstruction_damping, section="search")
     space_cfg = {k: (list(v) if v is not None else None) for k, v in s.space.items()}
     cands, stats = space.enumerate_candidates(
         spec, budget, s.tolerance, dims=list(s.dims), space=space_cfg, fractions=list(s.fractions),
@@ -138,9 +141,10 @@ def run_rank(cfg, out: Path) -> None:
     depth_needed = any(c["num_layers"] != spec.num_layers for c in cands) or (
         baseline is not None and baseline["num_layers"] != spec.num_layers)
     cal_w = None
-    if scores is None or depth_needed:
+    if scores is None or depth_needed or s.reconstruction != "none":
         if not d.calibration:
-            raise UserError("data.calibration=PREFIX is required (importance scores)")
+            raise UserError("data.calibration=PREFIX is required (importance scores"
+                            + (", least-squares reconstruction)" if s.reconstruction != "none" else ")"))
         cal_w = indexed.windows(d.calibration, max(d.calibration_samples, s.depth_samples), d.seq_length)
         check_vocab(spec, int(cal_w.max()), f"dataset {d.calibration}")
 
@@ -157,7 +161,11 @@ def run_rank(cfg, out: Path) -> None:
     drops, depth_info = rank.depth_drops(model, spec, None if cal_w is None else cal_w[: s.depth_samples],
                                          d.micro_batch_size, s.depth_method, counts)
     source_loss = heldout_loss(model, eval_w, d.micro_batch_size)["loss"]
-    scored = rank.score_candidates(model, spec, cands, drops, scores, eval_w, d.micro_batch_size, tp, pp)
+    refit = None if s.reconstruction == "none" else {
+        "windows": cal_w[: d.calibration_samples], "micro_batch_size": d.micro_batch_size,
+        "damping": float(s.reconstruction_damping)}
+    scored = rank.score_candidates(model, spec, cands, drops, scores, eval_w, d.micro_batch_size, tp, pp,
+                                   refit=refit)
     scored.sort(key=lambda c: c["pruned_loss"])
     for i, c in enumerate(scored):
         c["pruned_rank"] = i + 1
@@ -169,7 +177,7 @@ def run_rank(cfg, out: Path) -> None:
         if match:
             baseline = match[0]
         else:
-            m, _ = rank.prune_candidate(model, spec, baseline, drops, scores, tp, pp)
+            m, _ = rank.prune_candidate(model, spec, baseline, drops, scores, tp, pp, refit)
             baseline["pruned_loss"] = heldout_loss(m, eval_w, d.micro_batch_size)["loss"]
             baseline["pruned_rank"] = None  # not a candidate (outside the budget or the enumerated values)
             if baseline["num_layers"] != spec.num_layers:
@@ -187,7 +195,7 @@ def run_rank(cfg, out: Path) -> None:
         target = out / "candidates" / name
         if ck.is_checkpoint(target):
             continue
-        m, s2 = rank.prune_candidate(model, spec, by[name], drops, scores, tp, pp)
+        m, s2 = rank.prune_candidate(model, spec, by[name], drops, scores, tp, pp, refit)
         ck.save(target, m, s2, tokenizer_dir=tok, overwrite=True)
         del m
     if parallel.is_rank0():
@@ -197,7 +205,7 @@ def run_rank(cfg, out: Path) -> None:
         doc = {"source": str(path), "source_params": count_params(spec), "budget": budget,
                "tolerance": s.tolerance, "stats": stats, "source_loss": source_loss,
                "eval": {"data": str(d.validation), "num_samples": s.eval_samples, "seq_length": s.eval_seq_length},
-               "depth_method": s.depth_method,
+               "depth_method": s.depth_method, "reconstruction": s.reconstruction,
                "depth_scores": None if depth_info is None else [float(x) for x in depth_info["scores"]],
                "candidates": scored, "baseline": baseline, "finalists": finalists,
                "rank_seconds": round(time.time() - t0, 1)}

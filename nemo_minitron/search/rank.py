@@ -14,6 +14,7 @@ from nemo_minitron.evaluate import heldout_loss
 from nemo_minitron.model.spec import ModelSpec
 from nemo_minitron.prune.depth import drop_layers, layer_scores
 from nemo_minitron.prune.plan import WIDTH_DIMS, make_plan
+from nemo_minitron.prune.reconstruct import reconstruct
 from nemo_minitron.prune.width import prune_model
 
 PER_LAYER = ("block_influence", "lm_loss")  # one score per layer: any depth reads the same scores
@@ -34,8 +35,10 @@ def depth_drops(model, spec: ModelSpec, windows, micro_batch_size: int, method: 
     return drops, first
 
 
-def prune_candidate(model, spec: ModelSpec, shape: dict, drops: dict, scores: dict, tp: int = 1, pp: int = 1):
-    """(model, spec) of one candidate shape, from the source ``model`` and the cached scores."""
+def prune_candidate(model, spec: ModelSpec, shape: dict, drops: dict, scores: dict, tp: int = 1, pp: int = 1,
+                    refit: dict | None = None):
+    """(model, spec) of one candidate shape, from the source ``model`` and the cached scores. ``refit``
+    ({windows, micro_batch_size, damping}): least-squares reconstruction of the width-pruned layers."""
     L = spec.num_layers
     kept = list(range(L))
     m, s = model, spec
@@ -47,13 +50,19 @@ def prune_candidate(model, spec: ModelSpec, shape: dict, drops: dict, scores: di
     if targets:
         sub = {"heads": scores["heads"][kept], "ffn": scores["ffn"][kept], "hidden": scores["hidden"]}
         plan = make_plan(sub, s, targets)
-        m, s = prune_model(m, s, plan, tp, pp)
+        if refit:
+            m, s, _ = reconstruct(m, s, plan, refit["windows"], refit["micro_batch_size"], refit["damping"], tp, pp,
+                                  progress=False)
+        else:
+            m, s = prune_model(m, s, plan, tp, pp)
     return m, s
 
 
 def score_candidates(model, spec: ModelSpec, candidates: list[dict], drops: dict, scores: dict, windows,
-                     micro_batch_size: int, tp: int = 1, pp: int = 1, progress: bool = True) -> list[dict]:
-    """Each candidate with ``pruned_loss`` (LM loss on ``windows`` right after pruning) filled in."""
+                     micro_batch_size: int, tp: int = 1, pp: int = 1, progress: bool = True,
+                     refit: dict | None = None) -> list[dict]:
+    """Each candidate with ``pruned_loss`` (LM loss on ``windows`` right after pruning, and reconstruction
+    when ``refit`` is given) filled in."""
     from tqdm import tqdm
 
     from nemo_minitron import parallel
@@ -62,7 +71,7 @@ def score_candidates(model, spec: ModelSpec, candidates: list[dict], drops: dict
                disable=not (progress and parallel.is_rank0()))
     out = []
     for c in bar:
-        m, _ = prune_candidate(model, spec, c, drops, scores, tp, pp)
+        m, _ = prune_candidate(model, spec, c, drops, scores, tp, pp, refit)
         res = heldout_loss(m, windows, micro_batch_size)
         del m
         out.append({**c, "pruned_loss": res["loss"]})

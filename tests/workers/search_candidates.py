@@ -1,10 +1,11 @@
 """Worker: every search candidate of a tiny model, pruned at this TP/PP layout, and its loss.
 
-    torchrun --nproc-per-node 2 search_candidates.py CKPT WINDOWS.pt OUT.json TP PP
+    torchrun --nproc-per-node 2 search_candidates.py CKPT WINDOWS.pt OUT.json LAYOUTS   (e.g. "2x1,1x2")
 
 Enumerates the candidates for several budgets at TP/PP (``enumerate_candidates``), prunes each from fixed
 (seeded random) importance scores and layer choices with ``prune_candidate``, and runs the LM loss on the
-windows. Rank 0 writes {candidate name: loss}. Also called in-process by the test (TP=1, PP=1).
+windows. For each layout (TP x PP, one after another in the same processes) rank 0 writes
+{layout: {candidate name: loss}}. Also called in-process by the test (TP=1, PP=1).
 """
 
 import json
@@ -46,11 +47,14 @@ def losses(ckpt, windows, tp: int, pp: int) -> dict:
 
 
 def main():
-    ckpt, windows_path, out_path, tp, pp = sys.argv[1:6]
+    ckpt, windows_path, out_path, layouts = sys.argv[1:5]
     from nemo_minitron import parallel
 
-    parallel.initialize(int(tp), int(pp))
-    res = losses(ckpt, torch.load(windows_path), int(tp), int(pp))
+    res = {}
+    for layout in layouts.split(","):
+        tp, pp = (int(x) for x in layout.split("x"))
+        parallel.initialize(tp, pp)
+        res[layout] = losses(ckpt, torch.load(windows_path), tp, pp)
     if parallel.is_rank0():
         with open(out_path, "w") as fh:
             json.dump(res, fh)
