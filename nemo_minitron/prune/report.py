@@ -133,22 +133,28 @@ def _finish(out_dir, src, dst, plots, meta, depth, plan) -> dict:
 
 def _reconstruction_lines(info: dict | None) -> list:
     """The least-squares refit: relative output error of each refitted layer on the calibration tokens."""
-    if not info or not info.get("layers"):
+    if not info:
         return []
-    kinds = [k for k in ("heads", "ffn") if k in info["layers"][0]]
+    rows = info.get("layers") or []
+    kinds = [k for k in ("heads", "ffn") if rows and k in rows[0]]
     names = {"heads": "linear_proj (heads)", "ffn": "linear_fc2 (neurons)"}
-    mean = {k: (sum(r[k]["before"] for r in info["layers"]) / len(info["layers"]),
-                sum(r[k]["after"] for r in info["layers"]) / len(info["layers"])) for k in kinds}
-    lines = ["", f"Least-squares reconstruction (damping {info['damping']}): relative squared output error of the "
-             "refitted layers on the calibration tokens, pruned as is -> refitted (mean over layers: "
-             + ", ".join(f"{names[k]} {b:.4f} -> {a:.4f}" for k, (b, a) in mean.items())
-             + f"). Cost: {info.get('forward_equivalents')} forward passes, {info.get('seconds')} s."]
+    mean = {k: (sum(r[k]["before"] for r in rows) / len(rows), sum(r[k]["after"] for r in rows) / len(rows))
+            for k in kinds}
+    line = f"Least-squares reconstruction (damping {info['damping']})"
+    if info.get("hidden_inputs_refitted"):
+        line += ": every linear_qkv / linear_fc1 refitted for the pruned embedding channels"
+    if kinds:
+        line += ("; relative squared output error of the refitted layers on the calibration tokens, pruned as is "
+                 "-> refitted (mean over layers: " + ", ".join(f"{names[k]} {b:.4f} -> {a:.4f}"
+                                                              for k, (b, a) in mean.items()) + ")")
+    line += f". Cost: {info.get('forward_equivalents')} forward passes, {info.get('seconds')} s."
     if info.get("heldout"):
         h = info["heldout"]
-        lines[-1] += (f" Loss on the validation windows ({h['windows'][0]} x {h['windows'][1] - 1} tokens): "
-                      f"{h['trimmed']:.4f} trimmed -> {h['least_squares']:.4f} refitted.")
-    lines += ["",
-             "| layer | " + " | ".join(names[k] for k in kinds) + " |", "|---|" + "---|" * len(kinds)]
-    lines += [f"| {r['layer']} | " + " | ".join(f"{r[k]['before']:.4f} -> {r[k]['after']:.4f}" for k in kinds) + " |"
-              for r in info["layers"]]
+        line += (f" Loss on the validation windows ({h['windows'][0]} x {h['windows'][1] - 1} tokens): "
+                 f"{h['trimmed']:.4f} trimmed -> {h['least_squares']:.4f} refitted.")
+    lines = ["", line]
+    if kinds:
+        lines += ["", "| layer | " + " | ".join(names[k] for k in kinds) + " |", "|---|" + "---|" * len(kinds)]
+        lines += [f"| {r['layer']} | " + " | ".join(f"{r[k]['before']:.4f} -> {r[k]['after']:.4f}" for k in kinds)
+                  + " |" for r in rows]
     return lines
