@@ -321,8 +321,8 @@ def test_pruning_with_data_parallelism_equals_one_process(tiny_ckpt, tiny_data, 
         assert rep["calibration_loss"] == pytest.approx(ref_rep["calibration_loss"], rel=max(tol, 1e-9))
         w = _student_weights_of(out)
         assert w.keys() == ref_w.keys(), shown
-        for k in w:  # least-squares refit (the default): float64 Gram matrices summed in another order
-            torch.testing.assert_close(w[k], ref_w[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{shown} {k}: {m}")
+        for k in w:  # least-squares refit (the default): Gram matrices summed in another order, TP-split matmuls
+            torch.testing.assert_close(w[k], ref_w[k], rtol=1e-5, atol=1e-5, msg=lambda m: f"{shown} {k}: {m}")
         assert rep["reconstruction"] == "least_squares" and len(rep["reconstruction_info"]["layers"]) == 3
 
 
