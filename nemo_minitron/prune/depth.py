@@ -24,7 +24,7 @@ import torch.distributed as dist
 from nemo_minitron.errors import UserError
 from nemo_minitron.model import build
 from nemo_minitron.model.forward import lm_loss
-from nemo_minitron.model.shards import gather_full, layer_offset, load_full_state_dict
+from nemo_minitron.model.shards import gather_full, load_full_state_dict
 from nemo_minitron.model.spec import ModelSpec
 from nemo_minitron.prune.replay import PrefixReplay
 
@@ -60,17 +60,8 @@ def validate_depth(spec: ModelSpec, num_layers=None, drop_layers=None, pp: int =
 @contextlib.contextmanager
 def skipping(model, global_layers: set):
     """Run ``model`` with the given global (0-indexed) layers replaced by the identity."""
-    off = layer_offset(model)
-    saved = []
-    for j, layer in enumerate(model.decoder.layers):
-        if off + j in global_layers:
-            saved.append((layer, layer.forward))
-            layer.forward = lambda hidden_states=None, *a, **k: (hidden_states if hidden_states is not None else a[0], None)
-    try:
+    with PrefixReplay(model).run(skip=frozenset(global_layers)):
         yield
-    finally:
-        for layer, fwd in saved:
-            layer.forward = fwd
 
 
 def _loss(model, windows, mbs) -> float:
