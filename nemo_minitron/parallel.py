@@ -8,7 +8,6 @@ The backend is NCCL with CUDA and gloo without (see :mod:`nemo_minitron.platform
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -17,12 +16,6 @@ import torch.distributed as dist
 
 from nemo_minitron import platform
 from nemo_minitron.errors import UserError
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env_from_slurm() -> None:
@@ -89,12 +82,8 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
         if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend=platform.backend(), timeout=timedelta(minutes=30))
         else:
-            dist.init_process_group(
-                backend=platform.backend(),
-                init_method=f"tcp://127.0.0.1:{_free_port()}",
-                rank=0,
-                world_size=1,
-            )
+            # one process: an in-memory store, so no port to pick (and none another process can take)
+            dist.init_process_group(backend=platform.backend(), store=dist.HashStore(), rank=0, world_size=1)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

@@ -36,9 +36,10 @@ export NVTE_FWD_LAYERNORM_SM_MARGIN=${NVTE_FWD_LAYERNORM_SM_MARGIN:-16}  # leave
 export NVTE_BWD_LAYERNORM_SM_MARGIN=${NVTE_BWD_LAYERNORM_SM_MARGIN:-16}
 export PYTHONUNBUFFERED=1                           # progress lines reach the log as they happen
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
-# master = first node of the allocation; port from the job id (two jobs on one node do not collide)
+# master = first node of the allocation; port from the job id (two jobs on one node do not collide),
+# kept below Linux's ephemeral range (32768+) so no outgoing connection can already hold it
 export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n1)}
-export MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+export MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 12000))}
 
 launch() {
   local command=$1; shift

@@ -19,10 +19,33 @@ CLI = [sys.executable, "-m", "nemo_minitron.cli"]
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
 
+_PORT_SPAN = 5000
+_next_port = [None]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for torchrun's rendezvous that nothing else can take before torchrun listens on it.
+
+    ``bind(0)`` would hand out a port from the kernel's ephemeral range (32768-60999), where every gloo
+    connection of every other test also gets its port: CI once lost one to EADDRINUSE between the check and
+    torchrun's listen. Ports below that range are never assigned automatically, and each xdist worker
+    walks its own slice (gw0 10000-14999, gw1 15000-19999, ...), so only our own explicit binds compete.
+    (SLURM jobs use 20000 + job id, see slurm/common.sh.)
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    lo = 10000 + (_PORT_SPAN * (int(worker[2:]) if worker[2:].isdigit() else 0)) % 10000
+    if _next_port[0] is None:
+        _next_port[0] = os.getpid() % _PORT_SPAN
+    for _ in range(_PORT_SPAN):
+        port = lo + _next_port[0] % _PORT_SPAN
+        _next_port[0] += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {lo}-{lo + _PORT_SPAN - 1}")
 
 
 def run(cmd, timeout=600, check=True, env=None, cwd=None):
@@ -39,9 +62,17 @@ def run(cmd, timeout=600, check=True, env=None, cwd=None):
 
 def torchrun(args, nproc=2, timeout=600, check=True, env=None):
     """``torchrun --nproc-per-node nproc`` on CPU: one gloo process per rank, 1 thread each."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}", *args]
-    return run(cmd, timeout=timeout, check=check, env=env)
+    for attempt in range(3):
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               "--master-addr=127.0.0.1", f"--master-port={free_port()}", *args]
+        proc = run(cmd, timeout=timeout, check=False, env=env)
+        # the rendezvous store could not listen: nothing ran yet, so another port is a clean retry
+        if not (proc.returncode != 0 and "EADDRINUSE" in proc.stderr and "TCPStore" in proc.stderr):
+            break
+    if check and proc.returncode != 0:
+        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n"
+                             f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
 
 
 def cli(*args, timeout=600, check=True, env=None):
