@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
 from nemo_minitron.errors import UserError
@@ -52,6 +53,10 @@ def _quiet() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:  # a file size limit (ulimit -f): writes fail with EFBIG -> one error line, not a process killed mid-write
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    except (AttributeError, ValueError):  # no SIGXFSZ here, or called from a thread other than the main one
+        pass
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())

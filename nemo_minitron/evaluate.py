@@ -38,6 +38,10 @@ def run(cfg) -> None:
                         + (f" x data-parallel size {layout.dp} (each DP rank evaluates its share)" if layout.dp > 1 else ""))
     kind, path, spec = describe(cfg.model)
     spec.validate_layout(tp, pp)
+    from nemo_minitron.data import blend
+    from nemo_minitron.data.tokenizer import fingerprint_of
+
+    blend.check_tokenizer(cfg.data, fingerprint_of(path), "data", model=cfg.model)
     windows = indexed.windows(cfg.data, e.num_samples, e.seq_length, offset=e.offset)
     check_vocab(spec, int(windows.max()), f"dataset {cfg.data}")
     if cfg.output_json:

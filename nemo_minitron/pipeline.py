@@ -229,21 +229,47 @@ def _prune_distill(r, tag: str, teacher: Path, pruned: Path, kd: Path, p, k, pre
     return kd / "student"
 
 
-def run(cfg) -> None:
-    from nemo_minitron.checkpoint import nemo
+def _check_given_data(cfg) -> None:
+    """Datasets given as prefixes (the run preprocesses the others with the teacher's tokenizer) were
+    tokenized by the teacher's tokenizer, by their sidecars; before any work."""
+    given = {s: list(cfg.data[s]) if OmegaConf.is_list(cfg.data[s]) else str(cfg.data[s])
+             for s in ("train", "calibration", "heldout")}
+    prefixes = {s: v for s, v in given.items() if _data_source(v, s) is None}
+    if not prefixes:
+        return
+    from nemo_minitron.data import blend
+    from nemo_minitron.data.tokenizer import fingerprint_of
 
+    expected = fingerprint_of(cfg.teacher)
+    for split, value in prefixes.items():
+        blend.check_tokenizer(value, expected, f"data.{split}", model=cfg.teacher)
+
+
+def run(cfg) -> None:
     run_dir = Path(cfg.run_dir).absolute()
     tp, pp = cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size
     par = [f"trainer.strategy.tensor_model_parallel_size={tp}", f"trainer.strategy.pipeline_model_parallel_size={pp}"]
-    d, p, k, e = cfg.data, cfg.prune, cfg.distill, cfg.evaluate
+    d = cfg.data
     prec = _precision_args(cfg)  # the environment first (FP8 needs a GPU and TE), then the shapes
     rounds, _ = _check_rounds(cfg, tp, pp)
-    if cfg.overwrite and run_dir.exists():
-        import shutil
-
-        shutil.rmtree(run_dir)
+    _check_given_data(cfg)
     given = {s: list(d[s]) if OmegaConf.is_list(d[s]) else str(d[s]) for s in ("train", "calibration", "heldout")}
     sources = {s: _data_source(v, s) for s, v in given.items()}
+    # one pipeline per run directory, locked after the checks (a refusal writes nothing); only RUN itself, so
+    # the stages (child processes writing RUN/pruned, RUN/distill, ...) lock their own outputs there
+    from nemo_minitron.runlock import RunLock, clear
+
+    with RunLock(run_dir, "pipeline"):
+        if cfg.overwrite and run_dir.exists():
+            clear(run_dir)  # everything but this run's lock
+        _run(cfg, run_dir, tp, pp, par, prec, rounds, given, sources)
+
+
+def _run(cfg, run_dir: Path, tp: int, pp: int, par: list, prec: dict, rounds: list, given: dict,
+         sources: dict) -> None:
+    from nemo_minitron.checkpoint import nemo
+
+    p, k, e = cfg.prune, cfg.distill, cfg.evaluate
     run_dir.mkdir(parents=True, exist_ok=True)
     r = Runner(run_dir, cfg.launcher.command)
     t_start = time.time()
@@ -267,7 +293,7 @@ def run(cfg) -> None:
         prefixes[split] = prefix
         r.stage(f"preprocess_{split}", "preprocess",
                 [f"input={files}", f"tokenizer={teacher}", f"output_prefix={prefix}", "overwrite=true"],
-                lambda prefix=prefix: Path(str(prefix) + ".idx").is_file() and Path(str(prefix) + ".bin").is_file())
+                lambda prefix=prefix: all(Path(f"{prefix}.{ext}").is_file() for ext in ("bin", "idx", "json")))
 
     # 3. teacher correction
     if cfg.teacher_correction.enabled:

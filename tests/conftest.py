@@ -194,9 +194,9 @@ def smol(tmp_path_factory):
 
 
 
-def nemo_fit_with_callback(source_ckpt, callback, data_prefix, steps: int):
+def nemo_fit_with_callback(source_ckpt, callback, data_prefix, steps: int, lr: float = 0.0, extra_callbacks=()):
     """Run NeMo's trainer (nl.Trainer + MegatronStrategy, CPU, fp32) with ``callback`` for ``steps`` steps
-    at lr=0, on a LlamaModel configured like ``source_ckpt``. Returns the trained megatron module."""
+    at ``lr``, on a LlamaModel configured like ``source_ckpt``. Returns the trained megatron module."""
     from megatron.core.optimizer import OptimizerConfig
     from nemo import lightning as nl
     from nemo.collections import llm
@@ -207,9 +207,9 @@ def nemo_fit_with_callback(source_ckpt, callback, data_prefix, steps: int):
     from nemo_minitron.model.build import instantiate
 
     model = llm.LlamaModel(instantiate(ck.read_spec(source_ckpt)), optim=nl.MegatronOptimizerModule(
-        OptimizerConfig(optimizer="adam", lr=0.0, use_distributed_optimizer=False, clip_grad=0.0)))
+        OptimizerConfig(optimizer="adam", lr=lr, min_lr=lr, use_distributed_optimizer=False, clip_grad=0.0)))
     trainer = nl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[callback],
+                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[callback, *extra_callbacks],
                          strategy=nl.MegatronStrategy(), plugins=nl.MegatronMixedPrecision(precision="32"))
     data = GPTDataModule(training_settings(str(data_prefix), 32, 2, 2), Path(data_prefix).parent / f"index_{steps}")
     trainer.fit(model, data)

@@ -204,28 +204,35 @@ def test_bf16_mixed_precision_close_to_fp32_with_fp32_main_params(runs):
 # kill and resume; resharding a checkpoint to another layout
 # ------------------------------------------------------------------------------------------------
 def test_kill_and_resume_at_tp2_dp2_with_distributed_optimizer(runs, dist_single, tmp_path):
-    """SIGKILL after step 3 of 4 (checkpoint at step 2), re-run: the uninterrupted run's loss curve, samples
-    from the resumed step on, and final weights, exactly; TensorBoard, lr schedule and a finished run."""
+    """SIGKILL in the middle of the step-4 checkpoint save (its files written, NeMo's unfinished marker not yet
+    removed; the save is held there by a test hook), re-run: it resumes from the complete step-2 checkpoint
+    with the uninterrupted run's loss curve, samples from the resumed step on, and final weights, exactly;
+    TensorBoard, lr schedule and a finished run."""
     full_dir, _ = runs.get("TP2xDP2")
     run = tmp_path / "killed"
     args = runs.args(run, *LAYOUTS["TP2xDP2"][1])
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **{TRACE: str(tmp_path / "trace_killed")})
+    env = dict(os.environ, PYTHONUNBUFFERED="1", NEMO_MINITRON_PAUSE_AT="checkpoint_save@4",
+               **{TRACE: str(tmp_path / "trace_killed")})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", "--master-addr=127.0.0.1",
            f"--master-port={free_port()}", "-m", "nemo_minitron.cli", "distill", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    seen = []
     for line in proc.stdout:
-        if line.startswith("step 3/4"):
+        seen.append(line)
+        if "paused at checkpoint_save@4" in line:
             import psutil  # torchrun starts its workers in their own sessions: kill the launcher and each rank
 
             for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
                 p.send_signal(signal.SIGKILL)  # no clean-up, a real crash
             break
     proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-30:])
     assert not (run / "student").exists()
+    assert list((run / "checkpoints").glob("*-unfinished")), "killed after the save completed"
     again = _launch(4, args, env={TRACE: str(tmp_path / "trace_again")})
     assert "resuming from" in again.stdout and "step 1/4" not in again.stdout and "step 3/4" in again.stdout
+    assert "step=1" in again.stdout.split("resuming from")[1].splitlines()[0]  # the step-2 checkpoint
     ref, got = _metrics(full_dir), _metrics(run)
     for step in range(1, 5):
         for k in TERMS:

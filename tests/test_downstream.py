@@ -5,8 +5,30 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import cli
 from hf_fixtures import TEXT, make_hf_llama
+
+
+def _mc_accuracy(hf_dir, rows) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), torch_dtype=torch.float32).eval()
+    right = 0
+    for r in rows:
+        scores = []
+        for choice in r["choices"]:
+            ctx = tok(r["question"], add_special_tokens=False)["input_ids"]
+            whole = tok(r["question"] + " " + choice, add_special_tokens=False)["input_ids"]
+            cont = whole[len(ctx):]
+            with torch.no_grad():
+                logp = model(torch.tensor([whole[:-1]])).logits.float().log_softmax(-1)[0]
+            scores.append(sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont)))
+        right += int(max(range(len(scores)), key=scores.__getitem__) == r["label"])
+    return right / len(rows)
 
 
 def test_lm_eval_tasks_local_and_unavailable(tmp_path):
@@ -30,7 +52,9 @@ def test_lm_eval_tasks_local_and_unavailable(tmp_path):
             env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
     assert "task hellaswag unavailable" in p.stdout and "Rowan/hellaswag" in p.stdout
     res = json.loads(out.read_text())
-    assert 0.0 <= res["tasks"]["minitron_tiny_mc"]["acc"] <= 1.0
+    # the accuracy is the model's own: recomputed here with transformers (argmax of each choice's summed
+    # log-likelihood after the question, as lm-eval scores multiple_choice)
+    assert res["tasks"]["minitron_tiny_mc"]["acc"] == pytest.approx(_mc_accuracy(hf, rows), abs=1e-9)
     assert "hellaswag" in res["tasks_unavailable"] and res["loss"] > 0
 
     p = cli("evaluate", *base, "eval.tasks=[hellaswag]", check=False, env={"HF_DATASETS_OFFLINE": "1"})

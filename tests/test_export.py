@@ -1,6 +1,7 @@
 """Export to Hugging Face: transformers (in a fresh process) reproduces the NeMo model's logits."""
 
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -27,14 +28,41 @@ def _hf_logits_fresh(tmp_path, tokens, dirs):
     return torch.load(tmp_path / "logits.pt")
 
 
-def test_export_tiny_untied_and_dtype(tiny_ckpt, tiny_windows, tmp_path, dist_single):
+def _printed_and_written_params(stdout: str, out: Path) -> tuple[int, int]:
+    """The parameter count export says it writes ("writing 0.2M parameters (215,104; ...") and the one in
+    the safetensors files it wrote."""
+    import re
+
+    from safetensors import safe_open
+
+    printed = int(re.search(r"^writing [\d.]+M parameters \(([\d,]+);", stdout, re.M).group(1).replace(",", ""))
+    written = 0
+    for f in out.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            written += sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())
+    return printed, written
+
+
+def test_export_tiny_untied_and_dtype(tiny_ckpt, tiny_windows, tmp_path, dist_single, capsys):
+    """Also: the parameter count export prints is what its files hold, for untied and tied embeddings (a
+    tied output layer is the embedding, written once, counted once)."""
+    from nemo_minitron.checkpoint import nemo as ck
     from nemo_minitron.checkpoint.export import export_hf
+    from nemo_minitron.model import build, count_params, tiny_spec
 
     tokens = tiny_windows[0][:2, :-1]
     out32, out16 = tmp_path / "fp32", tmp_path / "bf16"
     export_hf(tiny_ckpt, out32, dtype="fp32")
+    printed, written = _printed_and_written_params(capsys.readouterr().out, out32)
+    assert printed == written == count_params(ck.read_spec(tiny_ckpt)), (printed, written)
+    tied_spec = tiny_spec(share_embeddings_and_output_weights=True)
+    tied = ck.save(tmp_path / "tied_ckpt", build(tied_spec), tied_spec)
+    export_hf(tied, tmp_path / "tied_hf", dtype="fp32")
+    printed, written = _printed_and_written_params(capsys.readouterr().out, tmp_path / "tied_hf")
+    assert printed == written == count_params(tied_spec), (printed, written)
     proc = cli("export", f"model={tiny_ckpt}", f"output={out16}")  # default bf16
     assert proc.stdout.strip().splitlines()[-1] == f"wrote checkpoint: {out16}"
+    assert _printed_and_written_params(proc.stdout, out16) == (count_params(ck.read_spec(tiny_ckpt)),) * 2
     cfg16 = json.loads((out16 / "config.json").read_text())
     assert cfg16.get("dtype", cfg16.get("torch_dtype")) == "bfloat16"
     hf = _hf_logits_fresh(tmp_path, tokens, [out32])

@@ -64,6 +64,12 @@ def test_pipeline_end_to_end_with_kill_and_resume(texts, tmp_path):
         assert f"[{stage}] complete, skipped" in out
     assert "[distill] resuming from" in out and "[distill] step 1/8" not in out
     assert out.strip().splitlines()[-1] == f"wrote report: {run_dir / 'report.md'}"
+    # the killed pipeline and its killed distill stage left their run locks: taken over, then released
+    lock = ".nemo-minitron.lock"
+    assert (f"warning: taking over the lock {run_dir / lock} left by pipeline pid {proc.pid} (no longer running)"
+            in again.stderr.splitlines())
+    assert f"[distill] warning: taking over the lock {run_dir / 'distill' / lock} left by distill pid" in out
+    assert not list(run_dir.rglob("*.lock"))
 
     rep = json.loads((run_dir / "report.json").read_text())
     for name in ("teacher", "pruned", "distilled"):
@@ -106,7 +112,7 @@ def test_pipeline_end_to_end_with_kill_and_resume(texts, tmp_path):
 
 
 
-def test_pipeline_refusals_before_any_work(texts, tmp_path):
+def test_pipeline_refusals_before_any_work(texts, tmp_path, capsys, monkeypatch):
     teacher = make_hf_llama(tmp_path / "hf_teacher")
     # a round that cannot follow the previous one
     bad = cli("pipeline", f"run_dir={tmp_path / 'bad'}", f"teacher={teacher}", "prune.hidden_size=60",
@@ -115,6 +121,11 @@ def test_pipeline_refusals_before_any_work(texts, tmp_path):
     bad = cli("pipeline", f"run_dir={tmp_path / 'bad'}", f"teacher={teacher}", "rounds=[{prune: {hidden: 48}}]",
               check=False)
     assert bad.returncode == 2 and "unknown key" in bad.stderr and not (tmp_path / "bad").exists()
-    # FP8 where it cannot run (no GPU / no Transformer Engine here) is refused at start, nothing written
-    fp8 = cli("pipeline", f"run_dir={tmp_path / 'fp8'}", f"teacher={teacher}", "model.fp8=hybrid", check=False)
-    assert fp8.returncode == 2 and "Transformer Engine" in fp8.stderr and not (tmp_path / "fp8").exists()
+    # FP8 where it cannot run (no GPU / no Transformer Engine) is refused at start, nothing written; in-process,
+    # with this CPU machine's platform forced (on a machine with CUDA and TE, FP8 would be accepted)
+    from nemo_minitron.cli import main
+    from nemo_minitron.model import precision
+
+    monkeypatch.setattr(precision, "current", lambda: precision.Platform(cuda=False, te=False, capability=None))
+    assert main(["pipeline", f"run_dir={tmp_path / 'fp8'}", f"teacher={teacher}", "model.fp8=hybrid"]) == 2
+    assert "Transformer Engine" in capsys.readouterr().err and not (tmp_path / "fp8").exists()

@@ -1,14 +1,36 @@
-"""The CPU platform module: active without CUDA, inert with it."""
+"""The CPU platform module: active without CUDA, inert with it.
 
+On a machine with CUDA the CPU-path tests are forced onto the CPU path: they run again in a pytest process
+that sees no GPU (``CUDA_VISIBLE_DEVICES=""``), since the accommodations are installed per process and only
+without CUDA."""
+
+import os
 import subprocess
 import sys
+
+import pytest
+import torch
 
 from nemo_minitron import platform
 
 
-def test_active_on_cpu(dist_single):
-    import torch
+def _ran_without_cuda(request) -> bool:
+    """With CUDA here: run this test in a fresh pytest process that sees no GPU and return True (it passed
+    there); without CUDA: False, the test runs in this process."""
+    if not torch.cuda.is_available():
+        return False
+    root = str(request.config.rootpath)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                          request.node.nodeid], cwd=root, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    return True
 
+
+def test_active_on_cpu(request):
+    if _ran_without_cuda(request):
+        return
+    request.getfixturevalue("dist_single")
     assert not torch.cuda.is_available()
     assert platform.cpu_mode_active()
     assert platform.backend() == "gloo" and platform.device().type == "cpu"
@@ -20,9 +42,12 @@ def test_active_on_cpu(dist_single):
     assert torch.zeros(2).type(torch.float64).dtype == torch.float64  # a conversion stays a conversion
 
 
-def test_sequence_parallel_norm_marks_its_parameters(dist_single):
+def test_sequence_parallel_norm_marks_its_parameters(request):
     """megatron's torch norm refuses sequence parallelism; on CPU it is built and its weights are marked for
     the gradient all-reduce over TP (what Apex's and TE's norms do)."""
+    if _ran_without_cuda(request):
+        return
+    request.getfixturevalue("dist_single")
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     from nemo_minitron.model import tiny_spec
@@ -57,6 +82,8 @@ def test_inert_when_cuda_present():
     assert "inert" in out.stdout
 
 
+@pytest.mark.skipif(platform.has_transformer_engine(), reason="Transformer Engine is importable here, so NeMo's "
+                    "default_layer_spec builds the TE spec (the TE configuration is checked in test_precision.py)")
 def test_layer_spec_choice_is_nemos(tiny_spec, dist_single):
     """Without TE the local spec is built (norms as separate modules), chosen by NeMo's default_layer_spec."""
     from nemo_minitron.model import build

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 
 HOPPER = dict(cuda=True, te=True, capability=(9, 0))
+CPU = dict(cuda=False, te=False, capability=None)  # the CPU path, forced (also on a machine with CUDA and TE)
 
 MODEL = dict(transformer_impl=None, precision="bf16", fp8=None, fp8_recipe="delayed", fp8_margin=0,
              fp8_amax_history_len=1024, fp8_amax_compute_algo="max", fp8_param=False,
@@ -39,9 +40,9 @@ def test_fp8_settings_reach_transformer_config():
 def test_cpu_defaults_to_local_spec_without_fp8():
     from nemo.collections.llm.gpt.model.base import local_layer_spec
 
-    from nemo_minitron.model.precision import resolve
+    from nemo_minitron.model.precision import Platform, resolve
 
-    over = resolve(_m())  # this machine: no CUDA, no TE
+    over = resolve(_m(), Platform(**CPU))  # no CUDA, no TE
     assert over["transformer_impl"] == "local" and over["transformer_layer_spec"] is local_layer_spec
     assert "fp8" not in over
 
@@ -74,8 +75,13 @@ def test_fp8_shape_rule():
         check_fp8_shapes(dict(hidden_size=3072, ffn_hidden_size=8800), tp=8)
 
 
-def test_cli_refuses_fp8_here_and_unaligned_fp8_prune_targets(tiny_ckpt, tiny_student, tiny_data, tmp_path, capsys):
+def test_cli_refuses_fp8_here_and_unaligned_fp8_prune_targets(tiny_ckpt, tiny_student, tiny_data, tmp_path, capsys,
+                                                               monkeypatch):
     from nemo_minitron.cli import main
+    from nemo_minitron.model import precision
+
+    # the platform as this CPU machine's, also where CUDA and TE are present (there FP8 would be accepted)
+    monkeypatch.setattr(precision, "current", lambda: precision.Platform(**CPU))
 
     args = [f"teacher={tiny_ckpt}", f"student={tiny_student}", f"output={tmp_path / 'o'}", f"data.train={tiny_data}",
             "data.seq_length=32", "data.global_batch_size=4"]

@@ -210,19 +210,42 @@ def test_pruning_identical_across_layouts(tp, pp, pruned_tp1, tiny_ckpt, tiny_da
 
 
 def test_callback_prunes_then_nemo_trains(pruned_tp1, tiny_ckpt, tiny_data, dist_single):
+    """The width-pruning callback (least-squares reconstruction, its default) prunes before NeMo's first step;
+    the optimizer then trains the pruned parameters: every one of them changes at lr=1e-3."""
+    import lightning.pytorch as pl
+
     from conftest import nemo_fit_with_callback
     from nemo_minitron.checkpoint.loader import load_model
     from nemo_minitron.prune.callbacks import WidthPruningCallback
 
+    class FirstStepWeights(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if not hasattr(self, "weights"):
+                m = pl_module.module
+                while hasattr(m, "module"):
+                    m = m.module
+                self.weights = {k: v.detach().clone() for k, v in _full(m).items()}
+
     targets = {t.split("=")[0].split(".")[1]: int(t.split("=")[1]) for t in TARGETS}
     cb = WidthPruningCallback(source=tiny_ckpt, targets=targets, calibration=str(tiny_data),
-                              calibration_samples=16, seq_length=32, micro_batch_size=4, reconstruction="none")
-    model, trained = nemo_fit_with_callback(tiny_ckpt, cb, tiny_data, steps=2)
+                              calibration_samples=16, seq_length=32, micro_batch_size=4)
+    first = FirstStepWeights()
+    model, trained = nemo_fit_with_callback(tiny_ckpt, cb, tiny_data, steps=2, lr=1e-3, extra_callbacks=[first])
 
     assert cb.pruned_spec.hidden_size == 48 and model.config.ffn_hidden_size == 96
     assert trained.decoder.layers[0].mlp.linear_fc2.weight.shape == (48, 96)
-    # lr=0: the weights NeMo trained are exactly what `nemo-minitron prune` writes for the same inputs
-    ref = _full(load_model(pruned_tp1)[0])
+    assert cb.reconstruction and cb.reconstruction["layers"]  # refitted layer by layer
+    # what NeMo started from: the same units as `nemo-minitron prune` keeps (its trimmed weights), with the
+    # consuming layers refitted: norms and embeddings identical, refitted projections not
+    trimmed = _full(load_model(pruned_tp1)[0])
+    start = first.weights
+    assert start.keys() == trimmed.keys()
+    for k, v in trimmed.items():
+        if k.endswith(("layernorm.weight", "layer_norm_weight", "word_embeddings.weight")):
+            assert torch.equal(start[k], v), k
+        elif k.endswith(("linear_fc2.weight", "linear_proj.weight")):
+            assert not torch.equal(start[k], v), k
+    # and the optimizer updated every pruned parameter
     got = _full(trained)
-    for k, v in ref.items():
-        assert torch.equal(got[k], v), k
+    for k, v in start.items():
+        assert got[k].shape == v.shape and not torch.equal(got[k], v), k

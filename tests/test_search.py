@@ -89,6 +89,26 @@ def test_budget_parsing_and_refusals():
             parse_budget(bad, 1000)
 
 
+def test_candidate_parameter_counts_are_the_built_models(dist_single):
+    """A candidate's parameter count (what the budget is checked against) is the number of parameters of the
+    megatron model built with its shape, tied and untied embeddings alike (not count_params against itself)."""
+    from nemo_minitron.model import build, count_params, tiny_spec
+    from nemo_minitron.search.space import DIMS, enumerate_candidates
+
+    checked = 0
+    for spec in (tiny_spec(), tiny_spec(share_embeddings_and_output_weights=True, ffn_hidden_size=192)):
+        built = sum(p.numel() for p in build(spec).parameters())  # tied: one shared tensor, counted once
+        assert count_params(spec) == built
+        cands, _ = enumerate_candidates(spec, int(0.6 * built), 0.1, tp=1, pp=1, fp8_shapes=False, multiple=16,
+                                        dims=DIMS)
+        assert cands
+        for c in cands:
+            s2 = spec.replace(kv_channels=spec.kv_channels, **{k: c[k] for k in DIMS})
+            assert c["params"] == sum(p.numel() for p in build(s2).parameters()), c["name"]
+            checked += 1
+    assert checked >= 4
+
+
 def test_every_candidate_builds_and_shards_at_tp2_and_pp2(tiny_ckpt, tiny_windows, tmp_path, dist_single):
     """Each candidate the enumeration emits at TP=2 / PP=2 is pruned into a real sharded megatron model under
     torchrun, and its loss equals the single-process model's for the same candidate."""

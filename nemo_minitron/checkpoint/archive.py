@@ -8,21 +8,23 @@ NeMo unpacks it with ``SaveRestoreConnector._unpack_nemo_file`` and restores the
 does the same and writes an ordinary checkpoint directory.
 
 Both directions write to ``TARGET.partial`` and rename when complete; a truncated or foreign archive is
-refused with the reason before anything is written.
+refused with the reason before anything is written, and a failed write (disk full, quota, file size limit)
+removes the partial output and is refused with one line naming the target and the OS error.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import shutil
 import tarfile
+import time
 from pathlib import Path
 
 from tqdm import tqdm
 
 from nemo_minitron.checkpoint import nemo
 from nemo_minitron.errors import UserError
+from nemo_minitron.faults import pause_point
 
 MANIFEST = "nemo_minitron_archive.json"
 
@@ -40,24 +42,21 @@ def pack(ckpt: Path, output: Path, overwrite: bool = False) -> Path:
         raise UserError(f"output directory {output.parent} does not exist")
     files = _files(ckpt)
     manifest = {"format": "nemo2-checkpoint", "files": {str(f.relative_to(ckpt)): f.stat().st_size for f in files}}
-    tmp = output.with_name(output.name + ".partial")
+    tmp = nemo.staging(output)
     total = sum(manifest["files"].values())
-    try:
+    with nemo.writing(output, tmp):  # a failed write: one line, no partial archive left
+        nemo.remove(tmp)  # a killed run's leftover
         with tarfile.open(tmp, "w:") as tar, tqdm(total=total, unit="B", unit_scale=True, desc="packing .nemo",
                                                    disable=total < (64 << 20), mininterval=2) as bar:
-            mf = tmp.with_name(tmp.name + ".manifest")
-            mf.write_text(json.dumps(manifest, indent=1))
-            tar.add(mf, arcname=MANIFEST)
-            mf.unlink()
+            data = json.dumps(manifest, indent=1).encode()
+            info = tarfile.TarInfo(MANIFEST)
+            info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+            tar.addfile(info, io.BytesIO(data))
             for f in files:
                 tar.add(f, arcname=str(f.relative_to(ckpt)))
                 bar.update(f.stat().st_size)
-        if output.exists():
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+                pause_point("archive_write")  # test hook: part of the archive written
+        nemo.publish(tmp, output)
     return output
 
 
@@ -91,18 +90,14 @@ def unpack(archive: Path, output: Path, overwrite: bool = False) -> Path:
     archive, output = Path(archive), Path(output)
     _check_archive(archive)
     nemo.check_output(output, overwrite)
-    tmp = output.with_name(output.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    tmp = nemo.staging(output)
+    with nemo.writing(output, tmp):  # a failed write: one line, no partial checkpoint left
+        nemo.remove(tmp)  # a killed run's leftover
         tmp.mkdir(parents=True)
         SaveRestoreConnector._unpack_nemo_file(str(archive), str(tmp))  # NeMo's own (safe) extraction
         (tmp / MANIFEST).unlink(missing_ok=True)
-        nemo.validate(tmp)
+        nemo.validate(tmp, staged=True)
         nemo.publish(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output
 
 

@@ -13,8 +13,9 @@ scaling state there (amax history, scales) and the local spec writes ``None``. S
   spec, which writes the identical keys; the FP8 state starts fresh when the job on the cluster starts.
   ``fp8_state=keep`` carries existing FP8 scaling state over (TE spec only).
 
-Either way the output holds exactly the source's tensor keys and values (checked after writing), is written
-atomically, and records the conversion in ``OUTPUT/convert.json``.
+Either way the output holds exactly the source's tensor keys and values (checked on the written files before
+they are renamed into place), is written atomically (a failed write: one line naming the output and the OS
+error, nothing left), and records the conversion in ``OUTPUT/convert.json``.
 """
 
 from __future__ import annotations
@@ -89,20 +90,21 @@ def convert(source, output, transformer_impl: str, fp8_state: str = "drop", over
               "fp8_state": "kept" if keep else "dropped", "fp8_state_objects_in_source": fp8_found}
 
     def extra(tmp: Path) -> None:
+        # the output must hold exactly the source's tensors, under the same keys: checked on the written
+        # files before they are renamed into place, so a failed check publishes nothing
+        check = build(spec, initialize=False, transformer_layer_spec=layer_spec)
+        after, fp8_left = read_weights(tmp, check)
+        if before.keys() != after.keys() or nemo.checkpoint_keys(path) != nemo.checkpoint_keys(tmp):
+            raise RuntimeError(f"convert: keys differ between {path} and {output}")
+        diff = [k for k in before if not torch.equal(before[k], after[k])]
+        if diff or (fp8_left and not keep):
+            raise RuntimeError(f"convert: {output} differs from its source ({diff[:3]}, fp8 state left: {fp8_left})")
+        record.update(tensors=len(after), seconds=round(time.time() - t0, 1))
         (tmp / "convert.json").write_text(json.dumps(record, indent=2))
 
     nemo.save(output, model, spec, nemo.tokenizer_dir(path), overwrite=overwrite, extra=extra,
               drop_extra_state=not keep)
-    # the output must hold exactly the source's tensors, under the same keys
-    check = build(spec, initialize=False, transformer_layer_spec=layer_spec)
-    after, fp8_left = read_weights(output, check)
-    if before.keys() != after.keys() or nemo.checkpoint_keys(path) != nemo.checkpoint_keys(output):
-        raise RuntimeError(f"convert: keys differ between {path} and {output}")
-    diff = [k for k in before if not torch.equal(before[k], after[k])]
-    if diff or (fp8_left and not keep):
-        raise RuntimeError(f"convert: {output} differs from its source ({diff[:3]}, fp8 state left: {fp8_left})")
-    record.update(tensors=len(after), seconds=round(time.time() - t0, 1))
-    print(f"converted {len(after)} tensors for the {transformer_impl} spec; FP8 scaling state "
+    print(f"converted {record['tensors']} tensors for the {transformer_impl} spec; FP8 scaling state "
           f"{'kept' if keep else 'dropped'} ({fp8_found} objects in the source) ({record['seconds']}s)")
     return record
 

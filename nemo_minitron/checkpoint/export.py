@@ -4,13 +4,13 @@
 The config carries the real (pruned) shapes, with an explicit ``head_dim`` (heads x head_dim may differ
 from hidden after width pruning), the RoPE base and Llama-3.1 scaling, tied or untied embeddings, and
 the tokenizer's special tokens; vocabulary rows beyond the tokenizer (megatron padding) are removed.
-Written to ``OUTPUT.partial`` and renamed when complete.
+Written to ``OUTPUT.partial`` and renamed when complete; a failed write (disk full, quota, file size limit)
+removes it and ends in one line naming the output and the OS error.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import torch
 from nemo_minitron import parallel
 from nemo_minitron.checkpoint import hf, nemo
 from nemo_minitron.errors import UserError
+from nemo_minitron.faults import pause_point
 from nemo_minitron.model.spec import ModelSpec
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -75,6 +76,8 @@ def export_hf(source, output, dtype: str = "bf16", overwrite: bool = False, max_
         vocab = len(tokenizer)  # drop megatron's padding rows
         for k in ("model.embed_tokens.weight", "lm_head.weight"):
             sd[k] = sd[k][:vocab]
+    if spec.tied:  # the output layer is the embedding: written (and counted) once
+        sd.pop("lm_head.weight")
     from tqdm import tqdm
 
     total = sum(v.numel() for v in sd.values())
@@ -83,29 +86,24 @@ def export_hf(source, output, dtype: str = "bf16", overwrite: bool = False, max_
         for k in list(sd):
             sd[k] = sd[k].to(DTYPES[dtype]).contiguous()
             bar.update(sd[k].numel() * DTYPES[dtype].itemsize)
-    print(f"writing {total / 1e6:.1f}M parameters ({total * DTYPES[dtype].itemsize / 2**20:.0f} MiB, {dtype}) "
-          f"in shards of at most {max_shard_size} ...", flush=True)
+    print(f"writing {total / 1e6:.1f}M parameters ({total:,}; {total * DTYPES[dtype].itemsize / 2**20:.0f} MiB, "
+          f"{dtype}) in shards of at most {max_shard_size} ...", flush=True)
     cfg = hf_config(spec, vocab, dtype, tokenizer)
-    tmp = output.with_name(output.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    tmp = nemo.staging(output)
+    with nemo.writing(output, tmp):  # a failed write: one line, nothing left behind
+        nemo.remove(tmp)  # a killed run's leftover
         with torch.device("meta"):
             hf_model = LlamaForCausalLM(LlamaConfig(**cfg))
-        if spec.tied:
-            sd.pop("lm_head.weight")
         hf_model.load_state_dict(sd, strict=not spec.tied, assign=True)
         if spec.tied:
             hf_model.tie_weights()
         hf_model.save_pretrained(str(tmp), max_shard_size=max_shard_size, safe_serialization=True)
+        pause_point("export_write")  # test hook: weights written, the directory not yet complete
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
             GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id).save_pretrained(str(tmp))
         (tmp / "nemo_minitron_export.json").write_text(json.dumps({"source": str(path), "dtype": dtype}, indent=2))
         nemo.publish(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"exported {spec.num_layers} layers, hidden {spec.hidden_size}, ffn {spec.ffn_hidden_size}, "
           f"heads {spec.num_attention_heads}/{spec.num_query_groups}, head_dim {spec.kv_channels}, vocab {vocab}, "
           f"{dtype} ({time.time() - t0:.1f}s)")

@@ -35,10 +35,11 @@ def import_hf(source, output, overwrite: bool = False) -> Path:
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise RuntimeError(f"conversion mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    nemo.save(output, model, spec, tokenizer_dir=src, overwrite=overwrite)
     meta = {"source": str(source), "source_path": str(src), "params": count_params(spec),
             "config_class": spec.config_class, "rotary_base": spec.get("rotary_base")}
-    (output / "nemo_minitron.json").write_text(json.dumps(meta, indent=2))
+    # written beside the weights before the rename, so a kill never leaves a checkpoint without it
+    nemo.save(output, model, spec, tokenizer_dir=src, overwrite=overwrite,
+              extra=lambda tmp: (tmp / "nemo_minitron.json").write_text(json.dumps(meta, indent=2)))
     print(f"imported {spec.config_class}: {spec.num_layers} layers, hidden {spec.hidden_size}, "
           f"ffn {spec.ffn_hidden_size}, heads {spec.num_attention_heads}/{spec.num_query_groups} groups, "
           f"head_dim {spec.kv_channels}, vocab {spec.vocab_size}, rope base {spec.get('rotary_base')}, "

@@ -13,13 +13,18 @@ from nemo_minitron.model.shards import load_full_state_dict
 def describe(source) -> tuple[str, Path, ModelSpec]:
     """Validate a source without loading weights: ('nemo'|'hf', path, spec). Errors name the problem."""
     path = hf.resolve_source(str(source))
+    if nemo.is_partial(path):
+        raise UserError(f"{path} is an unfinished write (a killed or failed run left it): re-run the command "
+                        "that writes it")
     for final in ("student", "model"):  # a distill / finetune run directory: its finished checkpoint
         if not (path / "context").exists() and (path / final / "context").is_dir():
             path = path / final
             break
     if nemo.is_checkpoint(path):
         nemo.validate(path)
-        return "nemo", path, nemo.read_spec(path)
+        spec = nemo.read_spec(path)
+        nemo.check_tensors(path, spec)
+        return "nemo", path, spec
     if (path / "context").is_dir() or (path / "weights").is_dir():
         nemo.validate(path)  # an incomplete NeMo checkpoint: say what is missing
     cfg = hf.read_config(path)

@@ -9,16 +9,23 @@ Layout (what NeMo 2.7.3's ``ModelCheckpoint``/``import_ckpt`` write, and what Ne
 Only portable model arguments are written: platform settings (fusions forced off on CPU, fp32) and the
 parallel layout are not, so a checkpoint written on CPU at TP=1 loads on an H100 cluster at TP=8, and back.
 
-Writes are atomic: everything goes to ``CKPT.partial-<id>`` and is renamed into place only after every
-rank finished, so an interrupted run never leaves a directory at ``CKPT`` that looks complete.
+Writes are atomic: everything goes to ``CKPT.partial`` and is renamed into place only after every rank
+finished, so an interrupted run never leaves a directory at ``CKPT`` that looks complete (and a leftover
+``*.partial`` is never taken for a checkpoint; the next write replaces it). A failed write (disk full, quota,
+file size limit) removes the partial output and is refused with one line naming the path and the OS error
+(:func:`writing`, shared by export, import, ``.nemo`` archives and convert).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import pickle
+import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -36,23 +43,163 @@ def check_output(path: Path, overwrite: bool) -> None:
         raise UserError(f"output {path} exists and is not empty (pass overwrite=true to replace it)")
 
 
+PARTIAL = ".partial"
+_PARTIAL_NAME = re.compile(r"\.partial(-old)?$")
+
+
+def staging(path: Path) -> Path:
+    """Where ``path`` is written until it is complete: ``PATH.partial``, in the same directory (one rename)."""
+    path = Path(path)
+    return path.with_name(path.name + PARTIAL)
+
+
+def is_partial(path: Path) -> bool:
+    """A name this project writes to or moves aside before a rename (``*.partial``, ``*.partial-old``): never a
+    complete output, whatever it holds."""
+    return bool(_PARTIAL_NAME.search(Path(path).name))
+
+
+def remove(path: Path) -> None:
+    """Remove a file, link or directory tree if it is there."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        path.unlink(missing_ok=True)
+
+
 def publish(tmp: Path, path: Path) -> None:
-    """Move a completely written ``tmp`` directory to ``path``, replacing what was there."""
-    if path.exists():
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    tmp.rename(path)
+    """Move a completely written ``tmp`` (directory or file) to ``path``, replacing what was there.
+
+    A kill at any moment leaves the previous ``path`` or the new one, never a half-removed one: a directory
+    being replaced is first renamed aside to ``PATH.partial-old`` (so between the two renames there is no
+    ``path`` at all) and removed after the new one is in place."""
+    tmp, path = Path(tmp), Path(path)
+    old = path.with_name(path.name + PARTIAL + "-old")
+    remove(old)
+    if os.path.lexists(path) and (path.is_dir() or tmp.is_dir()):
+        path.rename(old)
+        try:
+            tmp.rename(path)
+        except BaseException:
+            old.rename(path)  # the previous one back in place
+            raise
+        remove(old)
+    else:
+        os.replace(tmp, path)  # atomic for a file
+
+
+# --------------------------------------------------------------------------------------------------
+# write errors
+# --------------------------------------------------------------------------------------------------
+_ERRNO_IN_TEXT = re.compile(r"\[Errno (\d+)\]|os error (\d+)")
+_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+
+
+def _causes(e: BaseException):
+    """``e`` and the exceptions behind it: causes, contexts, and the per-rank failures of
+    torch.distributed.checkpoint's ``CheckpointException`` ({rank: (exception, traceback)})."""
+    todo, seen = [e], set()
+    while todo:
+        x = todo.pop(0)
+        if not isinstance(x, BaseException) or id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        todo += [x.__cause__, x.__context__]
+        failures = getattr(x, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) and f else f for f in failures.values()]
+
+
+def os_error(e: BaseException) -> OSError | None:
+    """The OS error behind ``e``: an ``OSError`` itself or in its chain, or the errno a library kept only in
+    its message (safetensors: ``I/O error: File too large (os error 27)``; a worker's ``[Errno 28] ...``)."""
+    for x in _causes(e):
+        if isinstance(x, OSError) and x.errno:
+            return x
+        m = _ERRNO_IN_TEXT.search(str(x))
+        if m:
+            n = int(m.group(1) or m.group(2))
+            return OSError(n, os.strerror(n))
+    return None
+
+
+def _diagnose(tmp: Path) -> OSError | None:
+    """Why writing ``tmp`` failed when the library's error lost the errno (torch's serializer says only
+    ``unexpected pos 704 vs 598``): a file there at this process's file size limit (EFBIG), or a small probe
+    write beside it that fails now (disk full, quota), while the partial output still holds its space."""
+    import resource
+
+    files = [tmp] if tmp.is_file() else [f for f in tmp.rglob("*") if f.is_file()] if tmp.is_dir() else []
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY and any(f.stat().st_size >= soft for f in files):
+        return OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+    probe = tmp / f".write-probe-{os.getpid()}" if tmp.is_dir() else tmp.with_name(tmp.name + ".probe")
+    try:
+        with open(probe, "wb") as fh:
+            for _ in range(16):  # 1 MiB
+                fh.write(bytes(1 << 16))
+                fh.flush()
+    except OSError as e:
+        if e.errno in _SPACE_ERRNOS:
+            return OSError(e.errno, os.strerror(e.errno))
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return None
+
+
+@contextmanager
+def writing(output: Path, tmp: Path, owner: bool = True):
+    """The writing phase of ``output``, staged at ``tmp``.
+
+    Any exception (Ctrl-C included) removes ``tmp`` (``owner``: the rank that removes it; the others only
+    report). A failed write -- disk full, quota, file size limit, no permission, also when safetensors,
+    torch, megatron or tarfile wrapped the OS error -- becomes one line ``cannot write OUTPUT: <OS error>``
+    (a UserError: the CLI prints it and exits 2); anything else propagates unchanged. A SIGKILL leaves
+    ``tmp``, which nothing takes for a complete output and the next write replaces."""
+    try:
+        yield
+    except UserError:
+        if owner:
+            remove(tmp)
+        raise
+    except BaseException as e:
+        err = None
+        # (torch.distributed.checkpoint's CheckpointException is a BaseException, not an Exception)
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            err = os_error(e)
+            if err is None and os.path.lexists(tmp):
+                try:
+                    err = _diagnose(Path(tmp))
+                except OSError:  # another rank removed it meanwhile
+                    err = None
+        if owner:
+            remove(tmp)
+        if err is not None:
+            raise UserError(f"cannot write {output}: {err.strerror or err}") from None
+        raise
 
 
 def is_checkpoint(path: Path) -> bool:
     path = Path(path)
-    return (path / "context" / "io.json").is_file() and (path / "weights").is_dir()
+    return (not is_partial(path) and (path / "context" / "io.json").is_file()
+            and (path / "weights").is_dir())
 
 
-def validate(path: Path) -> None:
-    """Clear errors for a missing, incomplete or corrupt checkpoint, before any model is built."""
+def validate(path: Path, staged: bool = False) -> None:
+    """Clear errors for a missing, incomplete or corrupt checkpoint, before any model is built.
+
+    ``staged``: ``path`` is this process's own ``*.partial`` write, checked before it is published."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist")
+    if is_partial(path) and not staged:
+        raise UserError(f"{path} is an unfinished write (a run was interrupted); use the output it was "
+                        f"written for, {path.with_name(_PARTIAL_NAME.sub('', path.name))}, once complete")
     if not (path / "context" / "io.json").is_file():
         raise UserError(f"{path} is not a NeMo 2 checkpoint: context/io.json is missing")
     w = path / "weights"
@@ -152,33 +299,34 @@ def save(path: Path, model, spec: ModelSpec, tokenizer_dir=None, overwrite: bool
     """
     from megatron.core import dist_checkpointing
 
-    path = Path(path).absolute()
-    tmp = path.with_name(path.name + ".partial")
-    if parallel.is_rank0():
-        check_output(path, overwrite)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / "weights").mkdir(parents=True)
-    parallel.barrier()
-    sharded = {"state_dict": {}, "sharded_state_dict": model.sharded_state_dict(prefix="module.", metadata=CONTENT_METADATA)}
-    if drop_extra_state:
-        from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from nemo_minitron.faults import pause_point
 
-        for name, v in sharded["sharded_state_dict"].items():
-            if isinstance(v, ShardedObject) and name.endswith("_extra_state"):
-                v.data = None
-    dist_checkpointing.save(sharded, str(tmp / "weights"), content_metadata=CONTENT_METADATA)
-    parallel.barrier()
-    if parallel.is_rank0():
-        try:
+    path = Path(path).absolute()
+    tmp = staging(path)
+    rank0 = parallel.is_rank0()
+    if rank0:
+        check_output(path, overwrite)
+    with writing(path, tmp, owner=rank0):  # a failed or interrupted write leaves no partial checkpoint
+        if rank0:
+            remove(tmp)  # a killed run's leftover
+            (tmp / "weights").mkdir(parents=True)
+        parallel.barrier()
+        sharded = {"state_dict": {}, "sharded_state_dict": model.sharded_state_dict(prefix="module.", metadata=CONTENT_METADATA)}
+        if drop_extra_state:
+            from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+            for name, v in sharded["sharded_state_dict"].items():
+                if isinstance(v, ShardedObject) and name.endswith("_extra_state"):
+                    v.data = None
+        dist_checkpointing.save(sharded, str(tmp / "weights"), content_metadata=CONTENT_METADATA)
+        parallel.barrier()
+        if rank0:
             write_context(tmp, spec, tokenizer_dir)
+            pause_point("nemo_save")  # test hook: weights and context written, not yet complete
             (tmp / "weights" / "nemo_minitron.json").write_text(json.dumps({"complete": True}))
             if extra is not None:
                 extra(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial checkpoint behind
-            raise
-        publish(tmp, path)
+            publish(tmp, path)
     parallel.barrier()
     return path
 
@@ -211,3 +359,31 @@ def load_weights(path: Path, model, strict: bool = True) -> dict:
     if strict and missing:
         raise UserError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     return state
+
+
+_LAYER_TENSORS = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.layer_norm_weight",
+                  "self_attention.linear_proj.weight", "mlp.linear_fc1.weight", "mlp.linear_fc1.layer_norm_weight",
+                  "mlp.linear_fc2.weight")
+
+
+def check_tensors(path: Path, spec: ModelSpec) -> None:
+    """Refuse a checkpoint that lacks a tensor its model needs (or holds fewer layers than its config says),
+    from the metadata alone: a model built from it would otherwise keep some weights at their initial values
+    (Megatron-Bridge #1422) or fail deep inside megatron's loader."""
+    with open(Path(path) / "weights" / ".metadata", "rb") as fh:
+        meta = pickle.load(fh).state_dict_metadata
+    need = {"module.embedding.word_embeddings.weight": None, "module.decoder.final_layernorm.weight": None}
+    if not spec.tied:
+        need["module.output_layer.weight"] = None
+    for name in _LAYER_TENSORS:
+        need[f"module.decoder.layers.{name}"] = spec.num_layers
+    missing = [k for k in need if k not in meta]
+    if missing:
+        raise UserError(f"{path}: checkpoint lacks {len(missing)} of the model's tensors "
+                        f"({', '.join(k.removeprefix('module.') for k in missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    for k, layers in need.items():
+        size = getattr(meta[k], "size", None)
+        if layers is not None and size is not None and size[0] != layers:
+            raise UserError(f"{path}: checkpoint holds {size[0]} layers of {k.removeprefix('module.')}, "
+                            f"its config says num_layers={layers}")
+

@@ -14,6 +14,7 @@ empty prefix, token ids the model cannot embed) is refused here, before any mode
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,6 +242,48 @@ def check_blend(blend: Blend, what: str, vocab_size: int | None, min_tokens: int
     for s, share in zip(stats, blend.shares([s["tokens"] for s in stats])):
         s["share"] = share
     return stats
+
+
+_warned: set = set()
+
+
+def _prefixes_of(data) -> list[str]:
+    """The prefixes of a :class:`Blend` or a ``data.*`` value (a prefix, a list of prefixes, a weighted
+    blend); None or '' -> none."""
+    if data is None or (isinstance(data, (str, Path)) and not str(data)):
+        return []
+    if isinstance(data, Blend):
+        return list(data.prefixes)
+    return list(Blend.parse(data, "data").prefixes)
+
+
+def check_tokenizer(data, expected: dict | None, what: str, model=None) -> None:
+    """Each prefix of ``data`` was tokenized by the tokenizer whose fingerprint is ``expected`` (the model's;
+    :func:`nemo_minitron.data.tokenizer.fingerprint`), by its sidecar ``PREFIX.json``. A prefix without a
+    sidecar gets one warning line (its token ids are range-checked by the caller's usual checks); a missing
+    prefix is left to those checks. ``expected`` None (a model without a tokenizer): nothing to compare."""
+    from nemo_minitron.data.tokenizer import compare
+
+    if expected is None:
+        return
+    for prefix in dict.fromkeys(_prefixes_of(data)):
+        if not indexed.exists(prefix):
+            continue  # refused by the existence checks, with their own message
+        side = indexed.read_sidecar(prefix)
+        fp = (side or {}).get("tokenizer")
+        if not isinstance(fp, dict):
+            if prefix not in _warned:
+                _warned.add(prefix)
+                from nemo_minitron import parallel
+
+                if parallel.is_rank0():
+                    print(f"warning: {prefix} has no tokenizer sidecar ({prefix}.json); only the token id range "
+                          f"is checked", file=sys.stderr, flush=True)
+            continue
+        reason = compare(fp, expected, ("data", "model"))
+        if reason:
+            raise UserError(f"{what} {prefix} was tokenized by another tokenizer than the model's: {reason} "
+                            f"(re-run preprocess with tokenizer={model or 'MODEL'})")
 
 
 def check(settings: DataSettings, vocab_size: int | None) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -52,9 +53,38 @@ def iter_documents(files, split: str = "file", text_key: str = "text"):
             raise UserError(f"unknown split {split!r} (file, paragraph, line)")
 
 
+def sidecar_path(prefix) -> Path:
+    return Path(f"{prefix}.json")
+
+
+def read_sidecar(prefix) -> dict | None:
+    """``PREFIX.json`` (written last by :func:`write`: {'tokenizer': fingerprint, 'documents', 'tokens'}), or
+    None when the prefix has none (or an unreadable one)."""
+    p = sidecar_path(prefix)
+    if not p.is_file():
+        return None
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _write_error(path, e: OSError) -> UserError:
+    return UserError(f"cannot write {path}: {os.strerror(e.errno) if e.errno else e}")
+
+
 def write(prefix, documents, tokenizer, append_eod: bool = True, total_bytes: int | None = None, progress=True,
-          bar=None):
-    """Tokenize ``documents`` into ``prefix.bin/.idx``. Returns {'documents', 'tokens'}.
+          bar=None, fingerprint: dict | None = None):
+    """Tokenize ``documents`` into ``prefix.bin/.idx`` and, given the tokenizer's ``fingerprint``
+    (:func:`nemo_minitron.data.tokenizer.fingerprint`), the sidecar ``prefix.json`` ({'tokenizer': fingerprint,
+    'documents', 'tokens'}) that lets every command check the data against its model's tokenizer. Returns
+    {'documents', 'tokens'}.
+
+    Everything is written to temporary names beside the output and renamed into place at the end (the
+    ``.idx`` after the ``.bin``, the sidecar last, an older prefix's ``.json`` and ``.idx`` removed first), so a
+    kill never leaves a half-written prefix that looks complete. A write error (disk full, file size limit)
+    removes the temporaries and is refused with one line naming the path and the OS error.
 
     ``bar``: a tqdm progress bar (in bytes of text) shared by several calls, e.g. one per input file."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
@@ -66,33 +96,62 @@ def write(prefix, documents, tokenizer, append_eod: bool = True, total_bytes: in
     if append_eod and eod is None:
         raise UserError("tokenizer has no end-of-document token (eos); pass preprocess.append_eod=false")
     prefix = Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    tmp_bin, tmp_idx = Path(f"{prefix}.bin.partial"), Path(f"{prefix}.idx.partial")
-    builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
-    n_docs = n_tok = 0
-    start = time.time()
+    final = {ext: Path(f"{prefix}.{ext}") for ext in ("bin", "idx", "json")}
+    tmp = {ext: Path(f"{prefix}.{ext}.partial") for ext in final}
+    target = final["bin"]
+    builder = None
     own_bar = bar is None
-    if own_bar:
-        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
-    for doc in documents:
-        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
-        if append_eod:
-            ids.append(eod)
-        if not ids:
-            continue
-        builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
-        n_docs += 1
-        n_tok += len(ids)
-        bar.update(len(doc.encode("utf-8")))
-        bar.set_postfix(docs=n_docs, tokens=n_tok, tok_per_s=int(n_tok / max(time.time() - start, 1e-9)))
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        builder = IndexedDatasetBuilder(str(tmp["bin"]), dtype=dtype)
+        n_docs = n_tok = 0
+        start = time.time()
+        if own_bar:
+            bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
+        for doc in documents:
+            ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+            if append_eod:
+                ids.append(eod)
+            if not ids:
+                continue
+            builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+            n_docs += 1
+            n_tok += len(ids)
+            bar.update(len(doc.encode("utf-8")))
+            bar.set_postfix(docs=n_docs, tokens=n_tok, tok_per_s=int(n_tok / max(time.time() - start, 1e-9)))
+        if n_docs == 0:
+            raise UserError("no documents found in the input")
+        builder.data_file.close()  # the .bin's last buffered bytes: its write errors name the .bin
+        target = final["idx"]
+        builder.finalize(str(tmp["idx"]))
+        builder = None
+        written = ("bin", "idx")
+        if fingerprint is not None:
+            target = final["json"]
+            tmp["json"].write_text(json.dumps({"tokenizer": fingerprint, "documents": n_docs, "tokens": n_tok},
+                                              indent=2))
+            written += ("json",)
+        target = prefix
+        for ext in ("json", "idx"):  # an older prefix stops looking complete before its files are replaced
+            final[ext].unlink(missing_ok=True)
+        for ext in written:
+            target = final[ext]
+            os.replace(tmp[ext], final[ext])
+    except BaseException as e:
+        if own_bar and bar is not None:
+            bar.close()
+        if builder is not None:
+            try:
+                builder.data_file.close()
+            except OSError:
+                pass
+        for p in tmp.values():
+            p.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _write_error(target, e) from None
+        raise
     if own_bar:
         bar.close()
-    if n_docs == 0:
-        tmp_bin.unlink(missing_ok=True)
-        raise UserError("no documents found in the input")
-    builder.finalize(str(tmp_idx))
-    tmp_bin.replace(f"{prefix}.bin")
-    tmp_idx.replace(f"{prefix}.idx")
     return {"documents": n_docs, "tokens": n_tok}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import signal
 from pathlib import Path
 
 from nemo_minitron.data import indexed, tokenizer as tok
@@ -51,12 +52,16 @@ def run(cfg) -> None:
     if cfg.preprocess.split not in ("file", "paragraph", "line"):
         raise UserError(f"preprocess.split={cfg.preprocess.split!r}: use file, paragraph or line")
     tokenizer = tok.load(cfg.tokenizer)
+    fingerprint = tok.fingerprint(tokenizer)  # the sidecar PREFIX.json: which tokenizer made the data
+    if hasattr(signal, "SIGXFSZ"):  # a file size limit: a write error (EFBIG, one line), not a killed process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     total = sum(f.stat().st_size for f in files)
     docs = tokens = 0
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing {len(files)} file(s)") as bar:
         for inputs, prefix in jobs:
             stream = indexed.iter_documents(inputs, cfg.preprocess.split, cfg.preprocess.text_key)
-            stats = indexed.write(prefix, stream, tokenizer, append_eod=cfg.preprocess.append_eod, bar=bar)
+            stats = indexed.write(prefix, stream, tokenizer, append_eod=cfg.preprocess.append_eod, bar=bar,
+                                  fingerprint=fingerprint)
             docs, tokens = docs + stats["documents"], tokens + stats["tokens"]
             if per_file:
                 bar.write(f"{prefix}: {stats['documents']} documents, {stats['tokens']} tokens")
@@ -66,4 +71,4 @@ def run(cfg) -> None:
         print(f"a blend of them: data.train=[{','.join(prefixes)}] (weights: [w1,PREFIX1,w2,PREFIX2,...])")
         print(f"wrote datasets: {len(prefixes)} prefixes in {out.absolute()}")
     else:
-        print(f"wrote dataset: {out.absolute()}.bin {out.absolute()}.idx")
+        print(f"wrote dataset: {out.absolute()}.bin {out.absolute()}.idx {out.absolute()}.json")

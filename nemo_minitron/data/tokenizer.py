@@ -31,3 +31,83 @@ def load(source):
         return AutoTokenizer.from_pretrained(str(path), use_fast=True)
     except Exception as e:
         raise UserError(f"cannot load the tokenizer in {path}: {e.__class__.__name__}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# identity: which tokenizer produced a dataset, and do two models share one
+# --------------------------------------------------------------------------------------------------
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+_fingerprints: dict = {}
+
+
+def fingerprint(tokenizer) -> dict:
+    """What identifies a tokenizer: its vocabulary's size and content (sha256 of the sorted (token, id)
+    pairs) and its special token ids. ``name_or_path`` is informational only, never compared."""
+    import hashlib
+    import json
+
+    vocab = sorted(tokenizer.get_vocab().items())
+    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+    return {"vocab_size": len(tokenizer), "vocab_sha256": digest.hexdigest(),
+            "special_tokens": {k: getattr(tokenizer, k, None) for k in SPECIAL_TOKENS},
+            "name_or_path": str(getattr(tokenizer, "name_or_path", "") or "")}
+
+
+def _tokenizer_dir_of(source):
+    """The tokenizer directory of a checkpoint, a run directory (its student/ or model/), an HF directory
+    or ``smollm2-135m``; None when there is none."""
+    from nemo_minitron.checkpoint import hf, nemo
+
+    p = hf.resolve_source(str(source))
+    for final in ("student", "model"):  # a distill / finetune run directory: its finished checkpoint
+        if not (p / "context").exists() and (p / final / "context").is_dir():
+            p = p / final
+            break
+    if nemo.is_checkpoint(p):
+        return nemo.tokenizer_dir(p)
+    if p.is_dir() and any((p / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return p
+    return None
+
+
+def fingerprint_of(source) -> dict | None:
+    """:func:`fingerprint` of the tokenizer of ``source`` (checkpoint, run directory, HF directory,
+    ``smollm2-135m``), cached by path; None when ``source`` holds no tokenizer, or one that cannot be loaded
+    here (said in one warning line: then only token id ranges are checked)."""
+    d = _tokenizer_dir_of(source)
+    if d is None:
+        return None
+    key = str(Path(d).resolve())
+    if key not in _fingerprints:
+        try:
+            _fingerprints[key] = fingerprint(load(d))
+        except UserError as e:
+            import sys
+
+            from nemo_minitron import parallel
+
+            _fingerprints[key] = None
+            if parallel.is_rank0():
+                print(f"warning: {e}; data and models are checked by token id range only", file=sys.stderr,
+                      flush=True)
+    return _fingerprints[key]
+
+
+def compare(a: dict, b: dict, names: tuple[str, str] | None = None) -> str | None:
+    """Why fingerprints ``a`` and ``b`` are different tokenizers (one short phrase), or None when they match.
+    ``names``: what ``a`` and ``b`` are ("data", "model"), written after their values."""
+    def pair(x, y) -> str:
+        if names:
+            return f"{x} ({names[0]}) vs {y} ({names[1]})"
+        return f"{x} vs {y}"
+
+    if a.get("vocab_size") != b.get("vocab_size"):
+        return f"vocab size {pair(a.get('vocab_size'), b.get('vocab_size'))}"
+    if a.get("vocab_sha256") != b.get("vocab_sha256"):
+        ha, hb = (str(x.get("vocab_sha256"))[:12] + ".." for x in (a, b))
+        return f"vocabulary content differs (sha256 {pair(ha, hb)})"
+    sa, sb = a.get("special_tokens") or {}, b.get("special_tokens") or {}
+    for k in SPECIAL_TOKENS:
+        if k in sa and k in sb and sa[k] != sb[k]:
+            return f"special token {k} {pair(sa[k], sb[k])}"
+    return None

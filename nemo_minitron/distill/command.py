@@ -6,7 +6,6 @@ trainer or any model is built.
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from nemo_minitron.model import count_params
 
 STUDENT_DIR, MODEL_DIR, CORRECTED_DIR = "student", "model", "teacher_corrected"
 EXIT_PREEMPTED = 3  # the batch script requeues the job on this status
+EXIT_NONFINITE = 4  # trainer.max_nonfinite_steps consecutive non-finite steps: not requeued (it would recur)
 
 
 class Preempted(Exception):
@@ -42,7 +42,9 @@ def _prepare_run_dir(out: Path, overwrite: bool, final: str) -> bool:
     if out.exists() and out.is_file():
         raise UserError(f"output {out} is a file, not a run directory")
     if overwrite and out.exists() and parallel.is_rank0():
-        shutil.rmtree(out)
+        from nemo_minitron import runlock
+
+        runlock.clear(out)  # everything but the run lock this run holds
     parallel.barrier()
     if (out / final).exists() and ck.is_checkpoint(out / final):
         return False
@@ -65,6 +67,7 @@ class FitSettings:
     precision: str = "fp32"  # bf16 | fp16 | fp32: megatron mixed precision (fp32 main parameters)
     distributed_optimizer: bool = True
     optim_fully_reshardable: bool = True  # the optimizer checkpoint resumes at any TP/PP/DP
+    max_nonfinite_steps: int = 3  # consecutive skipped (non-finite) steps that stop the run
 
     @classmethod
     def from_config(cls, cfg, layout: parallel.Layout, precision: str,
@@ -73,11 +76,14 @@ class FitSettings:
         steps = t.max_steps if max_steps is None else max_steps
         if steps < 1:
             raise UserError("trainer.max_steps must be >= 1")
+        if t.max_nonfinite_steps < 1:
+            raise UserError(f"trainer.max_nonfinite_steps must be >= 1 (got {t.max_nonfinite_steps})")
         return cls(max_steps=int(steps), val_check_interval=int(min(t.val_check_interval, steps)),
                    log_every_n_steps=int(t.log_every_n_steps), num_nodes=int(t.num_nodes),
                    checkpoint_every=int(c.every_n_steps), checkpoint_keep=int(c.keep), layout=layout,
                    precision=precision, distributed_optimizer=bool(cfg.optim.distributed_optimizer),
-                   optim_fully_reshardable=bool(c.optim_fully_reshardable))
+                   optim_fully_reshardable=bool(c.optim_fully_reshardable),
+                   max_nonfinite_steps=int(t.max_nonfinite_steps))
 
 
 def _common_checks(cfg, tp: int, pp: int, spec, sequence_parallel, precision, sp_key: str,
@@ -99,22 +105,53 @@ def _common_checks(cfg, tp: int, pp: int, spec, sequence_parallel, precision, sp
     o = cfg.optim
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
         raise UserError(f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr (got {o.lr}, {o.min_lr})")
+    from nemo_minitron.data.tokenizer import fingerprint_of
+
+    source = cfg.student if "student" in cfg else cfg.model  # distill: the student's tokenizer; finetune: the model's
+    expected = fingerprint_of(source)
+    blend.check_tokenizer(data.train, expected, "data.train", model=source)
+    blend.check_tokenizer(data.validation, expected, "data.validation", model=source)
     blend.check(data, spec.vocab_size)
     return data, fit
 
 
 def _fit(model, data: DataSettings, fit: FitSettings, run_dir: Path, tp: int, pp: int, opt):
+    from nemo_minitron.distill.train import NonFiniteStop, last_complete_checkpoint
+
     try:
         return _fit_inner(model, data, fit, run_dir, tp, pp, opt)
     except Preempted as e:
         if parallel.is_rank0():
             print(f"{e}; exit status {EXIT_PREEMPTED} (re-run or requeue to resume)", flush=True)
         raise SystemExit(EXIT_PREEMPTED) from None
+    except NonFiniteStop as e:
+        if parallel.is_rank0():
+            import sys
+
+            last = last_complete_checkpoint(run_dir / "checkpoints")
+            print(f"error: {e}; nothing saved after it, the last good checkpoint is "
+                  f"{last if last else 'none (the run had not saved one yet)'}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_NONFINITE) from None
+    except BaseException as e:  # (torch's CheckpointException is a BaseException)
+        # a checkpoint save that hit a full disk or a quota: one line, and no half-written checkpoint left
+        from nemo_minitron.distill.train import drop_unfinished_checkpoints
+
+        if isinstance(e, (KeyboardInterrupt, SystemExit, UserError)):
+            raise
+        import errno
+
+        err = ck.os_error(e)
+        if err is None or err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES):
+            raise
+        drop_unfinished_checkpoints(run_dir / "checkpoints")
+        raise UserError(f"cannot write in {run_dir}: {err.strerror or err} (the last complete checkpoint is "
+                        f"{last_complete_checkpoint(run_dir / 'checkpoints') or 'none'}; re-run to resume)") from None
 
 
 def _fit_inner(model, data: DataSettings, fit: FitSettings, run_dir: Path, tp: int, pp: int, opt):
     from nemo_minitron.data.module import GPTDataModule
-    from nemo_minitron.distill.train import MetricsLog, Preemption, build_trainer, drop_unfinished_checkpoints, resume
+    from nemo_minitron.distill.train import (MetricsLog, NonFiniteGuard, Preemption, build_trainer,
+                                             drop_unfinished_checkpoints, resume)
 
     drop_unfinished_checkpoints(run_dir / "checkpoints")
     preemption = Preemption(run_dir)
@@ -125,6 +162,8 @@ def _fit_inner(model, data: DataSettings, fit: FitSettings, run_dir: Path, tp: i
                             fit.checkpoint_every, fit.checkpoint_keep, [metrics, preemption], num_nodes=fit.num_nodes,
                             optim_fully_reshardable=fit.optim_fully_reshardable)
     model.optim = opt
+    model.nonfinite_guard = NonFiniteGuard(fit.max_nonfinite_steps)
+    model.metrics_path = run_dir / "metrics.jsonl"
     opt.connect(model)
     res = resume(run_dir)
     res.setup(trainer, model)
@@ -187,12 +226,15 @@ def run_finetune(cfg) -> None:
     data, fit = _common_checks(cfg, tp, pp, spec, st.sequence_parallel, cfg.trainer.precision,
                                "trainer.strategy.sequence_parallel", "trainer.precision")
     out = Path(cfg.output).absolute()
-    if not cfg.overwrite and (out / MODEL_DIR).exists() and ck.is_checkpoint(out / MODEL_DIR):
-        pass  # finished before: finetune_run says so
-    elif cfg.overwrite:
-        _prepare_run_dir(out, True, MODEL_DIR)
-    final = finetune_run(data, fit, path, spec, out, tp, pp, _optim(cfg.optim, fit),
-                         random_init=cfg.random_init)
+    from nemo_minitron.runlock import RunLock
+
+    with RunLock(out, "finetune"):  # one run per directory (after the checks: a refusal writes nothing)
+        if not cfg.overwrite and (out / MODEL_DIR).exists() and ck.is_checkpoint(out / MODEL_DIR):
+            pass  # finished before: finetune_run says so
+        elif cfg.overwrite:
+            _prepare_run_dir(out, True, MODEL_DIR)
+        final = finetune_run(data, fit, path, spec, out, tp, pp, _optim(cfg.optim, fit),
+                             random_init=cfg.random_init)
     if parallel.is_rank0():
         print(f"wrote checkpoint: {final}")
 
@@ -232,7 +274,7 @@ def precision_overrides(cfg, s_spec, t_spec, tp: int):
 
 
 def run(cfg) -> None:
-    from nemo_minitron.distill.pair import check_vocab as check_pair_vocab
+    from nemo_minitron.distill.pair import check_tokenizers, check_vocab as check_pair_vocab
     from nemo_minitron.distill.train import install_signal_handlers
 
     install_signal_handlers()  # a SLURM warning that arrives while we load still leads to a clean stop
@@ -242,6 +284,7 @@ def run(cfg) -> None:
     t_path, t_spec = _nemo_source(cfg.teacher, "teacher")
     s_path, s_spec = _nemo_source(cfg.student, "student")
     check_pair_vocab(s_spec, t_spec, tp)
+    check_tokenizers(s_path, t_path)
     for what, spec in (("teacher", t_spec), ("student", s_spec)):
         try:
             spec.validate_layout(tp, pp)
@@ -259,32 +302,35 @@ def run(cfg) -> None:
     if cfg.distill.teacher_correction:
         correction = FitSettings.from_config(cfg, fit.layout, fit.precision, cfg.finetune.max_steps)
     out = Path(cfg.output).absolute()
-    if not _prepare_run_dir(out, cfg.overwrite, STUDENT_DIR):
+    from nemo_minitron.runlock import RunLock
+
+    with RunLock(out, "distill"):  # one run per directory (after the checks: a refusal writes nothing)
+        if not _prepare_run_dir(out, cfg.overwrite, STUDENT_DIR):
+            if parallel.is_rank0():
+                print(f"distillation already complete (overwrite=true to redo)\nwrote checkpoint: {out / STUDENT_DIR}")
+            return
+
+        # ---- work ---------------------------------------------------------------------------------------
+        from nemo_minitron.distill.model import DistillationGPTModel, save_student
+        from nemo_minitron.model.build import instantiate
+
+        platform.activate()
+        t0 = time.time()
+        if cfg.distill.teacher_correction:
+            f = cfg.finetune
+            t_path = finetune_run(data, correction, t_path, t_spec, out / CORRECTED_DIR, tp, pp,
+                                  _optim(cfg.optim, correction, lr=f.lr, min_lr=f.min_lr, warmup=f.warmup_steps))
         if parallel.is_rank0():
-            print(f"distillation already complete (overwrite=true to redo)\nwrote checkpoint: {out / STUDENT_DIR}")
-        return
-
-    # ---- work ---------------------------------------------------------------------------------------
-    from nemo_minitron.distill.model import DistillationGPTModel, save_student
-    from nemo_minitron.model.build import instantiate
-
-    platform.activate()
-    t0 = time.time()
-    if cfg.distill.teacher_correction:
-        f = cfg.finetune
-        t_path = finetune_run(data, correction, t_path, t_spec, out / CORRECTED_DIR, tp, pp,
-                              _optim(cfg.optim, correction, lr=f.lr, min_lr=f.min_lr, warmup=f.warmup_steps))
-    if parallel.is_rank0():
-        print(f"distilling {count_params(t_spec) / 1e6:.1f}M-param teacher -> {count_params(s_spec) / 1e6:.1f}M-param "
-              f"student, {fit.max_steps} steps x {data.global_batch_size} x {data.seq_length} tokens "
-              f"({fit.layout}, {fit.precision}, {_optimizer_name(fit)})", flush=True)
-    model = DistillationGPTModel(instantiate(s_spec, tp, pp, **s_over), teacher_ckpt=str(t_path), settings=settings,
-                                 init_from=str(s_path), teacher_overrides=t_over)
-    _fit(model, data, fit, out, tp, pp, _optim(cfg.optim, fit))
-    final = save_student(model, out / STUDENT_DIR, s_spec, ck.tokenizer_dir(s_path) or ck.tokenizer_dir(t_path))
-    if parallel.is_rank0():
-        print(f"distilled in {time.time() - t0:.0f}s; metrics in {out / 'metrics.jsonl'}, TensorBoard in {out / 'tb'}")
-        print(f"wrote checkpoint: {final}")
+            print(f"distilling {count_params(t_spec) / 1e6:.1f}M-param teacher -> {count_params(s_spec) / 1e6:.1f}M-param "
+                  f"student, {fit.max_steps} steps x {data.global_batch_size} x {data.seq_length} tokens "
+                  f"({fit.layout}, {fit.precision}, {_optimizer_name(fit)})", flush=True)
+        model = DistillationGPTModel(instantiate(s_spec, tp, pp, **s_over), teacher_ckpt=str(t_path), settings=settings,
+                                     init_from=str(s_path), teacher_overrides=t_over)
+        _fit(model, data, fit, out, tp, pp, _optim(cfg.optim, fit))
+        final = save_student(model, out / STUDENT_DIR, s_spec, ck.tokenizer_dir(s_path) or ck.tokenizer_dir(t_path))
+        if parallel.is_rank0():
+            print(f"distilled in {time.time() - t0:.0f}s; metrics in {out / 'metrics.jsonl'}, TensorBoard in {out / 'tb'}")
+            print(f"wrote checkpoint: {final}")
 
 
 def dry_run(cfg) -> None:
@@ -292,10 +338,11 @@ def dry_run(cfg) -> None:
     from nemo_minitron import launch_plan as lp
 
     t_spec, s_spec = lp.spec_of(cfg.teacher), lp.spec_of(cfg.student)
-    from nemo_minitron.distill.pair import check_vocab as check_pair_vocab
+    from nemo_minitron.distill.pair import check_tokenizers, check_vocab as check_pair_vocab
 
     tp, pp = cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size
     check_pair_vocab(s_spec, t_spec, tp)
+    check_tokenizers(cfg.student, cfg.teacher)
     settings_from(cfg)
     from nemo_minitron.model.precision import name as precision_name
 

@@ -44,6 +44,49 @@ class InitializedGPTModel(llm.GPTModel):
             print(f"model built: TP={c.tensor_model_parallel_size} PP={c.pipeline_model_parallel_size} "
                   f"sequence_parallel={bool(c.sequence_parallel)} bf16={bool(c.bf16)} fp16={bool(c.fp16)}", flush=True)
 
+    # -- non-finite guard (trainer.max_nonfinite_steps) ------------------------------------------------
+    nonfinite_guard = None  # a distill.train.NonFiniteGuard, set by the command before fitting
+    loss_name = "lm_loss"  # what a non-finite total loss is called in messages (fine-tuning: the LM loss)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        """Forward + backward (gradients reduced), then the optimizer step unless the guard skips it."""
+        loss = optimizer_closure()
+        guard = self.nonfinite_guard
+        if guard is not None:
+            terms = {**(getattr(self, "last_terms", None) or {}), "_loss_name": self.loss_name}
+            if guard.check(self.module, loss, terms, self.trainer.global_step + 1):
+                return  # no update (the next step's closure zeroes the gradients)
+        optimizer.step()
+
+    def lr_scheduler_step(self, scheduler, metric):
+        guard = self.nonfinite_guard
+        if guard is not None and guard.skip_scheduler:
+            guard.skip_scheduler = False  # a skipped step does not advance the schedule
+            return
+        super().lr_scheduler_step(scheduler, metric)
+
+    def fault_scale(self, term: str) -> float:
+        """1.0, or NaN where the test-only hook (``nemo_minitron.faults``) poisons this micro-batch's term."""
+        from nemo_minitron import faults
+
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None or not trainer.training or faults._nonfinite_spec() is None:
+            return 1.0
+        step = trainer.global_step + 1
+        seen = getattr(self, "_fault_micro", {})
+        if seen.get("step") != step:
+            seen = {"step": step}
+        index = seen.get(term, 0)
+        seen[term] = index + 1
+        self._fault_micro = seen
+        return faults.loss_scale(term, step, index)
+
+    @property
+    def training_loss_reduction(self):
+        if not self._training_loss_reduction:
+            self._training_loss_reduction = _LMLossReduction(self)
+        return self._training_loss_reduction
+
     def data_step(self, dataloader_iter) -> dict:
         from nemo_minitron.data.module import trace_batch
 
@@ -54,6 +97,23 @@ class InitializedGPTModel(llm.GPTModel):
         return batch
 
 
+class _LMLossReduction(MaskedTokenLossReduction):
+    """NeMo's token-mean LM loss (fine-tuning, teacher correction), open to the test-only fault hook."""
+
+    def __init__(self, owner: "InitializedGPTModel"):
+        super().__init__()
+        self._owner = [owner]  # a list: not a submodule
+
+    def forward(self, batch, forward_out):
+        loss_sum, tokens, report = super().forward(batch, forward_out)
+        scale = self._owner[0].fault_scale("lm_loss")
+        if scale != 1.0:
+            loss_sum = loss_sum * scale
+            report = {"loss_sum_and_ub_size": torch.cat([loss_sum.detach().clone().view(1),
+                                                         tokens.view(1).to(loss_sum.dtype)])}
+        return loss_sum, tokens, report
+
+
 class _DistillLossReduction(MaskedTokenLossReduction):
     def __init__(self, owner: "DistillationGPTModel"):
         super().__init__()
@@ -62,6 +122,10 @@ class _DistillLossReduction(MaskedTokenLossReduction):
     def forward(self, batch, forward_out):
         pair = self._owner[0].pair
         total, tokens, terms = pair.loss(forward_out, batch["labels"], batch["loss_mask"])
+        for k in list(terms):
+            scale = self._owner[0].fault_scale(k)
+            if scale != 1.0:  # test-only hook: this micro-batch's term (and so the total) becomes NaN
+                terms[k], total = terms[k] * scale, total * scale
         ub = torch.cat([total.detach().clone().view(1), tokens.detach().view(1)])
         report = {"loss_sum_and_ub_size": ub}
         for k in TERMS:
@@ -91,6 +155,7 @@ class DistillationGPTModel(InitializedGPTModel):
         self.teacher_overrides = dict(teacher_overrides or {})
         self.settings = settings
         self.last_terms: dict = {}
+        self.loss_name = "loss"  # the weighted sum of the terms
 
     def configure_model(self, vp_stage=None) -> None:
         if hasattr(self, "module"):
@@ -103,13 +168,58 @@ class DistillationGPTModel(InitializedGPTModel):
         teacher = build(t_spec, self.config.tensor_model_parallel_size, self.config.pipeline_model_parallel_size,
                         initialize=False, **{"sequence_parallel": bool(self.config.sequence_parallel),
                                              **self.teacher_overrides})
-        ck.load_weights(self.teacher_ckpt, teacher)
+        read = ck.load_weights(self.teacher_ckpt, teacher)  # strict: refuses a checkpoint lacking any tensor
+        tensors = {k: v for k, v in teacher.state_dict().items() if not k.endswith("_extra_state")}
+        unread = sorted(set(tensors) - set(read))
+        if unread:  # cannot happen after a strict load; a teacher left at its initial values must never train
+            raise RuntimeError(f"teacher tensors not read from {self.teacher_ckpt}: {unread[:3]}")
+        from nemo_minitron import parallel
+
+        if parallel.is_rank0():
+            n = sum(v.numel() for v in tensors.values())
+            print(f"teacher: all {len(tensors)} tensors ({n / 1e6:.2f}M parameters on this rank) read from "
+                  f"{self.teacher_ckpt}", flush=True)
         # outside the module tree: Lightning, DDP, the optimizer and checkpoints never see the teacher
         object.__setattr__(self, "teacher", teacher)
         pair = DistillationPair(self.module, teacher, self.settings, self.config.vocab_size,
                                 self.config.num_layers, t_spec.num_layers)
         pair.make_projections()
         object.__setattr__(self, "pair", pair)
+
+    def on_train_start(self) -> None:
+        """Log the teacher's LM loss on the first validation batch (samples 0..global batch - 1 of the
+        validation set; the first training batch when there is no validation data): a teacher that was not
+        loaded, or loaded wrongly, shows here as a loss near ln(vocab) before any step is spent."""
+        super().on_train_start()
+        from nemo_minitron import parallel
+        from nemo_minitron.model.forward import lm_loss
+
+        dm = self.trainer.datamodule
+        ds, what = getattr(dm, "_validation_ds", None), "validation"
+        if ds is None:
+            ds, what = dm._train_ds, "training"
+        gbs = dm.data_sampler.global_batch_size
+        if ds is None or len(ds) < gbs:
+            return
+        samples = [ds[i] for i in range(gbs)]
+        windows = torch.stack([torch.cat([s["tokens"], s["labels"][-1:]]) for s in samples])
+        was_training = self.teacher.training
+        self.teacher.eval()
+        with torch.no_grad():
+            total, count = lm_loss(self.teacher, windows, dm.data_sampler.micro_batch_size)
+        self.teacher.train(was_training)
+        loss = total / count
+        self.teacher_first_loss = loss
+        if parallel.is_rank0():
+            print(f"teacher LM loss on the first {what} batch: {loss:.4f} ({gbs} x {windows.shape[1] - 1} tokens)",
+                  flush=True)
+            path = getattr(self, "metrics_path", None)
+            if path is not None:
+                import json
+
+                with open(path, "a") as fh:
+                    fh.write(json.dumps({"step": self.trainer.global_step, "teacher_loss": loss,
+                                         "teacher_loss_on": what}) + "\n")
 
     def student(self):
         from nemo_minitron.model.build import unwrap

@@ -88,6 +88,22 @@ def check_vocab(student_spec, teacher_spec, tp: int) -> None:
                             f"make_vocab_size_divisible_by={dt if ds != dt else ds}")
 
 
+def check_tokenizers(student_source, teacher_source) -> None:
+    """Refuse a teacher and a student whose tokenizers differ in content (a permuted vocabulary has the same
+    size, so :func:`check_vocab` cannot see it, yet every logit would be compared with the wrong token).
+    Skipped when either checkpoint holds no tokenizer."""
+    from nemo_minitron.data.tokenizer import compare, fingerprint_of
+
+    s, t = fingerprint_of(student_source), fingerprint_of(teacher_source)
+    if s is None or t is None:
+        return
+    reason = compare(t, s, ("teacher", "student"))
+    if reason:
+        same = f" (same size {s['vocab_size']})" if s.get("vocab_size") == t.get("vocab_size") else ""
+        raise UserError(f"teacher and student tokenizers differ: {reason}{same}; distillation needs the same "
+                        f"tokenizer")
+
+
 def _layers(model):
     return model.decoder.layers
 

@@ -68,9 +68,14 @@ class MetricsLog(pl.Callback):
         for k, v in (("kd_loss", kd), ("lm_loss", lm), ("intermediate_loss", inter)):
             if not math.isnan(v):
                 rec[k] = v
+        guard = getattr(pl_module, "nonfinite_guard", None)
+        if guard is not None:
+            rec["skipped_steps"] = guard.skipped
+            if guard.last is not None and guard.last[0] == step:
+                rec["skipped"] = guard.last[1]  # the term that was not finite
         self._write(rec)
         for k, v in rec.items():
-            if k != "step":
+            if k not in ("step", "skipped"):
                 pl_module.log(f"train/{k}", float(v), on_step=True, rank_zero_only=True, batch_size=1)
         if parallel.is_rank0() and (step % self.every == 0 or step == self.max_steps):
             eta = (time.perf_counter() - self._t0) / max(1, step - self._first_step(step)) * (self.max_steps - step)
@@ -94,6 +99,88 @@ class MetricsLog(pl.Callback):
         self._write(rec)
         if parallel.is_rank0():
             print(f"validation at step {trainer.global_step}: student LM loss {float(val):.4f}", flush=True)
+
+
+class NonFiniteStop(Exception):
+    """``trainer.max_nonfinite_steps`` consecutive steps had a non-finite loss term or gradient."""
+
+    def __init__(self, step: int, term: str, count: int, limit: int):
+        super().__init__(f"stopped at step {step}: {term} was not finite for {count} consecutive steps "
+                         f"(trainer.max_nonfinite_steps={limit})")
+        self.step, self.term = step, term
+
+
+class NonFiniteGuard:
+    """Skips a training step whose loss, a loss term or a gradient is not finite, and stops after ``limit``
+    such steps in a row.
+
+    Called by the model between backward (gradients reduced over DP) and the optimizer step: every rank
+    contributes its local view (loss terms on the last pipeline stage, its own gradient buffers; with the
+    distributed optimizer a NaN in any rank's unreduced gradient reaches the reduced shard too) and one
+    all-reduce (MAX) makes the decision the same on every rank. A skipped step makes no optimizer update
+    and no scheduler step; the step counter and the data position still advance (as Megatron-LM's skipped
+    iterations). Megatron's own check only exists for fp16 loss scaling; with bf16 or fp32 a NaN gradient
+    would otherwise reach the weights through the clipping coefficient.
+    """
+
+    TERMS = ("kd_loss", "lm_loss", "intermediate_loss", "loss", "gradient")
+
+    def __init__(self, limit: int = 3):
+        self.limit = int(limit)
+        self.consecutive = 0
+        self.skipped = 0  # this process's run (a resumed run starts again at 0)
+        self.skip_scheduler = False
+        self.last = None  # (step, term) of the newest skipped step
+
+    @staticmethod
+    def _local_flags(module, loss, terms: dict) -> torch.Tensor:
+        def bad(x):
+            return x is not None and not math.isfinite(float(x))
+
+        grads_ok = True
+        for p in module.parameters():
+            g = getattr(p, "main_grad", None)
+            if g is None:
+                g = p.grad
+            if g is not None and not bool(torch.isfinite(g).all()):
+                grads_ok = False
+                break
+        return torch.tensor([float(bad(terms.get("kd_loss"))), float(bad(terms.get("lm_loss"))),
+                             float(bad(terms.get("intermediate_loss"))), float(bad(loss)), float(not grads_ok)])
+
+    def check(self, module, loss, terms: dict, step: int) -> bool:
+        """True when this step must be skipped (raises :class:`NonFiniteStop` at the limit)."""
+        import torch.distributed as dist
+
+        flags = self._local_flags(module, loss, terms).to(platform.device())
+        if dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        flags = flags.cpu().tolist()
+        if not any(flags):
+            self.consecutive = 0
+            return False
+        term = next(t for t, f in zip(self.TERMS, flags) if f)
+        term = {"loss": terms.get("_loss_name", "loss"), "gradient": "gradient norm"}.get(term, term)
+        self.consecutive += 1
+        self.skipped += 1
+        self.last = (step, term)
+        self.skip_scheduler = True
+        if self.consecutive >= self.limit:
+            raise NonFiniteStop(step, term, self.consecutive, self.limit)
+        if parallel.is_rank0():
+            print(f"step {step}: {term} is not finite: step skipped (no optimizer or scheduler step; "
+                  f"{self.consecutive} in a row, the run stops at trainer.max_nonfinite_steps={self.limit})",
+                  flush=True)
+        return True
+
+
+def last_complete_checkpoint(ckpt_dir: Path):
+    """The newest trainer checkpoint under ``ckpt_dir`` without NeMo's unfinished marker (None if there is none)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None
+    done = [p for p in ckpt_dir.iterdir() if p.is_dir() and not Path(f"{p}-unfinished").exists()]
+    return max(done, key=lambda p: p.stat().st_mtime, default=None)
 
 
 _SIGNALLED = [False]
@@ -161,16 +248,19 @@ def drop_unfinished_checkpoints(ckpt_dir: Path) -> None:
 
 
 def read_metrics(path: Path) -> dict:
-    """metrics.jsonl -> {'train': {step: rec}, 'val': {step: val_loss}} (a re-logged step keeps its last value)."""
-    train, val = {}, {}
+    """metrics.jsonl -> {'train': {step: rec}, 'val': {step: val_loss}, 'teacher': {step: loss}} (a re-logged
+    step keeps its last value; 'teacher' is the teacher's loss on the first batch, logged when a run starts)."""
+    train, val, teacher = {}, {}, {}
     if Path(path).is_file():
         for line in Path(path).read_text().splitlines():
             rec = json.loads(line)
             if "val_loss" in rec:
                 val[rec["step"]] = rec["val_loss"]
+            elif "teacher_loss" in rec:
+                teacher[rec["step"]] = rec["teacher_loss"]
             else:
                 train[rec["step"]] = rec
-    return {"train": train, "val": val}
+    return {"train": train, "val": val, "teacher": teacher}
 
 
 PLUGIN_PRECISION = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32"}
@@ -202,7 +292,26 @@ def build_trainer(run_dir: Path, layout: parallel.Layout, precision: str, max_st
         ckpt_optim_fully_reshardable=optim_fully_reshardable,
         pipeline_dtype=dtype_fields(precision)["pipeline_dtype"],
     )
-    checkpoint = ModelCheckpoint(
+    # megatron's DDP would raise on a NaN gradient (NeMo turns its check on) and end a days-long run with a
+    # traceback; the model's NonFiniteGuard skips such a step instead and stops only at the limit
+    strategy.ddp_config.check_for_nan_in_grad = False
+
+    class RunCheckpoint(ModelCheckpoint):
+        """NeMo's ModelCheckpoint; a test can pause a save after its files are written and before the
+        unfinished marker is removed (``nemo_minitron.faults``, point ``checkpoint_save@STEP``)."""
+
+        def _get_finalize_save_checkpoint_callback(self, trainer, filepath, global_step):
+            finalize = super()._get_finalize_save_checkpoint_callback(trainer, filepath, global_step)
+
+            def paused_then_finalize():
+                from nemo_minitron import faults
+
+                faults.pause_point(f"checkpoint_save@{global_step}")
+                return finalize()
+
+            return paused_then_finalize
+
+    checkpoint = RunCheckpoint(
         dirpath=str(run_dir / "checkpoints"), filename="{step}", monitor="step", mode="max",
         every_n_train_steps=ckpt_every, save_top_k=keep, save_last=True, save_on_train_epoch_end=False,
         always_save_context=False, save_context_on_train_end=False, save_optim_on_train_end=True,
@@ -218,8 +327,10 @@ def build_trainer(run_dir: Path, layout: parallel.Layout, precision: str, max_st
     log = nl.NeMoLogger(explicit_log_dir=str(run_dir), ckpt=checkpoint, use_datetime_version=False,
                         tensorboard=TensorBoardLogger(save_dir="tb", name="", version=""))  # NeMo puts it under run_dir
     app_state = log.setup(trainer, resume_if_exists=True)
-    # NeMo moves a restarted run's top-level files into run_N/; metrics.jsonl spans restarts: keep it
-    app_state.files_to_move = [f for f in app_state.files_to_move if Path(f).name != "metrics.jsonl"]
+    # NeMo moves a restarted run's top-level files into run_N/; metrics.jsonl spans restarts and the run lock
+    # (nemo_minitron.runlock) belongs to this run: keep both
+    app_state.files_to_move = [f for f in app_state.files_to_move
+                               if Path(f).name not in ("metrics.jsonl", ".nemo-minitron.lock")]
     return trainer
 
 

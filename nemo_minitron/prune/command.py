@@ -19,6 +19,7 @@ from nemo_minitron.prune.depth import validate_depth
 from nemo_minitron.prune.importance import BATCH_AGGS, HEAD_IMPORTANCE, SEQ_AGGS
 from nemo_minitron.prune.plan import WIDTH_DIMS, validate_targets
 from nemo_minitron.prune.stage import REPORT_DIR, check_reconstruction, inputs, prune
+from nemo_minitron.runlock import RunLock
 
 def run(cfg) -> None:
     tp = cfg.trainer.strategy.tensor_model_parallel_size
@@ -46,6 +47,12 @@ def run(cfg) -> None:
         raise UserError(f"prune.head_importance must be one of {HEAD_IMPORTANCE}")
     check_reconstruction(p.reconstruction, p.reconstruction_damping, p.merge_pruned_heads)
     ck.check_output(Path(cfg.output), cfg.overwrite)
+    from nemo_minitron.data import blend
+    from nemo_minitron.data.tokenizer import fingerprint_of
+
+    expected = fingerprint_of(src_path)  # None: the checkpoint holds no tokenizer (only the id range is checked)
+    blend.check_tokenizer(d.calibration, expected, "data.calibration", model=cfg.model)
+    blend.check_tokenizer(d.get("validation"), expected, "data.validation", model=cfg.model)
     scores, windows = inputs(spec, targets, depth, explicit_drop, p.scores, d.calibration, d.calibration_samples,
                              p.depth_samples, d.seq_length, d.micro_batch_size, layout.dp, p.reconstruction)
     validation = None
@@ -63,46 +70,49 @@ def run(cfg) -> None:
     # ---- work --------------------------------------------------------------------------------------
     t0 = time.time()
     parallel.initialize(tp, pp)
-    if windows is not None and parallel.is_rank0():
-        print(f"calibration over {layout}: {d.calibration_samples // layout.dp} windows per DP rank", flush=True)
-    model, spec, _ = load_model(src_path, tp, pp)
-    src_spec = spec
-    meta = {"source": str(src_path), "seq_agg": p.seq_agg, "batch_agg": p.batch_agg,
-            "head_importance": p.head_importance, "merge_pruned_heads": bool(p.merge_pruned_heads),
-            "reconstruction": p.reconstruction, "order": "depth, then width"}
-    if depth and not explicit_drop:
-        meta["depth_samples"] = p.depth_samples
-    if targets:
-        if scores is None:
-            meta.update(calibration=str(d.calibration), calibration_samples=d.calibration_samples,
-                        seq_length=d.seq_length)
-        else:
-            meta["scores_from"] = str(p.scores)
-    model, spec, depth_info, scores, plan, recon = prune(
-        model, spec, targets, num_layers=p.num_layers, explicit_drop=explicit_drop, depth_method=p.depth_method,
-        depth_windows=None if windows is None else windows[: p.depth_samples],
-        windows=None if windows is None else windows[: d.calibration_samples], scores=scores,
-        micro_batch_size=d.micro_batch_size, tp=tp, pp=pp, seq_agg=p.seq_agg, batch_agg=p.batch_agg,
-        head_importance=p.head_importance, merge_pruned_heads=p.merge_pruned_heads,
-        reconstruction=p.reconstruction, reconstruction_damping=float(p.reconstruction_damping),
-        validation=validation)
-    if scores is not None and "calibration_loss" in scores:
-        meta["calibration_loss"] = round(scores["calibration_loss"], 5)
-    tok = ck.tokenizer_dir(src_path) if kind == "nemo" else src_path
-    out = ck.save(cfg.output, model, spec, tokenizer_dir=tok, overwrite=cfg.overwrite,
-                  extra=lambda tmp: report.write(tmp / REPORT_DIR, src_spec, spec, scores, plan, meta,
-                                                 depth=depth_info, reconstruction=recon))
-    if parallel.is_rank0():
-        dims = ("num_layers", *WIDTH_DIMS)
-        shape = ", ".join(f"{k} {getattr(src_spec, k)}->{getattr(spec, k)}" for k in dims
-                          if getattr(src_spec, k) != getattr(spec, k))
-        if depth_info:
-            shape += f" (dropped layers {[i + 1 for i in depth_info['drop']]}, {depth_info['method']})"
-        print(f"pruned {shape}: {count_params(src_spec) / 1e6:.2f}M -> {count_params(spec) / 1e6:.2f}M params "
-              f"({time.time() - t0:.1f}s); report in {out / REPORT_DIR}")
-        if recon and "heldout" in recon:
-            h = recon["heldout"]
-            print(f"least-squares reconstruction: loss on {d.validation} {h['trimmed']:.4f} (trimmed) -> "
-                  f"{h['least_squares']:.4f} (refitted)")
-        print(f"wrote checkpoint: {out}")
+    # one run per output; the lock lives beside it (OUTPUT.lock): the checkpoint is replaced as a whole
+    target = Path(cfg.output).absolute()
+    with RunLock(target, "prune", lock_path=target.with_name(target.name + ".lock")):
+        if windows is not None and parallel.is_rank0():
+            print(f"calibration over {layout}: {d.calibration_samples // layout.dp} windows per DP rank", flush=True)
+        model, spec, _ = load_model(src_path, tp, pp)
+        src_spec = spec
+        meta = {"source": str(src_path), "seq_agg": p.seq_agg, "batch_agg": p.batch_agg,
+                "head_importance": p.head_importance, "merge_pruned_heads": bool(p.merge_pruned_heads),
+                "reconstruction": p.reconstruction, "order": "depth, then width"}
+        if depth and not explicit_drop:
+            meta["depth_samples"] = p.depth_samples
+        if targets:
+            if scores is None:
+                meta.update(calibration=str(d.calibration), calibration_samples=d.calibration_samples,
+                            seq_length=d.seq_length)
+            else:
+                meta["scores_from"] = str(p.scores)
+        model, spec, depth_info, scores, plan, recon = prune(
+            model, spec, targets, num_layers=p.num_layers, explicit_drop=explicit_drop, depth_method=p.depth_method,
+            depth_windows=None if windows is None else windows[: p.depth_samples],
+            windows=None if windows is None else windows[: d.calibration_samples], scores=scores,
+            micro_batch_size=d.micro_batch_size, tp=tp, pp=pp, seq_agg=p.seq_agg, batch_agg=p.batch_agg,
+            head_importance=p.head_importance, merge_pruned_heads=p.merge_pruned_heads,
+            reconstruction=p.reconstruction, reconstruction_damping=float(p.reconstruction_damping),
+            validation=validation)
+        if scores is not None and "calibration_loss" in scores:
+            meta["calibration_loss"] = round(scores["calibration_loss"], 5)
+        tok = ck.tokenizer_dir(src_path) if kind == "nemo" else src_path
+        out = ck.save(cfg.output, model, spec, tokenizer_dir=tok, overwrite=cfg.overwrite,
+                      extra=lambda tmp: report.write(tmp / REPORT_DIR, src_spec, spec, scores, plan, meta,
+                                                     depth=depth_info, reconstruction=recon))
+        if parallel.is_rank0():
+            dims = ("num_layers", *WIDTH_DIMS)
+            shape = ", ".join(f"{k} {getattr(src_spec, k)}->{getattr(spec, k)}" for k in dims
+                              if getattr(src_spec, k) != getattr(spec, k))
+            if depth_info:
+                shape += f" (dropped layers {[i + 1 for i in depth_info['drop']]}, {depth_info['method']})"
+            print(f"pruned {shape}: {count_params(src_spec) / 1e6:.2f}M -> {count_params(spec) / 1e6:.2f}M params "
+                  f"({time.time() - t0:.1f}s); report in {out / REPORT_DIR}")
+            if recon and "heldout" in recon:
+                h = recon["heldout"]
+                print(f"least-squares reconstruction: loss on {d.validation} {h['trimmed']:.4f} (trimmed) -> "
+                      f"{h['least_squares']:.4f} (refitted)")
+            print(f"wrote checkpoint: {out}")
     parallel.destroy()

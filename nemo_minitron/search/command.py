@@ -435,36 +435,49 @@ def run(cfg) -> None:
             indexed.check_prefix(cfg.data[key])
     if cfg.data.train:  # a prefix or a blend; the distillations check its token ids against the vocabulary
         blend.check_blend(blend.Blend.parse(cfg.data.train, "data.train"), "data.train", None)
+    if s.phase != "report":  # the data was tokenized by the model's tokenizer (by the prefixes' sidecars)
+        from nemo_minitron.data.tokenizer import fingerprint_of
+
+        expected = fingerprint_of(cfg.model)
+        for key in ("calibration", "validation", "train"):
+            blend.check_tokenizer(cfg.data[key], expected, f"data.{key}", model=cfg.model)
     _check_training_keys(cfg)
+    # one run per output directory (phases rank, report, all). Not phase=distill: the finalists' array tasks
+    # share DIR, and each one's distillation locks its own DIR/distill/<name>. The rank phase a driver
+    # starts as a child on DIR goes on under the driver's lock (runlock: inherited by child processes).
+    from nemo_minitron.runlock import RunLock, clear
+
     if s.phase == "rank":
-        out.mkdir(parents=True, exist_ok=True)
-        if cfg.launcher.command:  # this process only drives: the phase runs under the launcher
+        if cfg.launcher.command:
             _settings(cfg)
-            return _rank_stage(cfg, out, _runner(cfg, out))
-        return run_rank(cfg, out)
+        with RunLock(out, "search"):
+            out.mkdir(parents=True, exist_ok=True)
+            if cfg.launcher.command:  # this process only drives: the phase runs under the launcher
+                return _rank_stage(cfg, out, _runner(cfg, out))
+            return run_rank(cfg, out)
     if s.phase == "distill":
         return run_distill(cfg, out)
     if s.phase == "report":
-        res = run_report(cfg, out)
-        print(summary(res))
-        print(f"wrote search table: {out / 'search.md'}")
+        with RunLock(out, "search"):
+            res = run_report(cfg, out)
+            print(summary(res))
+            print(f"wrote search table: {out / 'search.md'}")
         return
     # all: validate everything here (cheap), then the phases in order
     _settings(cfg)
-    if cfg.overwrite and out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    r = _runner(cfg, out)
-    t0 = time.time()
-    _rank_stage(cfg, out, r)
-    for i in range(len(_finalists(_read_candidates(out)))):
-        run_distill(cfg, out, i, runner=r)
-    res = run_report(cfg, out)
-    print(summary(res))
-    print(f"search wall time this invocation: {time.time() - t0:.0f}s")
-    print(f"wrote search table: {out / 'search.md'}")
+    with RunLock(out, "search"):
+        if cfg.overwrite and out.exists():
+            clear(out)  # everything but this run's lock
+        out.mkdir(parents=True, exist_ok=True)
+        r = _runner(cfg, out)
+        t0 = time.time()
+        _rank_stage(cfg, out, r)
+        for i in range(len(_finalists(_read_candidates(out)))):
+            run_distill(cfg, out, i, runner=r)
+        res = run_report(cfg, out)
+        print(summary(res))
+        print(f"search wall time this invocation: {time.time() - t0:.0f}s")
+        print(f"wrote search table: {out / 'search.md'}")
 
 
 def _rank_stage(cfg, out: Path, r) -> None:
