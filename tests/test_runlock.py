@@ -174,10 +174,10 @@ def test_second_distill_is_refused_while_the_first_runs_then_a_stale_lock_is_tak
     out = tmp_path / "kd"
     lock = out / LOCK_NAME
     log = tmp_path / "first.log"
-    # the first run saves a checkpoint every 10 steps (NeMo moves a run directory's top-level files into run_N/
+    # the first run saves a checkpoint every 3 steps (NeMo moves a run directory's top-level files into run_N/
     # when it first saves: the lock must stay where it is)
     with open(log, "w") as fh:
-        first = subprocess.Popen([*CLI, "distill", *_distill_args(tiny_ckpt, tiny_student, tiny_data, out, 100000, 10)],
+        first = subprocess.Popen([*CLI, "distill", *_distill_args(tiny_ckpt, tiny_student, tiny_data, out, 100000, 3)],
                                  cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
                                  stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 from nemo_minitron.errors import UserError
@@ -70,6 +72,37 @@ def _tokenizer_dir_of(source):
     return None
 
 
+def _cache_file(tokenizer_dir):
+    """Where the fingerprint of these exact tokenizer files is cached: keyed by the sha256 of the files'
+    names and bytes (the same files are the same tokenizer), so a check costs a few ms instead of loading
+    transformers and the tokenizer (~5 s) in every command. None when there are no tokenizer files."""
+    import hashlib
+
+    from nemo_minitron.checkpoint import hf
+    from nemo_minitron.checkpoint.nemo import TOKENIZER_FILES
+
+    h = hashlib.sha256()
+    found = False
+    for name in TOKENIZER_FILES:
+        f = Path(tokenizer_dir) / name
+        if f.is_file():
+            found = True
+            h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return hf.cache_dir() / "tokenizer_fingerprints" / f"{h.hexdigest()}.json" if found else None
+
+
+def _store(path, fp: dict) -> None:
+    if path is None:
+        return
+    try:  # atomically; a cache that cannot be written is only slower
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        tmp.write_text(json.dumps(fp))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 def fingerprint_of(source) -> dict | None:
     """:func:`fingerprint` of the tokenizer of ``source`` (checkpoint, run directory, HF directory,
     ``smollm2-135m``), cached by path; None when ``source`` holds no tokenizer, or one that cannot be loaded
@@ -79,8 +112,16 @@ def fingerprint_of(source) -> dict | None:
         return None
     key = str(Path(d).resolve())
     if key not in _fingerprints:
+        cached = _cache_file(d)
+        if cached is not None and cached.is_file():
+            try:
+                _fingerprints[key] = json.loads(cached.read_text())
+                return _fingerprints[key]
+            except (OSError, ValueError):
+                pass
         try:
             _fingerprints[key] = fingerprint(load(d))
+            _store(cached, _fingerprints[key])
         except UserError as e:
             import sys
 
