@@ -94,6 +94,8 @@ def publish(tmp: Path, path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 _ERRNO_IN_TEXT = re.compile(r"\[Errno (\d+)\]|os error (\d+)")
 _SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+_WRITE_ERRNOS = (*_SPACE_ERRNOS, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ENOTDIR,
+                 errno.EISDIR, errno.ENOENT)
 
 
 def _causes(e: BaseException):
@@ -179,9 +181,9 @@ def writing(output: Path, tmp: Path, owner: bool = True):
                     err = None
         if owner:
             remove(tmp)
-        if err is not None:
+        if err is not None and err.errno in _WRITE_ERRNOS:
             raise UserError(f"cannot write {output}: {err.strerror or err}") from None
-        raise
+        raise  # not a write error (e.g. a worker's lost connection): the original error, with its traceback
 
 
 def is_checkpoint(path: Path) -> bool:

@@ -115,7 +115,8 @@ def fingerprint_of(source) -> dict | None:
         cached = _cache_file(d)
         if cached is not None and cached.is_file():
             try:
-                _fingerprints[key] = json.loads(cached.read_text())
+                # name_or_path is informational (never compared): this directory's, as a fresh load gives
+                _fingerprints[key] = {**json.loads(cached.read_text()), "name_or_path": str(d)}
                 return _fingerprints[key]
             except (OSError, ValueError):
                 pass
