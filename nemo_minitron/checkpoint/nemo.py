@@ -154,6 +154,13 @@ def _diagnose(tmp: Path) -> OSError | None:
     return None
 
 
+def write_error(e: BaseException) -> OSError | None:
+    """The file-system error behind ``e`` (disk full, quota, file size limit, permissions...), or None when
+    ``e`` is something else (a worker's lost connection is not a write error)."""
+    err = os_error(e)
+    return err if err is not None and err.errno in _WRITE_ERRNOS else None
+
+
 @contextmanager
 def writing(output: Path, tmp: Path, owner: bool = True):
     """The writing phase of ``output``, staged at ``tmp``.
@@ -181,7 +188,7 @@ def writing(output: Path, tmp: Path, owner: bool = True):
                     err = None
         if owner:
             remove(tmp)
-        if err is not None and err.errno in _WRITE_ERRNOS:
+        if err is not None and err.errno in _WRITE_ERRNOS:  # os_error() or _diagnose(): see write_error()
             raise UserError(f"cannot write {output}: {err.strerror or err}") from None
         raise  # not a write error (e.g. a worker's lost connection): the original error, with its traceback
 

@@ -138,10 +138,8 @@ def _fit(model, data: DataSettings, fit: FitSettings, run_dir: Path, tp: int, pp
 
         if isinstance(e, (KeyboardInterrupt, SystemExit, UserError)):
             raise
-        import errno
-
-        err = ck.os_error(e)
-        if err is None or err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES):
+        err = ck.write_error(e)
+        if err is None:
             raise
         drop_unfinished_checkpoints(run_dir / "checkpoints")
         raise UserError(f"cannot write in {run_dir}: {err.strerror or err} (the last complete checkpoint is "

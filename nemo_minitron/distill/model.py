@@ -53,8 +53,8 @@ class InitializedGPTModel(llm.GPTModel):
         loss = optimizer_closure()
         guard = self.nonfinite_guard
         if guard is not None:
-            terms = {**(getattr(self, "last_terms", None) or {}), "_loss_name": self.loss_name}
-            if guard.check(self.module, loss, terms, self.trainer.global_step + 1):
+            terms = getattr(self, "last_terms", None) or {}
+            if guard.check(self.module, loss, terms, self.trainer.global_step + 1, loss_name=self.loss_name):
                 return  # no update (the next step's closure zeroes the gradients)
         optimizer.step()
 

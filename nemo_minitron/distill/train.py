@@ -148,8 +148,9 @@ class NonFiniteGuard:
         return torch.tensor([float(bad(terms.get("kd_loss"))), float(bad(terms.get("lm_loss"))),
                              float(bad(terms.get("intermediate_loss"))), float(bad(loss)), float(not grads_ok)])
 
-    def check(self, module, loss, terms: dict, step: int) -> bool:
-        """True when this step must be skipped (raises :class:`NonFiniteStop` at the limit)."""
+    def check(self, module, loss, terms: dict, step: int, loss_name: str = "loss") -> bool:
+        """True when this step must be skipped (raises :class:`NonFiniteStop` at the limit). ``loss_name``:
+        what a non-finite total loss is called in the messages."""
         import torch.distributed as dist
 
         flags = self._local_flags(module, loss, terms).to(platform.device())
@@ -160,7 +161,7 @@ class NonFiniteGuard:
             self.consecutive = 0
             return False
         term = next(t for t, f in zip(self.TERMS, flags) if f)
-        term = {"loss": terms.get("_loss_name", "loss"), "gradient": "gradient norm"}.get(term, term)
+        term = {"loss": loss_name, "gradient": "gradient norm"}.get(term, term)
         self.consecutive += 1
         self.skipped += 1
         self.last = (step, term)
