@@ -25,17 +25,17 @@ def cluster(tmp_path_factory):
         c.stop()
 
 
-def _submit(cluster, tmp_path, stage, sbatch, overrides):
-    env = dict(cluster.env, GPUS_PER_NODE="0", NEMO_MINITRON_LOG_ROOT=str(tmp_path / "logs"))
+def _submit(cluster, tmp_path, stage, sbatch, overrides, env=None):
+    env = dict(cluster.env, GPUS_PER_NODE="0", NEMO_MINITRON_LOG_ROOT=str(tmp_path / "logs"), **(env or {}))
     out = subprocess.run([REPO / "slurm" / "submit.sh", stage, f"--output={tmp_path}/%x-%j.out", "--mem=5000",
                           *sbatch, "--", *map(str, overrides)], env=env, capture_output=True, text=True, check=True)
     return out.stdout.strip().splitlines()[-1]
 
 
-def _kd_args(tiny_ckpt, tiny_student, tiny_data, out, steps):
+def _kd_args(tiny_ckpt, tiny_student, tiny_data, out, steps, ckpt_every=1000):
     return [f"teacher={tiny_ckpt}", f"student={tiny_student}", f"output={out}", f"data.train={tiny_data}",
             "data.seq_length=32", "data.micro_batch_size=2", "data.global_batch_size=4", f"trainer.max_steps={steps}",
-            "trainer.val_check_interval=1000", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=1000",
+            "trainer.val_check_interval=1000", "trainer.log_every_n_steps=1", f"checkpoint.every_n_steps={ckpt_every}",
             "optim.lr=3e-3", "optim.warmup_steps=2"]
 
 
@@ -99,14 +99,19 @@ def test_dependent_chain_prune_distill_export(cluster, tiny_ckpt, tiny_data, tmp
 
 def test_warning_signal_checkpoints_requeues_and_matches_uninterrupted(cluster, tiny_ckpt, tiny_student, tiny_data,
                                                                         tmp_path):
-    steps = 24
+    """The job checkpoints every 4 steps, so megatron's checkpoint writer already runs its helper process
+    (a multiprocessing manager) when the warning comes; SLURM signals every process of the step, and the
+    preemption checkpoint must still be written. The signal is sent while the step-8 checkpoint is held
+    (test hook), so it always arrives mid-run; the run checkpoints at step 9 and requeues."""
+    steps = 16
     ref = tmp_path / "ref"
     cli("distill", *_kd_args(tiny_ckpt, tiny_student, tiny_data, ref, steps))
     out = tmp_path / "preempted"
     job = _submit(cluster, tmp_path, "distill", ["--nodes=1", "--ntasks-per-node=1", "--time=10"],
-                  _kd_args(tiny_ckpt, tiny_student, tiny_data, out, steps))
+                  _kd_args(tiny_ckpt, tiny_student, tiny_data, out, steps, ckpt_every=4),
+                  env={"NEMO_MINITRON_PAUSE_AT": "checkpoint_save@8", "NEMO_MINITRON_PAUSE_SECONDS": "4"})
     deadline = time.time() + 300
-    while "step 8/" not in _log(tmp_path, job):
+    while "paused at checkpoint_save@8" not in _log(tmp_path, job):
         assert time.time() < deadline, _log(tmp_path, job)[-2000:]
         assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), _log(tmp_path, job)
         time.sleep(0.5)
@@ -116,7 +121,7 @@ def test_warning_signal_checkpoints_requeues_and_matches_uninterrupted(cluster, 
     log = _log(tmp_path, job)
     assert j["JobState"] == "COMPLETED", log[-3000:]
     assert j["Restarts"] == "1", j
-    assert "preempted: checkpoint at step" in log and "requeueing job" in log and "resuming from" in log
+    assert "preempted: checkpoint at step 9 " in log and "requeueing job" in log and "resuming from" in log
     assert _last_loss(out) == _last_loss(ref)  # same final loss (exact on CPU) at the same final step
     assert (out / "student" / "context").is_dir()
 

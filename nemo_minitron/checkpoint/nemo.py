@@ -308,8 +308,10 @@ def save(path: Path, model, spec: ModelSpec, tokenizer_dir=None, overwrite: bool
     """
     from megatron.core import dist_checkpointing
 
+    from nemo_minitron.checkpoint import write_queue
     from nemo_minitron.faults import pause_point
 
+    write_queue.install()
     path = Path(path).absolute()
     tmp = staging(path)
     rank0 = parallel.is_rank0()

@@ -283,7 +283,10 @@ def build_trainer(run_dir: Path, layout: parallel.Layout, precision: str, max_st
 
     from nemo_minitron.model.precision import dtype_fields
 
+    from nemo_minitron.checkpoint import write_queue
+
     platform.activate()
+    write_queue.install()  # checkpoint saves survive SLURM's USR1/TERM (the preemption checkpoint among them)
     world = parallel.world_size_from_env()
     devices = max(1, world // num_nodes)
     strategy = nl.MegatronStrategy(
