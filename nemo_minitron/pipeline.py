@@ -71,6 +71,11 @@ class Runner:
         self.times_path.write_text(json.dumps(self.times, indent=2))
 
 
+def _list_arg(key: str, values) -> str:
+    """``key=["a","b"]``: a list override whose items stay strings whatever the paths contain."""
+    return f"{key}=[{','.join(json.dumps(str(v)) for v in values)}]"
+
+
 def _worth_showing(line: str) -> bool:
     """Stage output the terminal shows: our own lines, not NeMo/Lightning chatter."""
     skip = ("[NeMo", "GPU available", "TPU available", "HPU available", "  warnings.warn", "warn(", "OneLogger",
@@ -334,13 +339,15 @@ def _run(cfg, run_dir: Path, tp: int, pp: int, par: list, prec: dict, rounds: li
     models = {"teacher": original_teacher, **round_models, "pruned": pruned, "distilled": kd / "student"}
     if e.scratch_baseline:
         models["scratch"] = scratch / "model"
-    for name, path in models.items():
-        out = run_dir / "eval" / f"{name}.json"
-        out.parent.mkdir(exist_ok=True)
-        r.stage(f"evaluate_{name}", "evaluate",
-                [f"model={path}", f"data={prefixes['heldout']}", f"eval.num_samples={e.num_samples}",
-                 f"eval.seq_length={e.seq_length}", f"output_json={out}", *par],
-                lambda out=out: out.is_file())
+    # one process evaluates every model not evaluated yet (NeMo is imported and the windows read once)
+    outs = {name: run_dir / "eval" / f"{name}.json" for name in models}
+    (run_dir / "eval").mkdir(exist_ok=True)
+    todo = [name for name in models if not outs[name].is_file()]
+    r.stage("evaluate", "evaluate",
+            [_list_arg("model", [models[n] for n in todo]), f"data={prefixes['heldout']}",
+             f"eval.num_samples={e.num_samples}", f"eval.seq_length={e.seq_length}",
+             _list_arg("output_json", [outs[n] for n in todo]), *par],
+            lambda: all(out.is_file() for out in outs.values()))
 
     # 7. export
     exports = {}

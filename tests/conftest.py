@@ -177,9 +177,27 @@ def second_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smol(tmp_path_factory):
+    """SmolLM2-135M imported, and the held-out and calibration plays preprocessed with its tokenizer; built once
+    per test session and shared by the xdist workers (the first one builds it under a file lock)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's directory, above every worker's own
+    d = root / "smol_shared"
+    with FileLock(str(root / "smol_shared.lock")):
+        if not (d / "done").is_file():
+            import shutil
+
+            shutil.rmtree(d, ignore_errors=True)
+            _build_smol(d)
+            (d / "done").write_text("ok")
+    return d
+
+
+def _build_smol(d):
     from nemo_minitron.data.corpus import shakespeare_files
 
-    d = tmp_path_factory.mktemp("smol")
     imp = cli("import", "source=smollm2-135m", f"output={d / 'ckpt'}")
     assert imp.stdout.strip().splitlines()[-1] == f"wrote checkpoint: {d / 'ckpt'}"
     assert "rope base 100000.0" in imp.stdout  # SmolLM2's RoPE base survived (STACK.md's trap)
@@ -189,7 +207,6 @@ def smol(tmp_path_factory):
     assert "4 documents" in pre.stdout
     cal = ",".join(str(f) for f in shakespeare_files("calibration"))
     cli("preprocess", f"input={cal}", f"tokenizer={d / 'ckpt'}", f"output_prefix={d / 'calibration'}")
-    return d
 
 
 

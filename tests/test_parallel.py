@@ -66,18 +66,23 @@ def test_forward_backward_matches_tp1(tp, pp, reference, tiny_ckpt, tiny_windows
     assert hf_loss == pytest.approx(reference["loss"], rel=1e-5)
 
 
-def test_evaluate_cli_dp2_equals_one_process(tiny_ckpt, tiny_data, tmp_path):
+def test_evaluate_cli_dp2_equals_one_process(tiny_ckpt, tiny_student, tiny_data, tmp_path):
     """The evaluate command itself under torchrun at DP=2 (each DP rank evaluates half of the windows)
-    reports one process's loss over all of them (at TP=2 x DP=2: test_cluster.py's pruning test)."""
+    reports one process's loss over all of them (at TP=2 x DP=2: test_cluster.py's pruning test). Both runs
+    evaluate a list of two models (in opposite orders): each model's result is its own."""
     import json
 
     prefix = tiny_data
-    args = ["evaluate", f"model={tiny_ckpt}", f"data={prefix}", "eval.num_samples=8", "eval.seq_length=32",
-            "eval.micro_batch_size=2"]
-    one = cli(*args, f"output_json={tmp_path / 'tp1.json'}")
-    assert one.stdout.strip().splitlines()[-1].endswith("tp1.json")
-    two = torchrun(["-m", "nemo_minitron.cli", *args, f"output_json={tmp_path / 'tp2.json'}"], nproc=2)
+    args = ["evaluate", f"data={prefix}", "eval.num_samples=8", "eval.seq_length=32", "eval.micro_batch_size=2"]
+    one = cli(*args, f"model=[{tiny_ckpt},{tiny_student}]", f"output_json=[{tmp_path / 'tp1.json'},{tmp_path / 's1.json'}]")
+    assert one.stdout.strip().splitlines()[-1].endswith("s1.json")
+    two = torchrun(["-m", "nemo_minitron.cli", *args, f"model=[{tiny_student},{tiny_ckpt}]",
+                    f"output_json=[{tmp_path / 's2.json'},{tmp_path / 'tp2.json'}]"], nproc=2)
     assert "TP=1 PP=1 DP=2" in two.stdout
-    r1, r2 = (json.loads((tmp_path / f).read_text()) for f in ("tp1.json", "tp2.json"))
-    assert r1["tokens"] == r2["tokens"] == 8 * 32
+    r1, r2, s1, s2 = (json.loads((tmp_path / f).read_text()) for f in ("tp1.json", "tp2.json", "s1.json", "s2.json"))
+    assert r1["tokens"] == r2["tokens"] == s1["tokens"] == 8 * 32
+    assert r1["model"] == r2["model"] == str(tiny_ckpt) and s1["model"] == s2["model"] == str(tiny_student)
     assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-6)
+    assert s2["loss"] == pytest.approx(s1["loss"], rel=1e-6) and abs(s1["loss"] - r1["loss"]) > 1e-3
+    bad = cli(*args, f"model=[{tiny_ckpt},{tiny_student}]", f"output_json={tmp_path / 'x.json'}", check=False)
+    assert bad.returncode == 2 and "one per model" in bad.stderr

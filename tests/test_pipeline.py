@@ -90,7 +90,7 @@ def test_pipeline_end_to_end_with_kill_and_resume(texts, tmp_path):
     assert rc["pruned_trimmed_heldout_loss"] > 0
     assert "Least-squares reconstruction (prune.reconstruction=least_squares" in md
     times = json.loads((run_dir / "stages.json").read_text())
-    assert {"import", "prune", "distill", "evaluate_distilled", "export_hf", "export_nemo"} <= set(times)
+    assert {"import", "prune", "distill", "evaluate", "export_hf", "export_nemo"} <= set(times)
 
     # iterative rounds: shapes, sources and teachers chain; the report lists every round
     r1 = run_dir / "round1"

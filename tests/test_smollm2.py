@@ -39,10 +39,10 @@ def test_logits_match_transformers(smol, dist_single):
     assert diff < 1e-3
 
 
-def test_evaluate_equals_transformers_loss(smol):
+def test_evaluate_equals_transformers_loss(smol, tmp_path):
     from nemo_minitron.data import indexed
 
-    out = smol / "eval.json"
+    out = tmp_path / "eval.json"
     proc = cli("evaluate", f"model={smol / 'ckpt'}", f"data={smol / 'heldout'}", "eval.num_samples=8",
                "eval.seq_length=256", f"output_json={out}")
     assert proc.stdout.strip().splitlines()[-1] == f"wrote metrics: {out}"
