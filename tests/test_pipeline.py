@@ -63,6 +63,8 @@ def test_pipeline_end_to_end_with_kill_and_resume(texts, tmp_path):
     for stage in ("import", "preprocess_train", "preprocess_heldout", "round1_prune", "round1_distill", "prune"):
         assert f"[{stage}] complete, skipped" in out
     assert "[distill] resuming from" in out and "[distill] step 1/8" not in out
+    ev_lines = [line for line in out.splitlines() if " -m nemo_minitron.cli evaluate " in line]
+    assert len(ev_lines) == 1 and ev_lines[0].startswith("[evaluate] ")  # every model in one process
     assert out.strip().splitlines()[-1] == f"wrote report: {run_dir / 'report.md'}"
     # the killed pipeline and its killed distill stage left their run locks: taken over, then released
     lock = ".nemo-minitron.lock"

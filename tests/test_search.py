@@ -156,6 +156,9 @@ def test_search_end_to_end(search_inputs, tmp_path):
     out = tmp_path / "search"
     res = cli("search", *_search_args(d, out), timeout=1200)
     assert res.stdout.strip().splitlines()[-1] == f"wrote search table: {out / 'search.md'}"
+    # the finalists are evaluated by one evaluate process (a list of models)
+    ev_lines = [line for line in res.stdout.splitlines() if " -m nemo_minitron.cli evaluate " in line]
+    assert len(ev_lines) == 1 and ev_lines[0].startswith("[evaluate] ") and "model=[" in ev_lines[0]
     table = json.loads((out / "search.json").read_text())
     src_params = count_params(ck.read_spec(d["teacher"]))
     assert table["source_params"] == src_params and table["budget"] == round(0.6 * src_params)

@@ -233,7 +233,8 @@ def _par(cfg) -> list[str]:
             f"trainer.strategy.pipeline_model_parallel_size={st.pipeline_model_parallel_size}"]
 
 
-def run_distill(cfg, out: Path, index: int | None = None, runner=None) -> None:
+def run_distill(cfg, out: Path, index: int | None = None, runner=None, evaluate: bool = True) -> None:
+    """One finalist's short distillation, then (``evaluate``) its evaluation."""
     from nemo_minitron.pipeline import _is_ckpt
 
     doc = _read_candidates(out)
@@ -267,13 +268,24 @@ def run_distill(cfg, out: Path, index: int | None = None, runner=None) -> None:
              f"model.precision={_null_or(cfg.trainer.precision)}",
              f"optim.distributed_optimizer={str(bool(cfg.optim.distributed_optimizer)).lower()}"],
             lambda: _is_ckpt(run_dir / "student"))
-    ev = out / "eval" / f"{c['name']}.json"
-    ev.parent.mkdir(exist_ok=True)
-    r.stage(f"evaluate_{c['name']}", "evaluate",
-            [f"model={run_dir / 'student'}", f"data={d.validation}", f"eval.num_samples={s.eval_samples}",
-             f"eval.seq_length={s.eval_seq_length}", f"eval.micro_batch_size={d.micro_batch_size}",
-             f"output_json={ev}", *_par(cfg)],
-            lambda: ev.is_file())
+    if evaluate:
+        _evaluate_stage(cfg, out, r, [c], f"evaluate_{c['name']}")
+
+
+def _evaluate_stage(cfg, out: Path, r, finalists: list, name: str) -> None:
+    """The distilled finalists' held-out loss, every one not evaluated yet in one evaluate process."""
+    from nemo_minitron.pipeline import _list_arg
+
+    d, s = cfg.data, cfg.search
+    evs = {c["name"]: out / "eval" / f"{c['name']}.json" for c in finalists}
+    (out / "eval").mkdir(exist_ok=True)
+    todo = [c["name"] for c in finalists if not evs[c["name"]].is_file()]
+    r.stage(name, "evaluate",
+            [_list_arg("model", [out / "distill" / n / "student" for n in todo]), f"data={d.validation}",
+             f"eval.num_samples={s.eval_samples}", f"eval.seq_length={s.eval_seq_length}",
+             f"eval.micro_batch_size={d.micro_batch_size}", _list_arg("output_json", [evs[n] for n in todo]),
+             *_par(cfg)],
+            lambda: all(ev.is_file() for ev in evs.values()))
 
 
 def _null_or(value) -> str:
@@ -472,8 +484,10 @@ def run(cfg) -> None:
         r = _runner(cfg, out)
         t0 = time.time()
         _rank_stage(cfg, out, r)
-        for i in range(len(_finalists(_read_candidates(out)))):
-            run_distill(cfg, out, i, runner=r)
+        finalists = _finalists(_read_candidates(out))
+        for i in range(len(finalists)):
+            run_distill(cfg, out, i, runner=r, evaluate=False)
+        _evaluate_stage(cfg, out, r, finalists, "evaluate")  # one process for all of them
         res = run_report(cfg, out)
         print(summary(res))
         print(f"search wall time this invocation: {time.time() - t0:.0f}s")
