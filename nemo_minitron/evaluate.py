@@ -58,13 +58,14 @@ def run(cfg) -> None:
 
     checked = []
     for model_arg, out in zip(models, outs):
-        kind, path, spec = describe(model_arg)
+        _, path, spec = describe(model_arg)
         spec.validate_layout(tp, pp)
         blend.check_tokenizer(cfg.data, fingerprint_of(path), "data", model=model_arg)
         checked.append((path, out, spec))
     windows = indexed.windows(cfg.data, e.num_samples, e.seq_length, offset=e.offset)
+    top_id = int(windows.max())
     for path, out, spec in checked:
-        check_vocab(spec, int(windows.max()), f"dataset {cfg.data}")
+        check_vocab(spec, top_id, f"dataset {cfg.data}")
         if out is not None and not Path(out).parent.exists():
             raise UserError(f"output_json directory {Path(out).parent} does not exist")
     tasks, unavailable = [], {}
