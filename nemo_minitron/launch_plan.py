@@ -5,12 +5,17 @@ teacher + student), computed from the model configs alone and refused when the l
 
 The memory estimate is per GPU: weights in ``model.precision`` (bf16 by default), Megatron's distributed
 optimizer over data parallel (fp32 master weights + Adam moments sharded over DP; ``optim.distributed_optimizer
-=false``: not sharded), fp32 gradients, and activations of one micro-batch for the student (selective
-recomputation: ~34*s*b*h bytes per layer / TP with sequence parallelism, (10 + 24/TP)*s*b*h without,
-Korthikanti et al. 2022) plus
-the logits: with ``distill.fused_output`` (the default) the fused loss's chunk blocks, weight-gradient
-accumulator and hidden-state gradient (``losses.fused_output_bytes``), else the materialized logits
-(student, teacher, and the KL's gradient, each s*b*V/TP). The teacher holds weights only.
+=false``: not sharded), fp32 gradients, the student's activations, and the logits: with ``distill.fused_output``
+(the default) the fused loss's chunk blocks, weight-gradient accumulator and hidden-state gradient
+(``losses.fused_output_bytes``), else the materialized logits (student, teacher, and the KL's gradient, each
+s*b*V/TP). The teacher holds weights only.
+
+Activations (Korthikanti et al. 2022, bytes for 16-bit activations, per layer and micro-batch of s x b tokens):
+``model.recompute_granularity=selective`` keeps 34*s*b*h/TP with sequence parallelism ((10 + 24/TP)*s*b*h
+without); no recomputation adds the attention scores, 5*a*s*s*b/TP (an upper bound: Transformer Engine's fused
+attention does not keep them); ``full`` keeps each recomputed group's input, 2*s*b*h (/TP with sequence
+parallelism), plus one group's working set. The first pipeline stage holds the most: under 1F1B
+min(PP, micro-batches per step) micro-batches are in flight there, each with the stage's L/PP layers.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ def _check(spec, what: str, tp: int, pp: int) -> None:
 
 def plan(t_spec, s_spec, nodes: int, gpus_per_node: int, tp: int, pp: int, seq: int, mbs: int, gbs: int,
          fused_output: bool = True, chunk_tokens: int = 0, lm: bool = False, sequence_parallel: bool | None = None,
-         distributed_optimizer: bool = True, precision: str = "bf16") -> dict:
+         distributed_optimizer: bool = True, precision: str = "bf16", recompute: dict | None = None) -> dict:
+    """``recompute``: the resolved ``recompute_*`` fields (None: no recomputation)."""
     from nemo_minitron.parallel import Layout
 
     world = nodes * gpus_per_node
@@ -53,10 +59,11 @@ def plan(t_spec, s_spec, nodes: int, gpus_per_node: int, tp: int, pp: int, seq: 
     grads = 4 * s_p / shard
     # Adam moments (+ fp32 main parameters beside 16-bit weights), sharded over DP by the distributed optimizer
     optim = (8 if precision == "fp32" else 12) * s_p / shard / (dp if distributed_optimizer else 1)
-    L_stage = s_spec.num_layers / pp
-    # per layer: 34 s b h / TP with sequence parallelism, (10 + 24 / TP) s b h without (Korthikanti et al.)
-    per_sbh = 34 / tp if layout.sequence_parallel or tp == 1 else 10 + 24 / tp
-    act = per_sbh * seq * mbs * s_spec.hidden_size * L_stage * wb / 2
+    L_stage = s_spec.num_layers // pp
+    micro = gbs // (mbs * dp)
+    in_flight = min(pp, micro)  # 1F1B: the first stage holds this many micro-batches' activations
+    act, act_desc = activation_bytes(s_spec, L_stage, seq, mbs, tp, layout.sequence_parallel, recompute, wb)
+    act *= in_flight
     if fused_output:
         from nemo_minitron.distill.losses import fused_output_bytes
 
@@ -69,13 +76,36 @@ def plan(t_spec, s_spec, nodes: int, gpus_per_node: int, tp: int, pp: int, seq: 
         "nodes": nodes, "gpus_per_node": gpus_per_node, "world_size": world, "tp": tp, "pp": pp, "dp": dp,
         "sequence_parallel": layout.sequence_parallel, "distributed_optimizer": distributed_optimizer,
         "precision": precision,
-        "micro_batches_per_step": gbs // (mbs * dp), "tokens_per_step": gbs * seq,
+        "micro_batches_per_step": micro, "micro_batches_in_flight": in_flight, "activations": act_desc,
+        "tokens_per_step": gbs * seq,
         "teacher_params": t_p, "student_params": s_p,
         "memory_gib_per_gpu": {"teacher_weights": teacher_w / gib, "student_weights": student_w / gib,
                                "student_grads_fp32": grads / gib,
                                ("optimizer_fp32_dp_sharded" if distributed_optimizer else "optimizer_fp32"): optim / gib,
                                "activations": act / gib, "logits_and_kl": logits / gib, "total": total / gib},
     }
+
+
+def activation_bytes(spec, layers: int, seq: int, mbs: int, tp: int, sp: bool, recompute: dict | None,
+                     weight_bytes: int = 2) -> tuple[float, str]:
+    """(bytes, description) of one micro-batch's activations over ``layers`` layers (the module docstring)."""
+    h, a = spec.hidden_size, spec.num_attention_heads
+    sbh = seq * mbs * h * weight_bytes / 2
+    kept = 34 / tp if sp or tp == 1 else 10 + 24 / tp  # per layer, in units of s*b*h (selective recompute)
+    scores = 5 * a * seq / (h * tp)  # the attention scores' share, in the same units
+    full_layer = kept + scores
+    r = recompute or {}
+    g, method, n = r.get("recompute_granularity"), r.get("recompute_method"), r.get("recompute_num_layers")
+    if g == "selective":
+        return kept * layers * sbh, "selective recompute"
+    if g == "full":
+        inp = 2 / (tp if sp else 1)
+        if method == "uniform":  # every group of n layers keeps its input; one group is recomputed at a time
+            groups = -(-layers // n)
+            return (inp * groups + full_layer * min(n, layers)) * sbh, f"full recompute, uniform x {n}"
+        k = min(n, layers)  # block: the first k layers of the stage are recomputed (inputs kept), the rest keep all
+        return (inp * k + full_layer * (layers - k) + full_layer) * sbh, f"full recompute, block of {k}"
+    return full_layer * layers * sbh, "no recompute"
 
 
 def show(p: dict, t_desc: str, s_desc: str) -> str:
@@ -89,6 +119,8 @@ def show(p: dict, t_desc: str, s_desc: str) -> str:
         f"  teacher {p['teacher_params'] / 1e9:.2f}B params ({t_desc})",
         f"  student {p['student_params'] / 1e9:.2f}B params ({s_desc})",
         f"  {p['micro_batches_per_step']} micro-batches per step per DP rank, {p['tokens_per_step']:,} tokens per step",
+        f"  activations: {p['activations']}, {p['micro_batches_in_flight']} micro-batch(es) in flight on the first "
+        "stage (1F1B)",
         "  memory per GPU (GiB): " + ", ".join(f"{k} {v:.1f}" for k, v in m.items() if k != "total"),
         f"  total ~{m['total']:.1f} GiB per GPU (H100: 80 GiB)",
     ]

@@ -124,6 +124,31 @@ def data_parallel_all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     return t
 
 
+def to_host(obj):
+    """``obj`` (tensors, or dicts/lists/tuples of them) with every tensor copied to the host: what goes into a
+    file or an object collective."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda x: x.detach().cpu() if isinstance(x, torch.Tensor) else x, obj)
+
+
+def to_device(obj):
+    """``obj`` with every tensor on this process's compute device (:func:`nemo_minitron.platform.device`)."""
+    from torch.utils._pytree import tree_map
+
+    dev = platform.device()
+    return tree_map(lambda x: x.to(dev) if isinstance(x, torch.Tensor) else x, obj)
+
+
+def all_gather_tensors(obj, group=None) -> list:
+    """Every rank's ``obj`` (tensors, or containers of them) over ``group``, in rank order, on this rank's
+    compute device. Sent as host copies: an object collective pickles its tensors, and with NCCL a pickled
+    GPU tensor is rebuilt on the sender's GPU, not this rank's."""
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, to_host(obj), group=group)
+    return [to_device(p) for p in parts]
+
+
 def destroy() -> None:
     from megatron.core import parallel_state
 

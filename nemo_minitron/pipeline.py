@@ -26,7 +26,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from nemo_minitron.data.blend import blend_arg
+from nemo_minitron import stages
 from nemo_minitron.errors import UserError
 
 PARALLEL = {"prune", "distill", "finetune", "evaluate", "search"}
@@ -71,11 +71,6 @@ class Runner:
         self.times_path.write_text(json.dumps(self.times, indent=2))
 
 
-def _list_arg(key: str, values) -> str:
-    """``key=["a","b"]``: a list override whose items stay strings whatever the paths contain."""
-    return f"{key}=[{','.join(json.dumps(str(v)) for v in values)}]"
-
-
 def _worth_showing(line: str) -> bool:
     """Stage output the terminal shows: our own lines, not NeMo/Lightning chatter."""
     skip = ("[NeMo", "GPU available", "TPU available", "HPU available", "  warnings.warn", "warn(", "OneLogger",
@@ -111,9 +106,6 @@ def _data_source(spec, split: str):
     return spec
 
 
-PRECISION_KEYS = ("transformer_impl", "precision", "fp8", "fp8_recipe", "fp8_margin", "fp8_amax_history_len",
-                  "fp8_amax_compute_algo", "fp8_param", "fp8_first_last_layers_bf16", "num_layers_at_start_in_bf16",
-                  "num_layers_at_end_in_bf16", "teacher_fp8")
 TARGETS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers", "drop_layers")
 
 
@@ -181,55 +173,41 @@ def _check_rounds(cfg, tp: int, pp: int) -> tuple[list, list | None]:
     return rounds, shapes
 
 
-def _precision_args(cfg) -> dict:
-    """The precision arguments of each kind of stage (checked here, before any work): the distillation
-    stages' model.* keys; prune keeps to FP8-capable shapes when FP8 is on."""
+def _training(cfg) -> stages.Training:
+    """The layout, precision and optimizer keys every parallel stage gets (checked here, before any work: FP8
+    needs a GPU and Transformer Engine)."""
     from nemo_minitron.model import precision
 
     precision.resolve(cfg.model)
-    m = cfg.model
-    sp = "null" if m.sequence_parallel is None else str(bool(m.sequence_parallel)).lower()
-    dist_opt = f"optim.distributed_optimizer={str(bool(cfg.optim.distributed_optimizer)).lower()}"
-    return {"distill": [f"model.{k}={'null' if m[k] is None else m[k]}" for k in PRECISION_KEYS]
-            + [f"model.sequence_parallel={sp}", dist_opt],
-            "finetune": [f"trainer.strategy.sequence_parallel={sp}",
-                         f"trainer.precision={'null' if m.precision is None else m.precision}", dist_opt],
-            "prune": ["prune.fp8_shapes=true"] if cfg.model.get("fp8") else []}
+    return stages.Training.of(cfg.model, cfg.model, cfg.optim)
 
 
-def _distill_common(k, prefixes) -> list:
-    return [f"data.train={blend_arg(prefixes['train'])}", f"data.validation={prefixes['heldout']}",
-            f"data.seq_length={k['seq_length']}", f"data.micro_batch_size={k['micro_batch_size']}",
-            f"data.global_batch_size={k['global_batch_size']}", f"data.num_val_samples={k['global_batch_size'] * 2}",
-            f"trainer.max_steps={k['max_steps']}", f"trainer.val_check_interval={k['val_check_interval']}",
-            f"checkpoint.every_n_steps={k['checkpoint_every']}", f"optim.lr={k['lr']}", f"optim.min_lr={k['min_lr']}",
-            f"optim.warmup_steps={k['warmup_steps']}", "trainer.log_every_n_steps=5"]
+def _kd_batches(k) -> stages.Batches:
+    return stages.Batches(k["seq_length"], k["micro_batch_size"], k["global_batch_size"], k["global_batch_size"] * 2)
 
 
-def _prune_distill(r, tag: str, teacher: Path, pruned: Path, kd: Path, p, k, prefixes, par, tp: int, pp: int,
-                   iterative_teacher: str, original_teacher: Path, prec: dict, heldout: tuple) -> Path:
+def _kd_schedule(k, lr=None) -> stages.Schedule:
+    return stages.Schedule(max_steps=k["max_steps"], lr=k["lr"] if lr is None else lr, min_lr=k["min_lr"],
+                           warmup_steps=k["warmup_steps"], val_check_interval=k["val_check_interval"],
+                           checkpoint_every=k["checkpoint_every"], log_every=5)
+
+
+def _prune_distill(r, tag: str, teacher: Path, pruned: Path, kd: Path, p, k, prefixes, training: stages.Training,
+                   iterative_teacher: str, original_teacher: Path, heldout: tuple) -> Path:
     """Prune ``teacher`` into ``pruned``, distill it into ``kd`` (resumable); returns the student checkpoint."""
-    args = [f"model={teacher}", f"output={pruned}", "overwrite=true", f"data.calibration={prefixes['calibration']}",
-            f"data.calibration_samples={p['calibration_samples']}", f"data.seq_length={p['seq_length']}",
-            f"prune.depth_method={p['depth_method']}", f"prune.reconstruction={p['reconstruction']}",
-            f"prune.reconstruction_damping={p['reconstruction_damping']}", *par, *prec["prune"]]
-    for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers"):
-        if p[key] is not None:
-            args.append(f"prune.{key}={p[key]}")
-    if p["drop_layers"] is not None:
-        args.append(f"prune.drop_layers=[{','.join(str(i) for i in p['drop_layers'])}]")
-    if p["reconstruction"] != "none":  # the report compares the refitted student with the trimmed one
-        args += [f"data.validation={prefixes['heldout']}", f"data.validation_samples={heldout[0]}",
-                 f"data.validation_seq_length={heldout[1]}"]
-    r.stage(f"{tag}prune", "prune", args, lambda: _is_ckpt(pruned))
+    settings = stages.Prune(targets={t: p[t] for t in TARGETS if t != "drop_layers"}, drop_layers=p["drop_layers"],
+                            depth_method=p["depth_method"], calibration_samples=p["calibration_samples"],
+                            seq_length=p["seq_length"], reconstruction=p["reconstruction"],
+                            reconstruction_damping=p["reconstruction_damping"])
+    refit = p["reconstruction"] != "none"  # the report compares the refitted student with the trimmed one
+    r.stage(f"{tag}prune", "prune",
+            stages.prune_args(teacher, pruned, prefixes["calibration"], settings, training,
+                              *((prefixes["heldout"], *heldout) if refit else ())),
+            lambda: _is_ckpt(pruned))
     kd_teacher = teacher if iterative_teacher == "previous" else original_teacher
     r.stage(f"{tag}distill", "distill",
-            [f"teacher={kd_teacher}", f"student={pruned}", f"output={kd}", *_distill_common(k, prefixes),
-             f"distill.kd_weight={k['kd_weight']}", f"distill.lm_weight={k['lm_weight']}",
-             f"distill.temperature={k['temperature']}",
-             f"distill.fused_output={str(bool(k['fused_output'])).lower()}",
-             f"model.tensor_model_parallel_size={tp}",
-             f"model.pipeline_model_parallel_size={pp}", *prec["distill"]],
+            stages.distill_args(kd_teacher, pruned, kd, prefixes["train"], prefixes["heldout"], _kd_batches(k),
+                                _kd_schedule(k), stages.KD.of(k), training),
             lambda: _is_ckpt(kd / "student"))
     return kd / "student"
 
@@ -253,9 +231,8 @@ def _check_given_data(cfg) -> None:
 def run(cfg) -> None:
     run_dir = Path(cfg.run_dir).absolute()
     tp, pp = cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size
-    par = [f"trainer.strategy.tensor_model_parallel_size={tp}", f"trainer.strategy.pipeline_model_parallel_size={pp}"]
     d = cfg.data
-    prec = _precision_args(cfg)  # the environment first (FP8 needs a GPU and TE), then the shapes
+    training = _training(cfg)  # the environment first (FP8 needs a GPU and TE), then the shapes
     rounds, _ = _check_rounds(cfg, tp, pp)
     _check_given_data(cfg)
     given = {s: list(d[s]) if OmegaConf.is_list(d[s]) else str(d[s]) for s in ("train", "calibration", "heldout")}
@@ -267,11 +244,10 @@ def run(cfg) -> None:
     with RunLock(run_dir, "pipeline"):
         if cfg.overwrite and run_dir.exists():
             clear(run_dir)  # everything but this run's lock
-        _run(cfg, run_dir, tp, pp, par, prec, rounds, given, sources)
+        _run(cfg, run_dir, training, rounds, given, sources)
 
 
-def _run(cfg, run_dir: Path, tp: int, pp: int, par: list, prec: dict, rounds: list, given: dict,
-         sources: dict) -> None:
+def _run(cfg, run_dir: Path, training: stages.Training, rounds: list, given: dict, sources: dict) -> None:
     from nemo_minitron.checkpoint import nemo
 
     p, k, e = cfg.prune, cfg.distill, cfg.evaluate
@@ -305,10 +281,10 @@ def _run(cfg, run_dir: Path, tp: int, pp: int, par: list, prec: dict, rounds: li
         tc = run_dir / "teacher_corrected"
         tcfg = cfg.teacher_correction
         r.stage("teacher_correction", "finetune",
-                [f"model={teacher}", f"output={tc}", f"data.train={blend_arg(prefixes['train'])}",
-                 f"data.seq_length={k.seq_length}", f"data.micro_batch_size={k.micro_batch_size}",
-                 f"data.global_batch_size={k.global_batch_size}", f"trainer.max_steps={tcfg.max_steps}",
-                 f"optim.lr={tcfg.lr}", f"optim.min_lr={tcfg.lr / 10}", *par, *prec["finetune"]],
+                stages.finetune_args(teacher, tc, prefixes["train"],
+                                     stages.Batches(k.seq_length, k.micro_batch_size, k.global_batch_size),
+                                     stages.Schedule(max_steps=tcfg.max_steps, lr=tcfg.lr, min_lr=tcfg.lr / 10),
+                                     training),
                 lambda: _is_ckpt(tc / "model"))
         teacher = tc / "model"
 
@@ -320,19 +296,18 @@ def _run(cfg, run_dir: Path, tp: int, pp: int, par: list, prec: dict, rounds: li
         rp, rk = _round_prune(p, rnd.get("prune")), _merged(k, rnd.get("distill"))
         rdir = run_dir / f"round{i}"
         student = _prune_distill(r, f"round{i}_", teacher, rdir / "pruned", rdir / "distill", rp, rk, prefixes,
-                                 par, tp, pp, cfg.iterative_teacher, original_teacher, prec,
-                                 (e.num_samples, e.seq_length))
+                                 training, cfg.iterative_teacher, original_teacher, (e.num_samples, e.seq_length))
         round_models[f"round{i}_pruned"] = rdir / "pruned"
         round_models[f"round{i}_distilled"] = student
         teacher = student
     pruned, kd = run_dir / "pruned", run_dir / "distill"
-    _prune_distill(r, "", teacher, pruned, kd, p, k, prefixes, par, tp, pp, cfg.iterative_teacher, original_teacher,
-                   prec, (e.num_samples, e.seq_length))
-    common = _distill_common(k, prefixes)
+    _prune_distill(r, "", teacher, pruned, kd, p, k, prefixes, training, cfg.iterative_teacher, original_teacher,
+                   (e.num_samples, e.seq_length))
     scratch = run_dir / "scratch"
-    if e.scratch_baseline:
-        r.stage("scratch", "finetune", [f"model={pruned}", f"output={scratch}", "random_init=true", *common,
-                                        "optim.lr=1e-3", *par, *prec["finetune"]],
+    if e.scratch_baseline:  # the student's shape from random weights, on the distillation's tokens
+        r.stage("scratch", "finetune",
+                stages.finetune_args(pruned, scratch, prefixes["train"], _kd_batches(k), _kd_schedule(k, lr=1e-3),
+                                     training, validation=prefixes["heldout"], random_init=True),
                 lambda: _is_ckpt(scratch / "model"))
 
     # 6. evaluate
@@ -344,9 +319,8 @@ def _run(cfg, run_dir: Path, tp: int, pp: int, par: list, prec: dict, rounds: li
     (run_dir / "eval").mkdir(exist_ok=True)
     todo = [name for name in models if not outs[name].is_file()]
     r.stage("evaluate", "evaluate",
-            [_list_arg("model", [models[n] for n in todo]), f"data={prefixes['heldout']}",
-             f"eval.num_samples={e.num_samples}", f"eval.seq_length={e.seq_length}",
-             _list_arg("output_json", [outs[n] for n in todo]), *par],
+            stages.evaluate_args([models[n] for n in todo], [outs[n] for n in todo], prefixes["heldout"],
+                                 e.num_samples, e.seq_length, training),
             lambda: all(out.is_file() for out in outs.values()))
 
     # 7. export
@@ -395,10 +369,14 @@ def dry_run(cfg) -> None:
     nodes, gpus = cfg.launcher.nodes, cfg.launcher.gpus_per_node
     from nemo_minitron.model.precision import name as precision_name
 
+    from nemo_minitron.model import recompute
+
+    m = cfg.model
+    rec = recompute.resolve(m.recompute_granularity, m.recompute_method, m.recompute_num_layers, s_spec.num_layers // pp)
     plan = lp.plan(t_spec, s_spec, nodes, gpus, tp, pp, k.seq_length, k.micro_batch_size, k.global_batch_size,
                    fused_output=k.fused_output, lm=k.lm_weight > 0, sequence_parallel=cfg.model.sequence_parallel,
                    distributed_optimizer=bool(cfg.optim.distributed_optimizer),
-                   precision=precision_name(cfg.model.precision, cuda=True))
+                   precision=precision_name(cfg.model.precision, cuda=True), recompute=rec)
     print(lp.show(plan, lp.describe_shape(t_spec), lp.describe_shape(s_spec)))
     print(f"  distillation: {k.max_steps} steps = {k.max_steps * plan['tokens_per_step'] / 1e9:.1f}B tokens")
     train = cfg.data.train

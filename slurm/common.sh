@@ -41,6 +41,32 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n1)}
 export MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 12000))}
 
+# Each task runs through a small wrapper (inside the container too: it needs only bash) that writes the task's
+# own exit status for this attempt to $LOG_DIR/restart-<SLURM_RESTART_COUNT>.task-<SLURM_PROCID>.exit; the
+# requeue decision reads only those. srun's exit code cannot tell: with --kill-on-bad-exit the first task that
+# exits nonzero gets the others killed (TERM, KILL after KillWait) and srun reports the largest status, often
+# 143 (SIGTERM) rather than the first task's 3 or 4. A killed task writes nothing (or its own status, when it
+# exited by itself just as the kill came): the wrapper ignores USR1 (the warning is for the task), notes
+# TERM/INT, and when the task died of a signal it first waits up to 2 s, because SLURM signals the processes of
+# a step one by one and the wrapper's TERM can come just after the task's. It always exits with the task's status.
+_TASK_WRAPPER='status=$1; shift; killed=; trap : USR1; trap killed=1 TERM INT
+"$@"; rc=$?
+if (( rc > 128 )) && [[ -z $killed ]]; then
+  sleep 2 & s=$!; while [[ -z $killed ]] && kill -0 $s 2>/dev/null; do wait $s; done; kill $s 2>/dev/null
+fi
+[[ -n $killed ]] || echo "$rc" > "$status.task-${SLURM_PROCID:-0}.exit" || true
+exit "$rc"'
+
+# why a job ends with a given status (one line in launch.txt and the batch log)
+_why() {
+  case $1 in
+    2) echo "a bad setting or input: the error line in the task log" ;;
+    4) echo "trainer.max_nonfinite_steps: non-finite stop, it would recur; see the task log" ;;
+    *) if (( $1 > 128 )); then echo "a task was killed by SIG$(kill -l $(($1 - 128)) 2>/dev/null || echo $(($1 - 128))) (e.g. out of memory)"
+       else echo "a task failed: see its log"; fi ;;
+  esac
+}
+
 launch() {
   local command=$1; shift
   {
@@ -50,14 +76,18 @@ launch() {
   } | tee -a "$LOG_DIR/launch.txt"
   # the resolved config, written before anything runs (also validates the overrides)
   "$PY" -m nemo_minitron.cli "$command" "$@" --print-config > "$LOG_DIR/config.yaml"
+  # per-task logs are appended to, so they hold every attempt of a requeued job; exit statuses are per attempt
+  local status="$LOG_DIR/restart-${SLURM_RESTART_COUNT:-0}"
+  rm -f "$status".task-*.exit
   local srun_args=(--kill-on-bad-exit=1 --output="$LOG_DIR/%N-%t.log" --open-mode=append)
   if [[ -n "${NEMO_MINITRON_CONTAINER:-}" ]]; then
-    srun_args+=(--container-image="$NEMO_MINITRON_CONTAINER" --container-mounts="${NEMO_MINITRON_MOUNTS:-$REPO:$REPO}"
-                --container-workdir="$REPO")
+    # the log directory is mounted too: the wrapper writes the exit statuses from inside the container
+    srun_args+=(--container-image="$NEMO_MINITRON_CONTAINER"
+                --container-mounts="${NEMO_MINITRON_MOUNTS:-$REPO:$REPO},$LOG_DIR:$LOG_DIR" --container-workdir="$REPO")
   fi
   # a warning signal (--signal=B:USR1@T) or scancel's TERM reaches this shell: pass it to every task,
-  # which saves a checkpoint and exits with status 3; then the job requeues itself
-  srun "${srun_args[@]}" "$PY" -m nemo_minitron.cli "$command" "$@" &
+  # which saves a checkpoint and exits with status 3 (after USR1, the job then requeues itself)
+  srun "${srun_args[@]}" bash -c "$_TASK_WRAPPER" nemo-minitron-task "$status" "$PY" -m nemo_minitron.cli "$command" "$@" &
   local pid=$!
   trap "echo 'signal: forwarding USR1 to the tasks' | tee -a '$LOG_DIR/launch.txt'; kill -USR1 $pid 2>/dev/null || true" USR1
   trap "kill -TERM $pid 2>/dev/null || true" TERM
@@ -68,12 +98,34 @@ launch() {
   done
   trap - USR1 TERM
   cat "$LOG_DIR"/*-0.log 2>/dev/null | tail -n 5 || true
-  if [[ $rc -eq 3 || ( $rc -ne 0 && -n "$(grep -l 'exit status 3' "$LOG_DIR"/*.log 2>/dev/null)" ) ]]; then
-    echo "preempted: requeueing job ${SLURM_JOB_ID}" | tee -a "$LOG_DIR/launch.txt"
+  # the decision, from this attempt's statuses only: requeue iff a task exited with 3 (preempted) and no task
+  # exited with another nonzero status; otherwise the job ends with the status of the task that failed first
+  # (the oldest status file), or srun's exit code when no task wrote one
+  local f s preempted=0 failed="" first="" written=""
+  local -A count=()
+  for f in "$status".task-*.exit; do
+    [[ -r $f ]] && read -r s < "$f" || continue
+    count[$s]=$(( ${count[$s]:-0} + 1 ))
+    if [[ $s == 3 ]]; then preempted=1
+    elif [[ $s != 0 && ( -z $failed || $f -ot $first ) ]]; then failed=$s; first=$f
+    fi
+  done
+  if [[ $preempted == 1 && -z $failed ]]; then
+    echo "preempted (exit status 3): requeueing job ${SLURM_JOB_ID}" | tee -a "$LOG_DIR/launch.txt"
     scontrol requeue "${SLURM_JOB_ID}"
     exit 0
   fi
-  echo "exit status $rc" | tee -a "$LOG_DIR/launch.txt"
+  for s in "${!count[@]}"; do written+="${written:+, }$s x${count[$s]}"; done
+  if [[ -n $failed ]]; then
+    rc=$failed; first=${first#"$status".task-}; first="task ${first%.exit} first; statuses written: $written"
+  else
+    first="srun's exit code; ${written:+statuses written: $written}${written:-no task wrote a status}"
+  fi
+  if [[ $rc -eq 0 ]]; then
+    echo "exit status 0" | tee -a "$LOG_DIR/launch.txt"
+  else
+    echo "exit status $rc: not requeued ($(_why "$rc"); $first)" | tee -a "$LOG_DIR/launch.txt"
+  fi
   return "$rc"
 }
 

@@ -91,3 +91,56 @@ def test_cli_refuses_fp8_here_and_unaligned_fp8_prune_targets(tiny_ckpt, tiny_st
                  "prune.hidden_size=40", "prune.fp8_shapes=true"]) == 2
     assert "multiples of 16: hidden_size = 40" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and not (tmp_path / "p").exists()
+
+
+def test_fp8_reaches_the_students_config_after_nemos_strategy_connects(tiny_student, tmp_path, dist_single):
+    """What ``trainer.fit`` does first: NeMo's strategy copies its precision plugin's settings over the model's
+    TransformerConfig (``update_config_with_dtype_overrides``). The student's config must still carry the FP8
+    settings afterwards: the plugin is built with them (without them, fp8 became None here)."""
+    from nemo_minitron import parallel
+    from nemo_minitron.checkpoint import nemo as ck
+    from nemo_minitron.distill.model import DistillationGPTModel
+    from nemo_minitron.distill.pair import DistillSettings
+    from nemo_minitron.distill.train import build_trainer
+    from nemo_minitron.model.build import instantiate
+    from nemo_minitron.model.precision import FP8, Platform, resolve
+
+    over = resolve(_m(fp8="hybrid", fp8_recipe="tensorwise", fp8_param=True, fp8_margin=1,
+                      fp8_first_last_layers_bf16=True, num_layers_at_end_in_bf16=2), Platform(**HOPPER))
+    spec = ck.read_spec(tiny_student)
+    model = DistillationGPTModel(instantiate(spec, 1, 1, apply_rope_fusion=False, **over), teacher_ckpt=tiny_student,
+                                 settings=DistillSettings())
+    trainer = build_trainer(tmp_path / "run", parallel.Layout(), "bf16", max_steps=1, val_check_interval=1,
+                            limit_val_batches=0, ckpt_every=1, keep=1, callbacks=[], fp8=FP8.of(over))
+    trainer.strategy.connect(model)
+    c = model.config
+    assert (c.fp8, c.fp8_recipe, c.fp8_param, c.fp8_margin) == ("hybrid", "tensorwise", True, 1)
+    assert (c.fp8_amax_history_len, c.fp8_amax_compute_algo) == (1024, "max")
+    assert (c.first_last_layers_bf16, c.num_layers_at_start_in_bf16, c.num_layers_at_end_in_bf16) == (True, 1, 2)
+    assert c.bf16 and not c.fp16
+
+    # and without FP8 asked for, the plugin resets nothing that was not set
+    plain = DistillationGPTModel(instantiate(spec, 1, 1, **resolve(_m(), Platform(**HOPPER))),
+                                 teacher_ckpt=tiny_student, settings=DistillSettings())
+    build_trainer(tmp_path / "run2", parallel.Layout(), "bf16", max_steps=1, val_check_interval=1,
+                  limit_val_batches=0, ckpt_every=1, keep=1, callbacks=[]).strategy.connect(plain)
+    assert plain.config.fp8 is None and plain.config.bf16
+
+
+@pytest.mark.parametrize("teacher_fp8", [True, False])
+def test_teacher_gets_the_same_precision_or_bf16(tiny_ckpt, tiny_student, monkeypatch, teacher_fp8):
+    from nemo_minitron import config
+    from nemo_minitron.checkpoint import nemo as ck
+    from nemo_minitron.distill.command import precision_overrides
+    from nemo_minitron.model import precision
+
+    monkeypatch.setattr(precision, "current", lambda: precision.Platform(**HOPPER))
+    cfg = config.load("distill", [f"teacher={tiny_ckpt}", f"student={tiny_student}", "output=x", "data.train=x",
+                                  "model.fp8=hybrid", "model.fp8_recipe=tensorwise", f"model.teacher_fp8={teacher_fp8}"])
+    student, teacher = precision_overrides(cfg, ck.read_spec(tiny_student), ck.read_spec(tiny_ckpt), 1)
+    assert student["fp8"] == "hybrid" and student["transformer_impl"] == "transformer_engine"
+    assert teacher.get("fp8") == ("hybrid" if teacher_fp8 else None)
+    assert teacher["transformer_layer_spec"] is student["transformer_layer_spec"] and teacher["bf16"]
+    assert {k: v for k, v in teacher.items() if not k.startswith("fp8")} == \
+        {k: v for k, v in student.items() if not k.startswith("fp8") and (teacher_fp8 or k not in (
+            "first_last_layers_bf16", "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"))}

@@ -243,7 +243,17 @@ def test_search_refusals(search_inputs, tmp_path):
         assert not (out / "candidates.json").exists()
     res = cli("search", *_search_args(d, out), "search.params=200%", check=False)
     assert res.returncode == 2 and "budget must be below" in res.stderr
-    dry = cli("search", *_search_args(d, out), "--dry-run")
+    # the finalists' distillations get every precision/FP8/memory key (planned for the cluster: FP8 accepted)
+    fp8 = ["trainer.transformer_impl=transformer_engine", "trainer.precision=bf16", "trainer.fp8=hybrid",
+           "trainer.fp8_recipe=tensorwise", "trainer.fp8_first_last_layers_bf16=true", "trainer.teacher_fp8=true",
+           "trainer.recompute_granularity=selective", "optim.overlap_grad_reduce=true", "optim.bucket_size=1000000"]
+    dry = cli("search", *_search_args(d, out), *fp8, "--dry-run")
+    line = next(x for x in dry.stdout.splitlines() if x.startswith("each finalist's distillation: nemo-minitron distill"))
+    for key in ("model.transformer_impl=transformer_engine", "model.precision=bf16", "model.fp8=hybrid",
+                "model.fp8_recipe=tensorwise", "model.fp8_first_last_layers_bf16=true", "model.teacher_fp8=true",
+                "model.recompute_granularity=selective", "optim.overlap_grad_reduce=true",
+                "optim.bucket_size=1000000", "model.tensor_model_parallel_size=1", "trainer.max_steps=4"):
+        assert f" {key} " in f" {line} ", key
     assert "candidates" in dry.stdout and "dry run: nothing was run" in dry.stdout
     assert "each finalist's distillation: 4 steps" in dry.stdout and "data: 16 samples x 33 tokens" in dry.stdout
     assert dry.stdout.count(" 50.0%  ") == 2 and "sample index: ~" in dry.stdout

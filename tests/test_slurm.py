@@ -1,7 +1,8 @@
 """The project's own batch scripts on a real SLURM cluster (slurm-wlm: one controller, two emulated
 nodes on this machine, CPU): a 2-node x 2-task TP=2 x DP=2 distillation through srun, a dependent prune -> distill ->
-export chain, and a distillation that gets the warning signal, checkpoints, requeues itself and
-finishes with the same loss as an uninterrupted run. The cluster is stopped at the end, even on failure."""
+export chain, a distillation that gets the warning signal, checkpoints, requeues itself and finishes with
+the same loss as an uninterrupted run, and one that, requeued after a preemption, then fails and is not requeued
+again. The cluster is stopped at the end, even on failure."""
 
 from __future__ import annotations
 
@@ -97,19 +98,12 @@ def test_dependent_chain_prune_distill_export(cluster, tiny_ckpt, tiny_data, tmp
     assert (run_dir / "export" / "config.json").is_file()
 
 
-def test_warning_signal_checkpoints_requeues_and_matches_uninterrupted(cluster, tiny_ckpt, tiny_student, tiny_data,
-                                                                        tmp_path):
-    """The job checkpoints every 4 steps, so megatron's checkpoint writer already runs its helper process
-    (a multiprocessing manager) when the warning comes; SLURM signals every process of the step, and the
-    preemption checkpoint must still be written. The signal is sent while the step-8 checkpoint is held
-    (test hook), so it always arrives mid-run; the run checkpoints at step 9 and requeues."""
-    steps = 16
-    ref = tmp_path / "ref"
-    cli("distill", *_kd_args(tiny_ckpt, tiny_student, tiny_data, ref, steps))
-    out = tmp_path / "preempted"
-    job = _submit(cluster, tmp_path, "distill", ["--nodes=1", "--ntasks-per-node=1", "--time=10"],
-                  _kd_args(tiny_ckpt, tiny_student, tiny_data, out, steps, ckpt_every=4),
-                  env={"NEMO_MINITRON_PAUSE_AT": "checkpoint_save@8", "NEMO_MINITRON_PAUSE_SECONDS": "4"})
+def _preempt_once(cluster, tmp_path, args, env=None):
+    """Submits a 1-task distillation that checkpoints every 4 steps and sends it the warning signal while its
+    step-8 checkpoint is held (test hook), so it always arrives mid-run: the run checkpoints at step 9, exits
+    with status 3 and requeues itself. Returns the job id."""
+    job = _submit(cluster, tmp_path, "distill", ["--nodes=1", "--ntasks-per-node=1", "--time=10"], args,
+                  env={"NEMO_MINITRON_PAUSE_AT": "checkpoint_save@8", "NEMO_MINITRON_PAUSE_SECONDS": "4", **(env or {})})
     deadline = time.time() + 300
     while "paused at checkpoint_save@8" not in _log(tmp_path, job):
         assert time.time() < deadline, _log(tmp_path, job)[-2000:]
@@ -117,6 +111,19 @@ def test_warning_signal_checkpoints_requeues_and_matches_uninterrupted(cluster, 
         time.sleep(0.5)
     # what SLURM does at --signal=B:USR1@T before the time limit: USR1 to the batch shell
     cluster.run("scancel", "--batch", "--signal=USR1", job)
+    return job
+
+
+def test_warning_signal_checkpoints_requeues_and_matches_uninterrupted(cluster, tiny_ckpt, tiny_student, tiny_data,
+                                                                        tmp_path):
+    """The job checkpoints every 4 steps, so megatron's checkpoint writer already runs its helper process
+    (a multiprocessing manager) when the warning comes; SLURM signals every process of the step, and the
+    preemption checkpoint must still be written."""
+    steps = 16
+    ref = tmp_path / "ref"
+    cli("distill", *_kd_args(tiny_ckpt, tiny_student, tiny_data, ref, steps))
+    out = tmp_path / "preempted"
+    job = _preempt_once(cluster, tmp_path, _kd_args(tiny_ckpt, tiny_student, tiny_data, out, steps, ckpt_every=4))
     j = cluster.wait(job, timeout=600)
     log = _log(tmp_path, job)
     assert j["JobState"] == "COMPLETED", log[-3000:]
@@ -124,6 +131,30 @@ def test_warning_signal_checkpoints_requeues_and_matches_uninterrupted(cluster, 
     assert "preempted: checkpoint at step 9 " in log and "requeueing job" in log and "resuming from" in log
     assert _last_loss(out) == _last_loss(ref)  # same final loss (exact on CPU) at the same final step
     assert (out / "student" / "context").is_dir()
+
+
+def test_preempted_job_that_later_fails_is_not_requeued_again(cluster, tiny_ckpt, tiny_student, tiny_data, tmp_path):
+    """Preempted once (checkpoint at step 9, requeued, resumed), then a non-finite stop (exit status 4) in the requeued
+    attempt: the job ends FAILED with exit code 4 and one line saying why, not requeued again. (The requeue
+    decision used to grep every log of the job's directory, which a requeued job keeps, for "exit status 3".)"""
+    out = tmp_path / "preempted-then-nonfinite"
+    job = _preempt_once(cluster, tmp_path,
+                        [*_kd_args(tiny_ckpt, tiny_student, tiny_data, out, 14, ckpt_every=4), "trainer.max_nonfinite_steps=2"],
+                        env={"NEMO_MINITRON_NONFINITE": "kd_loss@11,12"})
+    deadline = time.time() + 600
+    while (j := cluster.job(job)).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+        if int(j.get("Restarts", 0)) > 1 or time.time() > deadline:  # requeued again: stop it, it would loop
+            cluster.run("scancel", job, check=False)
+            break
+        time.sleep(1)
+    log = _log(tmp_path, job)
+    assert (j["JobState"], j["ExitCode"], j["Restarts"]) == ("FAILED", "4:0", "1"), (j, log[-3000:])
+    assert "preempted: checkpoint at step 9 " in log and "resuming from" in log
+    assert log.count("requeueing job") == 1, log[-3000:]
+    assert "was not finite for 2 consecutive steps (trainer.max_nonfinite_steps=2)" in log, log[-3000:]
+    why = [line for line in log.splitlines() if "not requeued" in line]
+    assert len(why) == 1 and why[0].startswith("exit status 4: not requeued (trainer.max_nonfinite_steps"), why
+    assert not (out / "student").exists()
 
 
 def test_search_as_job_array(cluster, tiny_ckpt, tiny_data, tmp_path):

@@ -69,7 +69,7 @@ def export_hf(source, output, dtype: str = "bf16", overwrite: bool = False, max_
     parallel.initialize(1, 1)
     print(f"loading {path} ...", flush=True)
     model, spec, _ = load_model(path)
-    sd = hf.mcore_to_hf(gather_full(model), spec)
+    sd = hf.mcore_to_hf(parallel.to_host(gather_full(model)), spec)  # host copies: they are written to files
     del model
     vocab = spec.vocab_size
     if tokenizer is not None and len(tokenizer) < vocab and spec.get("make_vocab_size_divisible_by", 1) > 1:

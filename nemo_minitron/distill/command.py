@@ -17,6 +17,7 @@ from nemo_minitron.data import blend
 from nemo_minitron.data.blend import DataSettings
 from nemo_minitron.errors import UserError
 from nemo_minitron.model import count_params
+from nemo_minitron.model.precision import FP8
 
 STUDENT_DIR, MODEL_DIR, CORRECTED_DIR = "student", "model", "teacher_corrected"
 EXIT_PREEMPTED = 3  # the batch script requeues the job on this status
@@ -68,27 +69,59 @@ class FitSettings:
     distributed_optimizer: bool = True
     optim_fully_reshardable: bool = True  # the optimizer checkpoint resumes at any TP/PP/DP
     max_nonfinite_steps: int = 3  # consecutive skipped (non-finite) steps that stop the run
+    fp8: FP8 | None = None  # the trained model's FP8 settings (NeMo's precision plugin must carry them)
+    overlap_grad_reduce: bool = False  # megatron DDP: gradient reduction overlapped with the backward
+    overlap_param_gather: bool = False  # distributed optimizer: parameter all-gather overlapped with the forward
+    bucket_size: int | None = None  # elements per gradient bucket (None: megatron's default)
+    recompute_granularity: str | None = None  # activation recomputation (model.recompute): selective | full
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
 
     @classmethod
     def from_config(cls, cfg, layout: parallel.Layout, precision: str,
-                    max_steps: int | None = None) -> "FitSettings":
-        t, c = cfg.trainer, cfg.checkpoint
+                    max_steps: int | None = None, fp8: FP8 | None = None, recompute: dict | None = None,
+                    cuda: bool | None = None) -> "FitSettings":
+        """``recompute``: the resolved ``recompute_*`` fields (:func:`nemo_minitron.model.recompute.resolve`);
+        ``cuda``: the platform the run is for (the overlap defaults; None: this machine's)."""
+        t, c, o = cfg.trainer, cfg.checkpoint, cfg.optim
         steps = t.max_steps if max_steps is None else max_steps
         if steps < 1:
             raise UserError("trainer.max_steps must be >= 1")
         if t.max_nonfinite_steps < 1:
             raise UserError(f"trainer.max_nonfinite_steps must be >= 1 (got {t.max_nonfinite_steps})")
+        dist_opt = bool(o.distributed_optimizer)
+        cuda = platform.has_cuda() if cuda is None else cuda
+        grad = (dist_opt and cuda) if o.get("overlap_grad_reduce") is None else bool(o.overlap_grad_reduce)
+        param = (grad and dist_opt) if o.get("overlap_param_gather") is None else bool(o.overlap_param_gather)
+        if param and not dist_opt:
+            raise UserError("optim.overlap_param_gather=true needs optim.distributed_optimizer=true (only the "
+                            "distributed optimizer all-gathers parameters)")
+        if param and not grad:
+            raise UserError("optim.overlap_param_gather=true needs optim.overlap_grad_reduce=true (as in Megatron-LM)")
+        bucket = o.get("bucket_size")
+        if bucket is not None and (isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1):
+            raise UserError(f"optim.bucket_size={bucket!r} must be a positive number of elements (or null)")
         return cls(max_steps=int(steps), val_check_interval=int(min(t.val_check_interval, steps)),
                    log_every_n_steps=int(t.log_every_n_steps), num_nodes=int(t.num_nodes),
                    checkpoint_every=int(c.every_n_steps), checkpoint_keep=int(c.keep), layout=layout,
-                   precision=precision, distributed_optimizer=bool(cfg.optim.distributed_optimizer),
+                   precision=precision, distributed_optimizer=dist_opt,
                    optim_fully_reshardable=bool(c.optim_fully_reshardable),
-                   max_nonfinite_steps=int(t.max_nonfinite_steps))
+                   max_nonfinite_steps=int(t.max_nonfinite_steps), fp8=fp8, overlap_grad_reduce=grad,
+                   overlap_param_gather=param, bucket_size=bucket, **(recompute or {}))
+
+    def model_fields(self) -> dict:
+        """TransformerConfig fields of the trained model that come from the run (activation recomputation)."""
+        return {"recompute_granularity": self.recompute_granularity, "recompute_method": self.recompute_method,
+                "recompute_num_layers": self.recompute_num_layers}
 
 
 def _common_checks(cfg, tp: int, pp: int, spec, sequence_parallel, precision, sp_key: str,
-                   precision_key: str) -> tuple[DataSettings, FitSettings]:
-    """Layout, batch, precision, optimizer and data checks shared by distill and finetune; the resolved settings."""
+                   precision_key: str, fp8: FP8 | None = None, recompute_keys=None,
+                   recompute_prefix: str = "model") -> tuple[DataSettings, FitSettings]:
+    """Layout, batch, precision, optimizer and data checks shared by distill and finetune; the resolved settings.
+    ``recompute_keys``: the config section holding ``recompute_*`` (``model`` for distill, ``trainer`` for
+    finetune)."""
+    from nemo_minitron.model import recompute
     from nemo_minitron.model.precision import name as precision_name
 
     world = parallel.world_size_from_env()
@@ -101,7 +134,10 @@ def _common_checks(cfg, tp: int, pp: int, spec, sequence_parallel, precision, sp
     if layout.sequence_parallel and data.seq_length % tp:
         raise UserError(f"data.seq_length={data.seq_length} is not divisible by TP={tp}: sequence parallelism "
                         f"splits each sequence over the tensor-parallel ranks (or set {sp_key}=false)")
-    fit = FitSettings.from_config(cfg, layout, precision)
+    r = recompute_keys
+    rec = recompute.resolve(r.get("recompute_granularity"), r.get("recompute_method"), r.get("recompute_num_layers"),
+                            spec.num_layers // pp, recompute_prefix) if r is not None else None
+    fit = FitSettings.from_config(cfg, layout, precision, fp8=fp8, recompute=rec)
     o = cfg.optim
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
         raise UserError(f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr (got {o.lr}, {o.min_lr})")
@@ -158,7 +194,9 @@ def _fit_inner(model, data: DataSettings, fit: FitSettings, run_dir: Path, tp: i
     trainer = build_trainer(run_dir, fit.layout, fit.precision, fit.max_steps, fit.val_check_interval,
                             data.num_val_samples // data.global_batch_size if data.has_validation else 0,
                             fit.checkpoint_every, fit.checkpoint_keep, [metrics, preemption], num_nodes=fit.num_nodes,
-                            optim_fully_reshardable=fit.optim_fully_reshardable)
+                            optim_fully_reshardable=fit.optim_fully_reshardable, fp8=fit.fp8,
+                            overlap_grad_reduce=fit.overlap_grad_reduce, overlap_param_gather=fit.overlap_param_gather,
+                            bucket_size=fit.bucket_size)
     model.optim = opt
     model.nonfinite_guard = NonFiniteGuard(fit.max_nonfinite_steps)
     model.metrics_path = run_dir / "metrics.jsonl"
@@ -186,7 +224,13 @@ def _optim(o, fit: FitSettings, lr=None, min_lr=None, warmup=None):
 
 
 def _optimizer_name(fit: FitSettings) -> str:
-    return f"distributed optimizer over DP={fit.layout.dp}" if fit.distributed_optimizer else "Adam"
+    name = f"distributed optimizer over DP={fit.layout.dp}" if fit.distributed_optimizer else "Adam"
+    overlap = [w for w, on in (("gradient reduce", fit.overlap_grad_reduce), ("parameter gather", fit.overlap_param_gather))
+               if on]
+    if overlap:
+        name += f", overlapped {' and '.join(overlap)}"
+        name += f" (buckets of {fit.bucket_size:,})" if fit.bucket_size else ""
+    return name
 
 
 def finetune_run(data: DataSettings, fit: FitSettings, model_path: Path, spec, run_dir: Path, tp: int, pp: int,
@@ -205,7 +249,8 @@ def finetune_run(data: DataSettings, fit: FitSettings, model_path: Path, spec, r
         print(f"fine-tuning {count_params(spec) / 1e6:.1f}M params{' from random init' if random_init else ''}, "
               f"{fit.max_steps} steps x {data.global_batch_size} x {data.seq_length} tokens "
               f"({fit.layout}, {fit.precision}, {_optimizer_name(fit)})", flush=True)
-    model = InitializedGPTModel(instantiate(spec, tp, pp), init_from=None if random_init else str(model_path))
+    model = InitializedGPTModel(instantiate(spec, tp, pp, **fit.model_fields()),
+                                init_from=None if random_init else str(model_path))
     _fit(model, data, fit, run_dir, tp, pp, opt)
     save_student(model, final, spec, ck.tokenizer_dir(model_path))
     if parallel.is_rank0():
@@ -222,7 +267,8 @@ def run_finetune(cfg) -> None:
     path, spec = _nemo_source(cfg.model, "model")
     spec.validate_layout(tp, pp)
     data, fit = _common_checks(cfg, tp, pp, spec, st.sequence_parallel, cfg.trainer.precision,
-                               "trainer.strategy.sequence_parallel", "trainer.precision")
+                               "trainer.strategy.sequence_parallel", "trainer.precision", recompute_keys=cfg.trainer,
+                               recompute_prefix="trainer")
     out = Path(cfg.output).absolute()
     from nemo_minitron.runlock import RunLock
 
@@ -295,7 +341,8 @@ def run(cfg) -> None:
             raise UserError(f"distill.intermediate_pairs [{s_layer}, {t_layer}] is out of range (student has "
                             f"{s_spec.num_layers} layers, teacher {t_spec.num_layers})")
     data, fit = _common_checks(cfg, tp, pp, s_spec, cfg.model.sequence_parallel, cfg.model.precision,
-                               "model.sequence_parallel", "model.precision")
+                               "model.sequence_parallel", "model.precision", fp8=FP8.of(s_over),
+                               recompute_keys=cfg.model)
     correction = None
     if cfg.distill.teacher_correction:
         correction = FitSettings.from_config(cfg, fit.layout, fit.precision, cfg.finetune.max_steps)
@@ -322,7 +369,8 @@ def run(cfg) -> None:
             print(f"distilling {count_params(t_spec) / 1e6:.1f}M-param teacher -> {count_params(s_spec) / 1e6:.1f}M-param "
                   f"student, {fit.max_steps} steps x {data.global_batch_size} x {data.seq_length} tokens "
                   f"({fit.layout}, {fit.precision}, {_optimizer_name(fit)})", flush=True)
-        model = DistillationGPTModel(instantiate(s_spec, tp, pp, **s_over), teacher_ckpt=str(t_path), settings=settings,
+        model = DistillationGPTModel(instantiate(s_spec, tp, pp, **s_over, **fit.model_fields()),
+                                     teacher_ckpt=str(t_path), settings=settings,
                                      init_from=str(s_path), teacher_overrides=t_over)
         _fit(model, data, fit, out, tp, pp, _optim(cfg.optim, fit))
         final = save_student(model, out / STUDENT_DIR, s_spec, ck.tokenizer_dir(s_path) or ck.tokenizer_dir(t_path))
@@ -347,12 +395,16 @@ def dry_run(cfg) -> None:
     gpus = cfg.trainer.devices or 8
     d = blend.settings_from(cfg.data, has_cuda=True)
     layout = parallel.Layout.resolve(cfg.trainer.num_nodes * gpus, tp, pp, cfg.model.sequence_parallel)
-    fit = FitSettings.from_config(cfg, layout, precision_name(cfg.model.precision, cuda=True))
+    from nemo_minitron.model import recompute
+
+    m = cfg.model
+    rec = recompute.resolve(m.recompute_granularity, m.recompute_method, m.recompute_num_layers, s_spec.num_layers // pp)
+    fit = FitSettings.from_config(cfg, layout, precision_name(cfg.model.precision, cuda=True), recompute=rec, cuda=True)
     k = cfg.distill
     p = lp.plan(t_spec, s_spec, cfg.trainer.num_nodes, gpus, tp, pp, d.seq_length, d.micro_batch_size,
                 d.global_batch_size, fused_output=k.fused_output, chunk_tokens=k.chunk_tokens, lm=k.lm_weight > 0,
                 sequence_parallel=layout.sequence_parallel, distributed_optimizer=fit.distributed_optimizer,
-                precision=fit.precision)
+                precision=fit.precision, recompute=rec)
     print(lp.show(p, lp.describe_shape(t_spec), lp.describe_shape(s_spec)))
     print(f"  {fit.max_steps} steps = {fit.max_steps * p['tokens_per_step'] / 1e9:.2f}B tokens")
     print(blend.plan_or_note(d, fit.max_steps, d.cache_dir(Path(cfg.output)).as_posix()))

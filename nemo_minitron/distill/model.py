@@ -17,8 +17,17 @@ import lightning.pytorch as pl
 from nemo.lightning.megatron_parallel import MaskedTokenLossReduction
 
 from nemo_minitron.distill.pair import DistillationPair, DistillSettings
+from nemo_minitron.model import precision
 
 TERMS = ("kd_loss", "lm_loss", "intermediate_loss")
+
+
+def _recompute(config) -> str:
+    if not getattr(config, "recompute_granularity", None):
+        return ""
+    extra = (f" {config.recompute_method} {config.recompute_num_layers}" if config.recompute_granularity == "full"
+             else "")
+    return f" recompute={config.recompute_granularity}{extra}"
 
 
 class InitializedGPTModel(llm.GPTModel):
@@ -42,7 +51,8 @@ class InitializedGPTModel(llm.GPTModel):
         if parallel.is_rank0():  # what megatron built with (after NeMo's strategy and precision plugin)
             c = self.config
             print(f"model built: TP={c.tensor_model_parallel_size} PP={c.pipeline_model_parallel_size} "
-                  f"sequence_parallel={bool(c.sequence_parallel)} bf16={bool(c.bf16)} fp16={bool(c.fp16)}", flush=True)
+                  f"sequence_parallel={bool(c.sequence_parallel)} bf16={bool(c.bf16)} fp16={bool(c.fp16)} "
+                  f"{precision.describe(c).split(' ', 1)[1]}{_recompute(c)}", flush=True)
 
     # -- non-finite guard (trainer.max_nonfinite_steps) ------------------------------------------------
     nonfinite_guard = None  # a distill.train.NonFiniteGuard, set by the command before fitting
@@ -141,7 +151,8 @@ class _DistillLossReduction(MaskedTokenLossReduction):
                                 for x in losses_reduced_per_micro_batch]).sum(0)
             torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
             active = self._owner[0].pair.active_terms()
-            self._owner[0].last_terms = {k: float(sums[i] / sums[-1]) for i, k in enumerate(TERMS) if k in active}
+            means = (sums[:len(TERMS)] / sums[-1]).tolist()  # one read back to the host for all the terms
+            self._owner[0].last_terms = {k: means[i] for i, k in enumerate(TERMS) if k in active}
         return loss
 
 
@@ -178,7 +189,7 @@ class DistillationGPTModel(InitializedGPTModel):
         if parallel.is_rank0():
             n = sum(v.numel() for v in tensors.values())
             print(f"teacher: all {len(tensors)} tensors ({n / 1e6:.2f}M parameters on this rank) read from "
-                  f"{self.teacher_ckpt}", flush=True)
+                  f"{self.teacher_ckpt}; {precision.describe(teacher.config)}", flush=True)
         # outside the module tree: Lightning, DDP, the optimizer and checkpoints never see the teacher
         object.__setattr__(self, "teacher", teacher)
         pair = DistillationPair(self.module, teacher, self.settings, self.config.vocab_size,
@@ -279,6 +290,12 @@ def save_student(model: InitializedGPTModel, path: Path, spec, tokenizer_dir, ov
     from nemo_minitron.checkpoint import nemo as ck
     from nemo_minitron.model.build import unwrap
 
+    trainer = getattr(model, "_trainer", None)
+    ddp = getattr(getattr(trainer, "strategy", None), "ddp_config", None)
+    if ddp is not None and ddp.use_distributed_optimizer and ddp.overlap_param_gather:
+        # the last optimizer step's parameter all-gather is still pending (it overlaps the next forward, which
+        # never comes): complete it, as NeMo does before its own checkpoint saves
+        trainer.strategy.megatron_parallel.force_param_sync()
     student = unwrap(model.module)
     pair = getattr(model, "pair", None)
     projections = getattr(student, "kd_projections", None)

@@ -134,29 +134,32 @@ class NonFiniteGuard:
 
     @staticmethod
     def _local_flags(module, loss, terms: dict) -> torch.Tensor:
-        def bad(x):
-            return x is not None and not math.isfinite(float(x))
+        """[kd, lm, intermediate, loss, gradient] (1.0 = not finite) on the compute device, without reading
+        anything back to the host: each gradient buffer contributes one fused ``isfinite().all()``."""
+        dev = platform.device()
 
-        grads_ok = True
-        for p in module.parameters():
-            g = getattr(p, "main_grad", None)
-            if g is None:
-                g = p.grad
-            if g is not None and not bool(torch.isfinite(g).all()):
-                grads_ok = False
-                break
-        return torch.tensor([float(bad(terms.get("kd_loss"))), float(bad(terms.get("lm_loss"))),
-                             float(bad(terms.get("intermediate_loss"))), float(bad(loss)), float(not grads_ok)])
+        def bad(x):
+            if x is None:
+                return torch.zeros((), device=dev)
+            x = torch.as_tensor(x, dtype=torch.float64).to(dev)  # a float (host) or a loss tensor (device)
+            return (~torch.isfinite(x)).any().to(torch.float64)
+
+        grads = [g for g in (getattr(p, "main_grad", None) if getattr(p, "main_grad", None) is not None else p.grad
+                             for p in module.parameters()) if g is not None]
+        grads_bad = (torch.stack([(~torch.isfinite(g)).any() for g in grads]).any().to(torch.float64) if grads
+                     else torch.zeros((), dtype=torch.float64, device=dev))
+        return torch.stack([bad(terms.get("kd_loss")), bad(terms.get("lm_loss")), bad(terms.get("intermediate_loss")),
+                            bad(loss), grads_bad.to(dev)])
 
     def check(self, module, loss, terms: dict, step: int, loss_name: str = "loss") -> bool:
         """True when this step must be skipped (raises :class:`NonFiniteStop` at the limit). ``loss_name``:
         what a non-finite total loss is called in the messages."""
         import torch.distributed as dist
 
-        flags = self._local_flags(module, loss, terms).to(platform.device())
+        flags = self._local_flags(module, loss, terms)
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        flags = flags.cpu().tolist()
+        flags = flags.tolist()  # the step's one read back to the host
         if not any(flags):
             self.consecutive = 0
             return False
@@ -269,13 +272,18 @@ PLUGIN_PRECISION = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32"}
 
 def build_trainer(run_dir: Path, layout: parallel.Layout, precision: str, max_steps: int, val_check_interval: int,
                   limit_val_batches: int, ckpt_every: int, keep: int, callbacks: list, num_nodes: int = 1,
-                  optim_fully_reshardable: bool = True):
+                  optim_fully_reshardable: bool = True, fp8=None, overlap_grad_reduce: bool = False,
+                  overlap_param_gather: bool = False, bucket_size: int | None = None):
     """nl.Trainer + MegatronStrategy for this layout and precision, with checkpointing and resume under ``run_dir``.
 
     ``precision`` is megatron's mixed precision (NeMo's ``MegatronMixedPrecision``): bf16/fp16 parameters and
     activations, fp32 main parameters and gradients in the optimizer; it runs on CPU as on GPU. Optimizer
     state is checkpointed in megatron's fully reshardable format (``optim_fully_reshardable``, the default),
-    so a run may resume at another TP/PP/DP; else in its DP-reshardable one (same TP/PP only).
+    so a run may resume at another TP/PP/DP; else in its DP-reshardable one (same TP/PP only). ``fp8``
+    (:class:`~nemo_minitron.model.precision.FP8`) goes to the precision plugin, which NeMo's strategy copies
+    over the model's config when it connects the model: without it the student would train with fp8=None.
+    ``overlap_grad_reduce`` / ``overlap_param_gather`` / ``bucket_size``: megatron DDP's communication overlap
+    (Megatron-LM's ``--overlap-grad-reduce``, ``--overlap-param-gather``, ``--ddp-bucket-size``).
     """
     from nemo import lightning as nl
     from nemo.lightning.pytorch.callbacks import ModelCheckpoint
@@ -289,16 +297,20 @@ def build_trainer(run_dir: Path, layout: parallel.Layout, precision: str, max_st
     write_queue.install()  # checkpoint saves survive SLURM's USR1/TERM (the preemption checkpoint among them)
     world = parallel.world_size_from_env()
     devices = max(1, world // num_nodes)
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    # NeMo's default DDP config plus the overlap settings; megatron's DDP would raise on a NaN gradient (NeMo
+    # turns that check on) and end a days-long run with a traceback: the model's NonFiniteGuard skips such a
+    # step instead and stops only at the limit
+    ddp = DistributedDataParallelConfig(check_for_nan_in_grad=False, overlap_grad_reduce=overlap_grad_reduce,
+                                        overlap_param_gather=overlap_param_gather, bucket_size=bucket_size)
     strategy = nl.MegatronStrategy(
-        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        ddp=ddp, tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         sequence_parallel=layout.sequence_parallel,
         ckpt_async_save=False, ckpt_parallel_save=False, ckpt_load_strictness="log_all",
         ckpt_optim_fully_reshardable=optim_fully_reshardable,
         pipeline_dtype=dtype_fields(precision)["pipeline_dtype"],
     )
-    # megatron's DDP would raise on a NaN gradient (NeMo turns its check on) and end a days-long run with a
-    # traceback; the model's NonFiniteGuard skips such a step instead and stops only at the limit
-    strategy.ddp_config.check_for_nan_in_grad = False
 
     class RunCheckpoint(ModelCheckpoint):
         """NeMo's ModelCheckpoint; a test can pause a save after its files are written and before the
@@ -321,12 +333,13 @@ def build_trainer(run_dir: Path, layout: parallel.Layout, precision: str, max_st
         always_save_context=False, save_context_on_train_end=False, save_optim_on_train_end=True,
     )
     trainer = nl.Trainer(
-        accelerator="gpu" if platform.has_cuda() else "cpu", devices=devices, num_nodes=num_nodes,
+        accelerator=platform.lightning_accelerator(), devices=devices, num_nodes=num_nodes,
         max_steps=max_steps, val_check_interval=val_check_interval, limit_val_batches=limit_val_batches,
         num_sanity_val_steps=0, log_every_n_steps=1, enable_progress_bar=False,
         check_val_every_n_epoch=None,  # val_check_interval counts global steps (survives resume)
         logger=False, callbacks=list(callbacks), strategy=strategy,
-        plugins=nl.MegatronMixedPrecision(precision=PLUGIN_PRECISION[precision]),
+        plugins=nl.MegatronMixedPrecision(precision=PLUGIN_PRECISION[precision],
+                                          **(fp8.plugin_kwargs() if fp8 is not None else {})),
     )
     log = nl.NeMoLogger(explicit_log_dir=str(run_dir), ckpt=checkpoint, use_datetime_version=False,
                         tensorboard=TensorBoardLogger(save_dir="tb", name="", version=""))  # NeMo puts it under run_dir

@@ -97,11 +97,25 @@ def load_full_state_dict(model, full: dict) -> None:
         raise KeyError(f"state dict lacks {missing[:5]}")
 
 
+def _gather_tp(name: str, t: torch.Tensor, tp: int, group) -> torch.Tensor:
+    """The full tensor of ``name`` from every TP rank's shard ``t`` (on the shard's device)."""
+    import torch.distributed as dist
+
+    t = t.detach().contiguous()
+    if tp == 1 or split_kind(name) == "none":
+        return t
+    bufs = [torch.empty_like(t) for _ in range(tp)]
+    dist.all_gather(bufs, t, group=group)
+    return from_shards(name, bufs)
+
+
 def gather_full(model, which: str = "param", across_pp: bool = True) -> dict:
     """Full tensors (params or grads) under global names, gathered over TP on every rank, and over PP
-    too unless ``across_pp=False`` (then each stage gets its own layers only)."""
-    import torch.distributed as dist
+    too unless ``across_pp=False`` (then each stage gets its own layers only). The tensors stay on the
+    model's device, in its dtype; :func:`nemo_minitron.parallel.to_host` makes host copies (for files)."""
     from megatron.core import parallel_state
+
+    from nemo_minitron import parallel
 
     tp_group = parallel_state.get_tensor_model_parallel_group()
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -111,19 +125,36 @@ def gather_full(model, which: str = "param", across_pp: bool = True) -> dict:
         t = p.detach() if which == "param" else (p.main_grad if hasattr(p, "main_grad") else p.grad)
         if t is None:
             continue
-        t = t.detach().float().cpu().contiguous()
-        if tp > 1:
-            bufs = [torch.empty_like(t) for _ in range(tp)]
-            dist.all_gather(bufs, t, group=tp_group)
-            t = from_shards(name, bufs)
-        mine[global_name(name, off)] = t
+        mine[global_name(name, off)] = _gather_tp(name, t, tp, tp_group)
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     if pp == 1 or not across_pp:
         return mine
-    parts = [None] * pp
-    dist.all_gather_object(parts, mine, group=parallel_state.get_pipeline_model_parallel_group())
     full = {}
-    for part in parts:
+    for part in parallel.all_gather_tensors(mine, parallel_state.get_pipeline_model_parallel_group()):
         for k, v in part.items():
             full.setdefault(k, v)
     return full
+
+
+def transform_into(src, dst, transform) -> None:
+    """Fill ``dst`` (a model chunk at the same TP/PP layout) from ``src``, one tensor at a time: each of
+    ``src``'s parameters is gathered over TP, passed through ``transform(global_name, full) -> full'`` and
+    ``dst``'s shard of the result is copied in. Peak memory: one full tensor (not the whole model)."""
+    from megatron.core import parallel_state
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    off = layer_offset(src)
+    own = dict(dst.named_parameters())
+    filled = set()
+    with torch.no_grad():
+        for name, p in src.named_parameters():
+            if name not in own:
+                raise KeyError(f"the new model has no parameter {name}")
+            full = transform(global_name(name, off), _gather_tp(name, p, tp, tp_group))
+            own[name].copy_(to_shard(name, full, tp_rank, tp))
+            filled.add(name)
+    missing = sorted(set(own) - filled)
+    if missing:
+        raise KeyError(f"parameters of the new model not filled: {missing[:5]}")

@@ -9,4 +9,5 @@ from nemo_minitron.platform.cpu import (  # noqa: F401
     device,
     has_cuda,
     has_transformer_engine,
+    lightning_accelerator,
 )

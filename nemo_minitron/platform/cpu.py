@@ -71,10 +71,19 @@ def has_transformer_engine() -> bool:
 
 
 def device() -> torch.device:
-    """The device model tensors live on for this process."""
+    """The device model tensors live on for this process (the compute device)."""
     if has_cuda():
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return _TARGET[0]
+
+
+def lightning_accelerator():
+    """Lightning's ``accelerator`` for a trainer: "gpu" with CUDA, the emulated GPU in its tests, else "cpu"."""
+    if has_cuda():
+        return "gpu"
+    from nemo_minitron.platform import emulated_gpu
+
+    return emulated_gpu.lightning_accelerator() if emulated_gpu.active() else "cpu"
 
 
 def backend() -> str:
@@ -112,6 +121,7 @@ def config_overrides() -> dict:
 # 1. device rewriting
 # --------------------------------------------------------------------------------------------------
 _CPU = torch.device("cpu")
+_TARGET = [_CPU]  # where "cuda" goes: the CPU, or the emulated GPU of the tests (emulated_gpu.py)
 
 
 def _is_cuda_device(dev) -> bool:
@@ -131,18 +141,19 @@ class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if name == "cuda":  # Tensor.cuda(...) / Module-free tensors
-            return args[0]
+            return args[0] if _TARGET[0] is _CPU else args[0].to(_TARGET[0])
         if name == "is_pinned":
             return False
         if name == "type" and len(args) == 1 and not kwargs:  # t.type(): megatron's optimizers dispatch on
             out = func(*args)                                   # "torch.cuda.FloatTensor" / BFloat16Tensor
+            out = out.replace(f"torch.{_TARGET[0].type}.", "torch.")
             return "torch.cuda." + out[len("torch."):] if out.startswith("torch.") and ".cuda." not in out else out
         dev = kwargs.get("device")
         if dev is not None and _is_cuda_device(dev):
             kwargs = dict(kwargs)
-            kwargs["device"] = _CPU
+            kwargs["device"] = _TARGET[0]
         if name == "to" and args and len(args) > 1 and _is_cuda_device(args[1]):
-            args = (args[0], _CPU) + tuple(args[2:])
+            args = (args[0], _TARGET[0]) + tuple(args[2:])
         if "pin_memory" in kwargs and kwargs["pin_memory"]:
             kwargs = dict(kwargs)
             kwargs["pin_memory"] = False
@@ -181,7 +192,7 @@ class _NullStream:
 
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
-    cuda.current_device = lambda: _CPU
+    cuda.current_device = lambda: _TARGET[0]
     cuda.synchronize = lambda *a, **k: None
     cuda.set_device = lambda *a, **k: None
     cuda.empty_cache = lambda *a, **k: None
@@ -371,6 +382,10 @@ def activate() -> bool:
     with _LOCK:
         if _ACTIVE:
             return True
+        from nemo_minitron.platform import emulated_gpu
+
+        if emulated_gpu.activate():  # tests: the compute device is an emulated GPU, not the host
+            _TARGET[0] = emulated_gpu.device()
         _patch_torch_cuda()
         _patch_megatron()
         _patch_gloo_collectives()

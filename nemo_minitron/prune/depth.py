@@ -21,6 +21,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 
+from nemo_minitron import parallel, platform
 from nemo_minitron.errors import UserError
 from nemo_minitron.model import build
 from nemo_minitron.model.forward import lm_loss
@@ -75,15 +76,15 @@ def block_influence(model, windows, micro_batch_size: int):
     from megatron.core import parallel_state as ps
 
     n_local = len(model.decoder.layers)
-    sums = torch.zeros(n_local, dtype=torch.float64)
-    counts = torch.zeros(n_local, dtype=torch.float64)
+    sums = torch.zeros(n_local, dtype=torch.float64, device=platform.device())
+    counts = torch.zeros(n_local, dtype=torch.float64, device=platform.device())
     handles = []
     for j, layer in enumerate(model.decoder.layers):
         def hook(module, args, kwargs, output, j=j):
             x = kwargs.get("hidden_states", args[0] if args else None)
             y = output[0] if isinstance(output, tuple) else output
             cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)  # [s, b]
-            sums[j] += cos.double().sum().cpu()
+            sums[j] += cos.double().sum()
             counts[j] += cos.numel()
         handles.append(layer.register_forward_hook(hook, with_kwargs=True))
     try:
@@ -91,16 +92,12 @@ def block_influence(model, windows, micro_batch_size: int):
     finally:
         for h in handles:
             h.remove()
-    from nemo_minitron import parallel
-
     parallel.data_parallel_all_reduce(sums)  # DP > 1: each DP rank saw its share of the windows
     parallel.data_parallel_all_reduce(counts)
     local = 1.0 - sums / counts
     if dist.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
-        parts = [None] * ps.get_pipeline_model_parallel_world_size()
-        dist.all_gather_object(parts, local, group=ps.get_pipeline_model_parallel_group())
-        local = torch.cat(parts)
-    return local, loss
+        local = torch.cat(parallel.all_gather_tensors(local, ps.get_pipeline_model_parallel_group()))
+    return local.cpu(), loss  # a score per layer, for the plan and the report (host)
 
 
 def forward_equivalents(spec: ModelSpec, layers_run: float) -> float:

@@ -67,7 +67,7 @@ class _Acc:
 
         if parallel.data_parallel_size() == 1 or self.sum is None:
             return
-        n = torch.tensor([float(self.n)], dtype=torch.float64)
+        n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.sum.device)
         for t in (n, self.sum, self.sumsq):
             parallel.data_parallel_all_reduce(t)
         parallel.data_parallel_all_reduce(self.max, dist.ReduceOp.MAX)
@@ -199,11 +199,11 @@ def gather(local: dict) -> dict:
     hidden = local["hidden"].clone()
     pp = ps.get_pipeline_model_parallel_world_size()
     if pp > 1:
+        from nemo_minitron import parallel
+
         group = ps.get_pipeline_model_parallel_group()
         dist.all_reduce(hidden, group=group)
-        for key in ("heads", "ffn"):
-            parts = [None] * pp
-            dist.all_gather_object(parts, out[key], group=group)
-            out[key] = torch.cat(parts, dim=0)  # stages hold consecutive layers
+        for key in ("heads", "ffn"):  # stages hold consecutive layers (and may hold different numbers of them)
+            out[key] = torch.cat(parallel.all_gather_tensors(out[key], group), dim=0)
     out["hidden"] = hidden
     return out

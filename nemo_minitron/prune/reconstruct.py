@@ -49,8 +49,9 @@ def refit(W: torch.Tensor, G: torch.Tensor, kept: torch.Tensor, damping: float) 
     """Kept columns of ``W`` ([out, n]) refitted to reproduce ``W a`` from ``a[kept]``, given ``G`` ([n, n], the
     Gram matrix of ``a``). Returns [out, len(kept)] in float64."""
     W, G = W.double(), G.double()
-    n = W.shape[1]
-    pruned = torch.ones(n, dtype=torch.bool)
+    n, dev = W.shape[1], W.device
+    kept = kept.to(dev)
+    pruned = torch.ones(n, dtype=torch.bool, device=dev)
     pruned[kept] = False
     P = pruned.nonzero().squeeze(1)
     WK = W[:, kept]
@@ -58,7 +59,7 @@ def refit(W: torch.Tensor, G: torch.Tensor, kept: torch.Tensor, damping: float) 
         return WK.clone()
     GKK = G[kept][:, kept]
     lam = damping * GKK.diagonal().mean().clamp_min(1e-30)
-    A = GKK + lam * torch.eye(len(kept), dtype=torch.float64)
+    A = GKK + lam * torch.eye(len(kept), dtype=torch.float64, device=dev)
     rhs = G[kept][:, P] @ W[:, P].T  # G_KP W_P^T
     chol, info = torch.linalg.cholesky_ex(A)
     if int(info) == 0:
@@ -183,7 +184,7 @@ def _kept_columns(plan: WidthPlan, spec: ModelSpec, l: int) -> torch.Tensor:
     """Kept input columns of ``linear_proj`` in layer ``l``: the kept heads' head_dim blocks."""
     per, d = spec.num_attention_heads // spec.num_query_groups, spec.kv_channels
     heads = torch.cat([g * per + h for g, h in zip(plan.groups[l].tolist(), plan.heads[l])]).sort().values
-    return (heads[:, None] * d + torch.arange(d)[None, :]).reshape(-1)
+    return (heads[:, None] * d + torch.arange(d, device=heads.device)[None, :]).reshape(-1)
 
 
 def reconstruct(model, spec: ModelSpec, plan: WidthPlan, windows: torch.Tensor, micro_batch_size: int,

@@ -12,19 +12,28 @@ from nemo_minitron.model.spec import ModelSpec
 from nemo_minitron.prune.plan import WIDTH_DIMS, WidthPlan
 
 
+def save_scores(path: Path, scores: dict, meta: dict | None = None) -> None:
+    """Width importance to ``path`` (``prune.scores=`` / ``search.scores=`` read it back): host copies, so the
+    file loads anywhere (and with ``weights_only=True``)."""
+    out = {k: scores[k].detach().cpu() for k in ("heads", "ffn", "hidden")}
+    if "calibration_loss" in scores:
+        out["calibration_loss"] = float(scores["calibration_loss"])
+    torch.save(out | ({"meta": meta} if meta is not None else {}), path)
+
+
 def _plot(path: Path, values: torch.Tensor, kept: torch.Tensor | None, title: str, xlabel: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    v = values.double().flatten()
+    v = values.detach().double().flatten().cpu()  # plotted on the host
     order = torch.argsort(v, descending=True)
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
     ax.plot(range(len(v)), v[order].numpy(), lw=1.2, color="#3465a4", label="importance (sorted)")
     if kept is not None:
         mask = torch.zeros(len(v), dtype=torch.bool)
-        mask[kept.flatten()] = True
+        mask[kept.flatten().cpu()] = True
         k = int(mask.sum())
         ax.axvline(k - 0.5, color="#cc0000", ls="--", lw=1, label=f"kept {k} of {len(v)}")
     ax.set_yscale("log")
@@ -43,7 +52,7 @@ def _plot_depth(path: Path, depth: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    v = depth["scores"].double()
+    v = torch.as_tensor(depth["scores"]).detach().double().cpu()  # plotted on the host
     per_block = depth["method"] == "contiguous"
     drop = set(depth["drop"])
     x = list(range(1, len(v) + 1))
@@ -85,7 +94,7 @@ def write(out_dir: Path, src: ModelSpec, dst: ModelSpec, scores: dict | None, pl
         return _finish(out_dir, src, dst, plots, meta, rep_depth, None)
     if reconstruction is not None:
         meta = {**meta, "reconstruction_info": reconstruction}
-    torch.save({k: scores[k] for k in ("heads", "ffn", "hidden")} | {"meta": meta}, out_dir / "scores.pt")
+    save_scores(out_dir / "scores.pt", scores, meta)
     _plot(out_dir / "importance_hidden.png", scores["hidden"], plan.hidden, "embedding channels", "channel (sorted)")
     plots["hidden"] = "importance_hidden.png"
     _plot(out_dir / "importance_ffn.png", scores["ffn"][0],

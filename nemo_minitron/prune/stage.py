@@ -24,10 +24,11 @@ def load_scores(path) -> dict:
         p = p / REPORT_DIR / "scores.pt" if (p / REPORT_DIR).is_dir() else p / "scores.pt"
     if not p.is_file():
         raise UserError(f"prune.scores={path}: no scores.pt found")
-    try:
-        return torch.load(p, weights_only=False)
+    try:  # a file a user names: tensors and plain values only (weights_only), onto the host
+        return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"prune.scores={p}: cannot read ({e.__class__.__name__})") from None
+        raise UserError(f"prune.scores={p}: cannot read ({e.__class__.__name__}: not a scores.pt written by "
+                        "prune or search)") from None
 
 
 def check_split(calibration_samples: int, depth_samples: int, micro_batch_size: int, dp: int) -> None:

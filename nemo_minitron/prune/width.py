@@ -11,9 +11,10 @@ import time
 
 import torch
 
+from nemo_minitron import parallel
 from nemo_minitron.model import build
 from nemo_minitron.model.forward import lm_loss
-from nemo_minitron.model.shards import gather_full, load_full_state_dict
+from nemo_minitron.model.shards import transform_into
 from nemo_minitron.model.spec import ModelSpec
 from nemo_minitron.prune import importance
 from nemo_minitron.prune.plan import WidthPlan
@@ -27,8 +28,6 @@ def calibrate(model, windows: torch.Tensor, micro_batch_size: int, seq_agg: str 
     With data parallelism each DP rank runs its share of every chunk of windows and the statistics are
     reduced over DP, so the scores are those of all windows (calibration scales with the number of nodes)."""
     from tqdm import tqdm
-
-    from nemo_minitron import parallel
 
     n, L1 = windows.shape
     group = micro_batch_size * parallel.data_parallel_size()  # DP > 1: each chunk is split over the DP ranks
@@ -53,12 +52,11 @@ def calibrate(model, windows: torch.Tensor, micro_batch_size: int, seq_agg: str 
 
 def prune_model(model, spec: ModelSpec, plan: WidthPlan, tp: int = 1, pp: int = 1,
                 merge_pruned_heads: bool = False):
-    """(pruned model chunk, pruned spec) at the same layout; ``model`` is left unchanged."""
-    full = gather_full(model, "param", across_pp=False)
-    trimmed = trim(full, spec, plan, merge_pruned_heads)
+    """(pruned model chunk, pruned spec) at the same layout; ``model`` is left unchanged. Each tensor is
+    gathered over TP, trimmed and re-split on the model's device, one at a time."""
     spec2 = new_spec(spec, plan.targets)
     pruned = build(spec2, tp, pp, initialize=False)
-    load_full_state_dict(pruned, trimmed)
+    transform_into(model, pruned, lambda name, full: trim({name: full}, spec, plan, merge_pruned_heads)[name])
     pruned.eval()
     return pruned, spec2
 
@@ -77,7 +75,7 @@ def prune_width(model, spec: ModelSpec, targets: dict, windows=None, scores=None
 
     if scores is None:
         scores = calibrate(model, windows, micro_batch_size, seq_agg, batch_agg, progress, head_importance)
-    plan = make_plan(scores, spec, targets)
+    plan = make_plan(parallel.to_device(scores), spec, targets)  # scores from a file are on the host
     if reconstruction == "least_squares":
         from nemo_minitron.prune.reconstruct import reconstruct
 

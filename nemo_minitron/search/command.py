@@ -22,8 +22,8 @@ import os
 import time
 from pathlib import Path
 
+from nemo_minitron import stages
 from nemo_minitron.data import blend
-from nemo_minitron.data.blend import blend_arg
 from nemo_minitron.errors import UserError
 
 PHASES = ("all", "rank", "distill", "report")
@@ -111,14 +111,13 @@ def _finalists(doc: dict) -> list[dict]:
 # phase rank: in-process (under the launcher when parallel)
 # --------------------------------------------------------------------------------------------------
 def run_rank(cfg, out: Path) -> None:
-    import torch
-
     from nemo_minitron import parallel
     from nemo_minitron.checkpoint import nemo as ck
     from nemo_minitron.checkpoint.loader import check_vocab, load_model
     from nemo_minitron.data import indexed
     from nemo_minitron.evaluate import heldout_loss
     from nemo_minitron.prune.plan import check_scores
+    from nemo_minitron.prune.report import save_scores
     from nemo_minitron.prune.stage import load_scores
     from nemo_minitron.prune.width import calibrate
     from nemo_minitron.search import rank
@@ -199,7 +198,7 @@ def run_rank(cfg, out: Path) -> None:
         ck.save(target, m, s2, tokenizer_dir=tok, overwrite=True)
         del m
     if parallel.is_rank0():
-        torch.save(scores, out / "scores.pt")
+        save_scores(out / "scores.pt", scores)
         from nemo_minitron.model import count_params
 
         doc = {"source": str(path), "source_params": count_params(spec), "budget": budget,
@@ -227,10 +226,22 @@ def _runner(cfg, out: Path):
     return Runner(out, cfg.launcher.command)
 
 
-def _par(cfg) -> list[str]:
-    st = cfg.trainer.strategy
-    return [f"trainer.strategy.tensor_model_parallel_size={st.tensor_model_parallel_size}",
-            f"trainer.strategy.pipeline_model_parallel_size={st.pipeline_model_parallel_size}"]
+def _training(cfg) -> stages.Training:
+    """The finalists' distillation settings: layout (trainer.strategy.*), precision, FP8 and recompute
+    (trainer.*), optimizer (optim.*)."""
+    return stages.Training.of(cfg.trainer.strategy, cfg.trainer, cfg.optim)
+
+
+def _finalist_distill_args(cfg, source, student: Path, run_dir: Path) -> list[str]:
+    """``nemo-minitron distill``'s arguments for one finalist (``stages.distill_args``, as the pipeline's)."""
+    k, d, s = cfg.distill, cfg.data, cfg.search
+    return stages.distill_args(
+        source, student, run_dir, d.train, d.validation,
+        stages.Batches(k.seq_length, k.micro_batch_size, k.global_batch_size, k.global_batch_size),
+        stages.Schedule(max_steps=s.distill_steps, lr=k.lr, min_lr=k.min_lr,
+                        warmup_steps=min(k.warmup_steps, s.distill_steps), val_check_interval=s.distill_steps,
+                        checkpoint_every=k.checkpoint_every, log_every=max(1, s.distill_steps // 10)),
+        stages.KD.of(k), _training(cfg))
 
 
 def run_distill(cfg, out: Path, index: int | None = None, runner=None, evaluate: bool = True) -> None:
@@ -248,25 +259,9 @@ def run_distill(cfg, out: Path, index: int | None = None, runner=None, evaluate:
         raise UserError(f"search.candidate={index}: there are {len(fin)} finalists (0..{len(fin) - 1})")
     c = fin[index]
     r = runner or _runner(cfg, out)
-    k, d, s = cfg.distill, cfg.data, cfg.search
-    st = cfg.trainer.strategy
     run_dir = out / "distill" / c["name"]
     r.stage(f"distill_{c['name']}", "distill",
-            [f"teacher={doc['source']}", f"student={out / 'candidates' / c['name']}", f"output={run_dir}",
-             f"data.train={blend_arg(d.train)}", f"data.validation={d.validation}", f"data.seq_length={k.seq_length}",
-             f"data.micro_batch_size={k.micro_batch_size}", f"data.global_batch_size={k.global_batch_size}",
-             f"data.num_val_samples={k.global_batch_size}", f"trainer.max_steps={s.distill_steps}",
-             f"trainer.val_check_interval={s.distill_steps}", f"checkpoint.every_n_steps={k.checkpoint_every}",
-             f"trainer.log_every_n_steps={max(1, s.distill_steps // 10)}", f"optim.lr={k.lr}",
-             f"optim.min_lr={k.min_lr}", f"optim.warmup_steps={min(k.warmup_steps, s.distill_steps)}",
-             f"distill.kd_weight={k.kd_weight}", f"distill.lm_weight={k.lm_weight}",
-             f"distill.temperature={k.temperature}",
-             f"distill.fused_output={str(bool(k.fused_output)).lower()}",
-             f"model.tensor_model_parallel_size={st.tensor_model_parallel_size}",
-             f"model.pipeline_model_parallel_size={st.pipeline_model_parallel_size}",
-             f"model.sequence_parallel={_null_or(st.sequence_parallel)}",
-             f"model.precision={_null_or(cfg.trainer.precision)}",
-             f"optim.distributed_optimizer={str(bool(cfg.optim.distributed_optimizer)).lower()}"],
+            _finalist_distill_args(cfg, doc["source"], out / "candidates" / c["name"], run_dir),
             lambda: _is_ckpt(run_dir / "student"))
     if evaluate:
         _evaluate_stage(cfg, out, r, [c], f"evaluate_{c['name']}")
@@ -274,22 +269,15 @@ def run_distill(cfg, out: Path, index: int | None = None, runner=None, evaluate:
 
 def _evaluate_stage(cfg, out: Path, r, finalists: list, name: str) -> None:
     """The distilled finalists' held-out loss, every one not evaluated yet in one evaluate process."""
-    from nemo_minitron.pipeline import _list_arg
-
     d, s = cfg.data, cfg.search
     evs = {c["name"]: out / "eval" / f"{c['name']}.json" for c in finalists}
     (out / "eval").mkdir(exist_ok=True)
     todo = [c["name"] for c in finalists if not evs[c["name"]].is_file()]
     r.stage(name, "evaluate",
-            [_list_arg("model", [out / "distill" / n / "student" for n in todo]), f"data={d.validation}",
-             f"eval.num_samples={s.eval_samples}", f"eval.seq_length={s.eval_seq_length}",
-             f"eval.micro_batch_size={d.micro_batch_size}", _list_arg("output_json", [evs[n] for n in todo]),
-             *_par(cfg)],
+            stages.evaluate_args([out / "distill" / n / "student" for n in todo], [evs[n] for n in todo],
+                                 d.validation, s.eval_samples, s.eval_seq_length, _training(cfg),
+                                 micro_batch_size=d.micro_batch_size),
             lambda: all(ev.is_file() for ev in evs.values()))
-
-
-def _null_or(value) -> str:
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _read_candidates(out: Path) -> dict:
@@ -420,16 +408,24 @@ def _candidate_index(cfg) -> int:
     return int(i)
 
 
-def _check_training_keys(cfg) -> None:
-    """The finalists' distillation settings (sequence parallelism, precision), refused here, not in a child."""
-    from nemo_minitron import parallel, platform
-    from nemo_minitron.model.precision import name as precision_name
+def _check_training_keys(cfg, env=None) -> stages.Training:
+    """The finalists' distillation settings (sequence parallelism, precision, FP8, recompute, overlap), refused
+    here, not in a child; ``env``: the platform they are for (None: this machine). Returns them."""
+    from nemo_minitron import parallel
+    from nemo_minitron.model import precision, recompute
 
     st = cfg.trainer.strategy
     if st.sequence_parallel and st.tensor_model_parallel_size == 1:
         parallel.Layout.resolve(st.pipeline_model_parallel_size, 1, st.pipeline_model_parallel_size,
                                 st.sequence_parallel, sp_key="trainer.strategy.sequence_parallel")
-    precision_name(cfg.trainer.precision, platform.has_cuda(), "trainer.precision")
+    training = _training(cfg)
+    precision.resolve(training.model_keys(), env, prefix="trainer")
+    t = cfg.trainer  # the key combinations (the layer count is each finalist's: its distillation checks it)
+    recompute.resolve(t.recompute_granularity, t.recompute_method, t.recompute_num_layers, 10 ** 9, "trainer")
+    o = cfg.optim
+    if o.overlap_param_gather and not o.distributed_optimizer:
+        raise UserError("optim.overlap_param_gather=true needs optim.distributed_optimizer=true")
+    return training
 
 
 def run(cfg) -> None:
@@ -540,8 +536,15 @@ def dry_run(cfg) -> None:
         print(f"  {c['name']:<28} {c['params'] / 1e6:8.2f}M")
     if baseline:
         print(f"  baseline {baseline['name']} {baseline['params'] / 1e6:.2f}M")
+    from nemo_minitron.model import precision
+
+    _check_training_keys(cfg, precision.TARGET)  # planned for the cluster's GPUs, not this machine
     k = cfg.distill
+    out = Path(cfg.output).absolute()
     if cfg.data.train is not None:
+        shown = " ".join(_finalist_distill_args(cfg, path, out / "candidates" / "FINALIST",
+                                                out / "distill" / "FINALIST"))
+        print(f"each finalist's distillation: nemo-minitron distill {shown}")
         settings = blend.training_settings(cfg.data.train, k.seq_length, k.micro_batch_size, k.global_batch_size)
         print(f"each finalist's distillation: {cfg.search.distill_steps} steps")
         print(blend.plan_or_note(settings, cfg.search.distill_steps, f"{Path(cfg.output).absolute()}/distill/<finalist>/data_index"))
