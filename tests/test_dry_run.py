@@ -3,6 +3,8 @@ layouts that cannot work refused, without building or launching anything."""
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import REPO
 
 LLAMA8B = REPO / "conf" / "recipes" / "llama-3.1-8b"  # the published config.json of Llama-3.1-8B
@@ -49,3 +51,31 @@ def test_dry_run_refuses_impossible_layouts(tiny_ckpt, tiny_student, capsys):
         assert main([*kd, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert msg in err, (msg, err)
+
+
+def test_dry_run_counts_micro_batches_in_flight_and_recompute(capsys):
+    """Activation memory: the first pipeline stage holds min(PP, micro-batches) micro-batches under 1F1B;
+    selective recomputation keeps less than none (no attention scores), full recomputation least."""
+    import re
+
+    from nemo_minitron.cli import main
+
+    base = ["pipeline", "recipe=llama31_8b_to_4b_width", f"teacher={LLAMA8B}", "data.train=x", "data.calibration=x",
+            "data.heldout=x", "--dry-run"]
+
+    def act(*extra):
+        assert main([*base, *extra]) == 0
+        out = capsys.readouterr().out
+        return float(re.search(r"activations ([0-9.]+)", out).group(1)), out
+
+    selective, out = act()  # the recipe's own setting
+    assert "activations: selective recompute, 1 micro-batch(es) in flight" in out
+    none, out = act("model.recompute_granularity=null")
+    assert "no recompute" in out and none > 2 * selective
+    full, out = act("model.recompute_granularity=full", "model.recompute_method=uniform", "model.recompute_num_layers=1")
+    assert "full recompute, uniform x 1" in out and full < selective
+    # PP=4: 4 micro-batches in flight, each with a quarter of the layers: the same as PP=1's one micro-batch
+    pp4, out = act("model.pipeline_model_parallel_size=4", "launcher.nodes=128")
+    assert "4 micro-batch(es) in flight on the first stage" in out and pp4 == pytest.approx(selective, rel=0.05)
+    assert main([*base, "model.recompute_granularity=full"]) == 2
+    assert "needs model.recompute_method" in capsys.readouterr().err

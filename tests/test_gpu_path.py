@@ -37,7 +37,8 @@ def _kd(teacher, student, data, out, *extra):
     return [f"teacher={teacher}", f"student={student}", f"output={out}", f"data.train={data}",
             f"data.validation={data}", "data.seq_length=32", "data.micro_batch_size=2", "data.global_batch_size=4",
             "data.num_val_samples=4", "trainer.max_steps=2", "trainer.val_check_interval=2",
-            "trainer.log_every_n_steps=1", "optim.lr=1e-5", "optim.min_lr=1e-6", "optim.warmup_steps=1", *extra]
+            "trainer.log_every_n_steps=1", "optim.lr=1e-5", "optim.min_lr=1e-6", "optim.warmup_steps=1",
+            "distill.lm_weight=0.5", "distill.intermediate_pairs=[[-1,-1]]", *extra]  # every loss term, a projection
 
 
 def _weights(ckpt):
@@ -51,19 +52,20 @@ def _weights(ckpt):
 
 def test_gpu_path_on_an_emulated_gpu_at_tp_pp_dp_equals_the_cpu(tiny_ckpt, tiny_data, tmp_path, dist_single):
     """On the emulated GPU: width pruning with least squares at TP=2 x DP=2, depth pruning by lm_loss at
-    PP=2 x DP=2, re-pruning from the saved scores.pt, evaluation at DP=4, and distillation at TP=2 x PP=2;
+    PP=2 x DP=2, re-pruning from the saved scores.pt, evaluation at DP=4, and distillation (KL + CE + a hidden-state
+    loss through a learned projection) of the width-pruned student at TP=2 x PP=2;
     the same scores, kept layers, weights, losses as one CPU process (1e-5)."""
     from nemo_minitron.distill.train import read_metrics
 
     gpu, host = tmp_path / "gpu", tmp_path / "cpu"
     torchrun([WORKERS / "gpu_path.py", tiny_ckpt, tiny_data, gpu], nproc=4, env=EMULATED)
-    kd = torchrun(["-m", "nemo_minitron.cli", "distill", *_kd(tiny_ckpt, gpu / "depth", tiny_data, gpu / "kd",
+    kd = torchrun(["-m", "nemo_minitron.cli", "distill", *_kd(tiny_ckpt, gpu / "width", tiny_data, gpu / "kd",
                                                                "model.tensor_model_parallel_size=2",
                                                                "model.pipeline_model_parallel_size=2")],
                   nproc=4, env=EMULATED).stdout
     assert "(TP=2 PP=2 DP=1 SP, fp32" in kd and "wrote checkpoint" in kd
     run([sys.executable, WORKERS / "gpu_path.py", tiny_ckpt, tiny_data, host])
-    cli("distill", *_kd(tiny_ckpt, host / "depth", tiny_data, host / "kd"))
+    cli("distill", *_kd(tiny_ckpt, host / "width", tiny_data, host / "kd"))
 
     for name in ("width", "rescored"):  # importance scores, then the pruned (and refitted) weights
         a = torch.load(gpu / name / "pruning" / "scores.pt", map_location="cpu", weights_only=True)
@@ -84,7 +86,8 @@ def test_gpu_path_on_an_emulated_gpu_at_tp_pp_dp_equals_the_cpu(tiny_ckpt, tiny_
     got, ref = read_metrics(gpu / "kd" / "metrics.jsonl"), read_metrics(host / "kd" / "metrics.jsonl")
     assert sorted(got["train"]) == [1, 2]
     for step in (1, 2):
-        assert got["train"][step]["loss"] == pytest.approx(ref["train"][step]["loss"], abs=1e-5), step
+        for term in ("loss", "kd_loss", "lm_loss", "intermediate_loss"):
+            assert got["train"][step][term] == pytest.approx(ref["train"][step][term], abs=1e-5), (step, term)
     assert got["val"][2] == pytest.approx(ref["val"][2], abs=1e-5)
 
 

@@ -93,3 +93,25 @@ def test_layer_spec_choice_is_nemos(tiny_spec, dist_single):
     assert "decoder.layers.0.input_layernorm.weight" in names
     assert not any("layer_norm_weight" in n for n in names)
     assert platform.has_transformer_engine() is False
+
+
+def test_cuda_without_te_or_apex_turns_off_only_the_fusions_it_lacks(monkeypatch, tiny_spec, dist_single):
+    """A CUDA machine without Transformer Engine or apex (a plain PyTorch image, like the lent H200): NeMo's
+    Llama config asks for TE's fused RoPE and apex's persistent layer norm, which megatron refuses ("Please
+    install TE >= 1.4"; "persist_layer_norm not supported by torch LayerNorm"). Only those fusions are turned
+    off; with TE and apex nothing is."""
+    from nemo_minitron.model.build import instantiate
+    from nemo_minitron.platform import cpu
+
+    monkeypatch.setattr(cpu, "has_cuda", lambda: True)
+    monkeypatch.setattr(cpu, "has_transformer_engine", lambda: False)
+    monkeypatch.setattr(cpu, "_importable", lambda module: False)
+    assert cpu.config_overrides() == {"apply_rope_fusion": False, "persist_layer_norm": False,
+                                      "masked_softmax_fusion": False, "gradient_accumulation_fusion": False}
+    cfg = instantiate(tiny_spec)  # NeMo's config and megatron's checks (raised before)
+    assert cfg.bias_activation_fusion and cfg.bias_dropout_fusion  # torch-jit fusions: any CUDA has them
+    cfg.use_cpu_initialization = True  # (this machine: build on the CPU) the model megatron builds from it
+    assert cfg.configure_model(None).decoder.layers[0].input_layernorm is not None
+    monkeypatch.setattr(cpu, "has_transformer_engine", lambda: True)
+    monkeypatch.setattr(cpu, "_importable", lambda module: True)
+    assert cpu.config_overrides() == {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -178,13 +179,23 @@ class NonFiniteGuard:
         return True
 
 
+_STEP = re.compile(r"step=(\d+)")
+
+
 def last_complete_checkpoint(ckpt_dir: Path):
-    """The newest trainer checkpoint under ``ckpt_dir`` without NeMo's unfinished marker (None if there is none)."""
+    """The newest trainer checkpoint under ``ckpt_dir`` without NeMo's unfinished marker (None if there is none):
+    the highest step, then the newest; not the newest by time alone (a save held up can finish after a later
+    one, e.g. the preemption checkpoint written while a periodic save was still being finalized)."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return None
     done = [p for p in ckpt_dir.iterdir() if p.is_dir() and not Path(f"{p}-unfinished").exists()]
-    return max(done, key=lambda p: p.stat().st_mtime, default=None)
+
+    def key(p):
+        m = _STEP.search(p.name)
+        return (int(m.group(1)) if m else -1, p.stat().st_mtime)
+
+    return max(done, key=key, default=None)
 
 
 _SIGNALLED = [False]
@@ -372,7 +383,11 @@ def optimizer(lr: float, min_lr: float, warmup_steps: int, max_steps: int, weigh
 
 
 def resume(run_dir: Path):
+    """NeMo's AutoResume from the newest complete checkpoint by step (:func:`last_complete_checkpoint`; NeMo's
+    own choice among ``*-last`` checkpoints is the newest by modification time)."""
     from nemo import lightning as nl
 
+    last = last_complete_checkpoint(run_dir / "checkpoints")
     return nl.AutoResume(resume_if_exists=True, resume_ignore_no_checkpoint=True,
+                         resume_from_path=str(last) if last is not None else None,
                          resume_from_directory=str(run_dir / "checkpoints"))

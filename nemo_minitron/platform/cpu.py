@@ -38,7 +38,9 @@ What is changed, in one list:
    when they carry the ``sequence_parallel`` attribute. So the norm is built as usual and its parameters
    are marked, which is what Apex's ``FusedLayerNorm`` and TE's norms do.
 8. :func:`config_overrides` names the megatron ``TransformerConfig`` fields that must be off without
-   TE/CUDA (every fusion, ``gradient_accumulation_fusion``); the model builder applies them.
+   TE/CUDA (every fusion, ``gradient_accumulation_fusion``); the model builder applies them. With CUDA it
+   only turns off the fusions whose kernels are not installed (a CUDA machine without Transformer Engine or
+   apex: :func:`missing_kernel_overrides`); that is the one thing this module does where CUDA is present.
 """
 
 from __future__ import annotations
@@ -95,10 +97,37 @@ def cpu_mode_active() -> bool:
     return _ACTIVE
 
 
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def missing_kernel_overrides() -> dict:
+    """Fusions NeMo's configs turn on whose kernels are not installed here (a CUDA machine without Transformer
+    Engine or apex, such as a plain PyTorch image): megatron refuses them when the config is made
+    (``apply_rope_fusion``: "Please install TE >= 1.4") or the model is built (``persist_layer_norm`` with
+    torch's norm), or fails at the first forward (the fused masked softmax of bf16 attention scores)."""
+    over = {}
+    if not has_transformer_engine():
+        over["apply_rope_fusion"] = False  # TE's fused RoPE
+    if not _importable("apex"):
+        over["persist_layer_norm"] = False  # apex's persistent LayerNorm (the local spec's norm is torch's then)
+    if not _importable("scaled_upper_triang_masked_softmax_cuda"):
+        over["masked_softmax_fusion"] = False  # megatron's fused softmax kernels (apex / Megatron-LM builds)
+    if not (has_transformer_engine() or _importable("fused_weight_gradient_mlp_cuda")):
+        over["gradient_accumulation_fusion"] = False  # the fused weight-gradient GEMM (apex or TE)
+    return over
+
+
 def config_overrides() -> dict:
-    """TransformerConfig fields to force when running without CUDA/TE (empty with CUDA)."""
+    """TransformerConfig fields to force on this machine: with CUDA only the fusions whose kernels are missing
+    (:func:`missing_kernel_overrides`, none in NVIDIA's NeMo container); without CUDA every fusion off, fp32."""
     if has_cuda():
-        return {}
+        return missing_kernel_overrides()
     return dict(
         use_cpu_initialization=True,
         bias_dropout_fusion=False,

@@ -17,10 +17,11 @@ every operation is run on that CPU data after checking the rules CUDA enforces:
 - ``.numpy()`` of a device tensor fails (``TypeError``, as on CUDA); ``.item()`` and ``.tolist()`` work;
 - a collective called from this package (``nemo_minitron.*``) over an NCCL-like group refuses host
   tensors (NCCL's rule: "Tensors must be CUDA and dense"), and ``all_gather_object`` /
-  ``broadcast_object_list`` refuse device tensors inside the objects (with NCCL they arrive on the
-  sender's GPU);
-- ``torch.save`` of a device tensor and ``torch.load`` without ``map_location``, called from this package,
-  fail: files hold host copies, and a load says where its tensors go.
+  ``broadcast_object_list`` from this package refuse device tensors inside the objects (with NCCL they
+  arrive on the sender's GPU);
+- a device tensor cannot be pickled (``torch.save``, object collectives), wherever it is called from: stricter
+  than CUDA, which writes a device tensor with its device, so that files hold host copies and load anywhere;
+- ``torch.load`` without ``map_location``, called from this package, fails: a load says where its tensors go.
 
 Collectives then run over gloo on the CPU data. What it cannot catch: kernels that exist only on CUDA
 (fused kernels, Transformer Engine, FP8), streams and asynchronous execution (every operation is
@@ -93,7 +94,8 @@ class DeviceTensor(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if getattr(func, "__self__", None) is _DATA and func.__name__ == "__set__":  # ``t.data = other`` (megatron's make_viewless_tensor, its buffers): follow it
+        if getattr(func, "__self__", None) is _DATA and func.__name__ == "__set__":
+            # ``t.data = other`` (megatron's make_viewless_tensor, its gradient buffers): the data follows
             self, new = args
             with torch._C.DisableTorchFunctionSubclass():
                 func(self, new)
