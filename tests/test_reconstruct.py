@@ -82,6 +82,35 @@ def test_pruned_copies_are_restored_exactly(duplicated, tiny_windows):
     assert all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
 
 
+def test_one_shot_refit_from_statistics_gathered_once(duplicated, tiny_windows):
+    """The search's ranking refit (prune.stats): each layer solved from the source model's Gram matrices, gathered
+    in one calibration pass. The copies are restored exactly as by the sequential refit; where only MLP neurons are
+    pruned, layer 1's refit (the only one whose input the sequential refit has not changed yet) is the sequential
+    one, and the later layers are fitted to the source's activations instead of the refitted ones."""
+    from nemo_minitron.prune import stats as calstats
+    from nemo_minitron.prune.plan import make_plan, random_scores
+    from nemo_minitron.prune.reconstruct import reconstruct
+
+    model, spec, scores = duplicated
+    windows, _ = tiny_windows
+    tokens = windows[:2, :-1]
+    measured, stats = calstats.collect(model, windows, 4, ("proj", "fc2"), {}, progress=False)
+    assert set(stats.grams) == {(l, s) for l in range(spec.num_layers) for s in ("proj", "fc2")}
+    F = spec.ffn_hidden_size
+    assert stats.grams[(0, "fc2")].shape == (F, F) and measured["ffn"].shape == (spec.num_layers, F)
+    plan = make_plan(scores, spec, {"ffn_hidden_size": F - 1, "num_attention_heads": 2})
+    fitted, spec2 = calstats.one_shot(model, spec, plan, stats, damping=1e-8)
+    assert (spec2.ffn_hidden_size, spec2.num_attention_heads) == (F - 1, 2)
+    torch.testing.assert_close(_logits(fitted, tokens), _logits(model, tokens), rtol=0, atol=1e-4)
+
+    plan = make_plan(random_scores(spec, 1), spec, {"ffn_hidden_size": F // 2})
+    one, _ = calstats.one_shot(model, spec, plan, stats, damping=0.01)
+    seq, _, _ = reconstruct(model, spec, plan, windows, 4, damping=0.01, progress=False)
+    w = lambda m, l: m.decoder.layers[l].mlp.linear_fc2.weight  # noqa: E731
+    torch.testing.assert_close(w(one, 0), w(seq, 0), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(w(one, 1), w(seq, 1), rtol=1e-6, atol=1e-7)  # layer 2: its input was refitted
+
+
 @pytest.mark.parallel
 def test_reconstruction_at_tp2_and_pp2_equals_one_process(tiny_ckpt, tiny_windows, tmp_path, dist_single):
     """Hidden, heads and neurons pruned, then proj / fc2 refitted layer by layer: TP=2 assembles each Gram

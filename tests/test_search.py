@@ -143,7 +143,7 @@ def _search_args(d, out):
             f"data.train={d['train']}", f"data.validation={d['data']}", "data.seq_length=32",
             "data.calibration_samples=8", "search.params=0.6", "search.tolerance=0.1", "search.multiple=16",
             "search.max_candidates=6", "search.top_k=2", "search.distill_steps=4", "search.eval_samples=8",
-            "search.eval_seq_length=32", "search.depth_samples=8", "distill.seq_length=32",
+            "search.eval_seq_length=32", "search.rank_samples=8", "search.depth_samples=8", "distill.seq_length=32",
             "distill.micro_batch_size=2", "distill.global_batch_size=4", "distill.lr=3e-3", "distill.min_lr=3e-4",
             "search.baseline={hidden_size: 48, ffn_hidden_size: 96}"]
 
@@ -198,10 +198,32 @@ def test_search_end_to_end(search_inputs, tmp_path):
     win = (out / "winner.yaml").read_text()
     assert f"name: {best}" in win and "prune:" in win
 
-    # the pruned checkpoint of a finalist matches its loss right after pruning (same windows)
+    # the pruned checkpoint of a finalist (the sequential refit) has the loss recorded for it on the ranking
+    # windows, near the one-shot refit's that ranked it
     ev = cli("evaluate", f"model={fin[top2[0]]['pruned_checkpoint']}", f"data={d['data']}",
              "eval.num_samples=8", "eval.seq_length=32")
-    assert f"loss {fin[top2[0]]['pruned_loss']:.4f}" in ev.stdout
+    assert f"loss {fin[top2[0]]['pruned_loss_sequential']:.4f}" in ev.stdout
+    assert abs(fin[top2[0]]["pruned_loss_sequential"] - fin[top2[0]]["pruned_loss"]) < 0.2
+
+    # ranked from statistics gathered in the one calibration pass; a re-run that finds them (a rank phase killed
+    # after the calibration) does no second calibration pass and ranks the same
+    assert "calibration statistics of qkv, fc1, proj, fc2 for every layer" in res.stdout
+    assert json.loads((out / "stats" / "meta.json").read_text())["sites"] == ["qkv", "fc1", "proj", "fc2"]
+    ranked = json.loads((out / "candidates.json").read_text())
+    assert ranked["rank"] == {"num_samples": 8, "refit": "one_shot"}
+    (out / "candidates.json").unlink()
+    again = cli("search", *_search_args(d, out), "search.phase=rank")
+    assert "(no calibration pass" in again.stdout and "calibration:" not in again.stdout + again.stderr
+    assert [c["pruned_loss"] for c in json.loads((out / "candidates.json").read_text())["candidates"]] == \
+        [c["pruned_loss"] for c in ranked["candidates"]]
+    # the same finalists as ranking with today's sequential refit of every candidate (which the finalists'
+    # checkpoints get): the recorded losses are those of the sequential ranking
+    seq = tmp_path / "sequential"
+    cli("search", *_search_args(d, seq), "search.phase=rank", "search.rank_refit=sequential")
+    by_seq = {c["name"]: c for c in json.loads((seq / "candidates.json").read_text())["candidates"]}
+    assert json.loads((seq / "candidates.json").read_text())["finalists"] == ranked["finalists"]
+    for name in top2:
+        assert fin[name]["pruned_loss_sequential"] == pytest.approx(by_seq[name]["pruned_loss"], abs=1e-6)
 
     # re-running the same command redoes nothing; the report phase alone rebuilds the table
     again = cli("search", *_search_args(d, out))
@@ -215,11 +237,43 @@ def test_search_end_to_end(search_inputs, tmp_path):
     assert bad.returncode == 2 and f"{len(fin)} finalists" in bad.stderr
 
 
+def test_search_statistics_and_one_shot_ranking_equal_across_layouts(tiny_ckpt, tiny_windows, tmp_path,
+                                                                      dist_single):
+    """The calibration statistics (every site's Gram matrix, rows split over TP, sums over DP) and every
+    candidate's ranking loss with its refit solved from them, at TP=2 x DP=2 (4 processes): one process's."""
+    sys.path.insert(0, str(WORKERS))
+    import search_stats
+    import torch
+
+    windows, wpath = tiny_windows
+    ref = search_stats.run(tiny_ckpt, windows, 1, 1)
+    assert len(ref["losses"]) >= 10 and len(ref["grams"]) == 4 * 4
+    out = tmp_path / "tp2dp2.pt"
+    torchrun([WORKERS / "search_stats.py", tiny_ckpt, wpath, out, 2, 1], nproc=4, timeout=900)
+    got = torch.load(out)
+    assert got["grams"].keys() == ref["grams"].keys()
+    for k, G in ref["grams"].items():  # float32 activations summed in another order: 1e-6 of the matrix's scale
+        torch.testing.assert_close(got["grams"][k], G, rtol=0, atol=1e-6 * float(G.abs().max()),
+                                   msg=lambda m: f"{k}: {m}")
+    for k in ("heads", "ffn", "hidden"):
+        torch.testing.assert_close(got["scores"][k], ref["scores"][k], rtol=1e-5, atol=1e-8)
+    common = set(got["losses"]) & set(ref["losses"])  # (shapes TP=2 cannot split are not candidates there)
+    assert len(common) >= 6
+    for name in common:
+        assert got["losses"][name] == pytest.approx(ref["losses"][name], abs=1e-5), name
+
+
 def test_search_refusals(search_inputs, tmp_path):
     from hf_fixtures import make_hf_llama
 
     d = search_inputs
     out = tmp_path / "s"
+    stats = tmp_path / "stats"  # statistics saved by a run with other calibration settings
+    stats.mkdir()
+    (stats / "meta.json").write_text(json.dumps({
+        "model": str(d["teacher"]), "calibration": str(d["data"]), "calibration_samples": 4, "seq_length": 32,
+        "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "seq_agg": "mean", "batch_agg": "l2",
+        "sites": ["qkv", "fc1", "proj", "fc2"]}))
     cases = [
         (["search.params=200%"], "budget must be below"),
         (["search.params=2.0"], "fraction of the source is at most 1"),
@@ -229,6 +283,9 @@ def test_search_refusals(search_inputs, tmp_path):
         (["search.phase=nope"], "search.phase"),
         (["search.baseline={hidden_size: 999}"], "larger than the source"),
         (["trainer.strategy.tensor_model_parallel_size=3"], "not divisible"),
+        (["search.rank_refit=once"], "search.rank_refit"),
+        ([f"search.stats={stats}"], "measured with calibration_samples=4, this search has 8"),
+        ([f"search.stats={tmp_path}"], "no complete calibration statistics"),
     ]
     from nemo_minitron import config
     from nemo_minitron.errors import UserError

@@ -48,7 +48,13 @@ RECONSTRUCTIONS = ("none", "least_squares")
 def refit(W: torch.Tensor, G: torch.Tensor, kept: torch.Tensor, damping: float) -> torch.Tensor:
     """Kept columns of ``W`` ([out, n]) refitted to reproduce ``W a`` from ``a[kept]``, given ``G`` ([n, n], the
     Gram matrix of ``a``). Returns [out, len(kept)] in float64."""
-    W, G = W.double(), G.double()
+    return refit_from_rows(W, G[kept.to(G.device)], kept, damping)
+
+
+def refit_from_rows(W: torch.Tensor, GK: torch.Tensor, kept: torch.Tensor, damping: float) -> torch.Tensor:
+    """:func:`refit` from the kept rows of the Gram matrix alone (``GK = G[kept]``, [len(kept), n]): all the
+    solve reads, so cached statistics need not hold (or gather) the pruned rows."""
+    W, GK = W.double(), GK.double()
     n, dev = W.shape[1], W.device
     kept = kept.to(dev)
     pruned = torch.ones(n, dtype=torch.bool, device=dev)
@@ -57,10 +63,10 @@ def refit(W: torch.Tensor, G: torch.Tensor, kept: torch.Tensor, damping: float) 
     WK = W[:, kept]
     if P.numel() == 0:
         return WK.clone()
-    GKK = G[kept][:, kept]
+    GKK = GK[:, kept]
     lam = damping * GKK.diagonal().mean().clamp_min(1e-30)
     A = GKK + lam * torch.eye(len(kept), dtype=torch.float64, device=dev)
-    rhs = G[kept][:, P] @ W[:, P].T  # G_KP W_P^T
+    rhs = GK[:, P] @ W[:, P].T  # G_KP W_P^T
     chol, info = torch.linalg.cholesky_ex(A)
     if int(info) == 0:
         delta_t = torch.cholesky_solve(rhs, chol)

@@ -27,6 +27,7 @@ from nemo_minitron.data import blend
 from nemo_minitron.errors import UserError
 
 PHASES = ("all", "rank", "distill", "report")
+RANK_REFITS = ("one_shot", "sequential")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -54,14 +55,15 @@ def _settings(cfg, dry: bool = False):
     spec.validate_layout(tp, pp)
     source_params = count_params(spec)
     budget = space.parse_budget(s.params, source_params)
-    for key in ("top_k", "distill_steps", "eval_samples", "eval_seq_length", "max_candidates"):
+    for key in ("top_k", "distill_steps", "eval_samples", "rank_samples", "eval_seq_length", "max_candidates"):
         if not isinstance(s[key], int) or s[key] < 1:
             raise UserError(f"search.{key}={s[key]!r} must be a positive integer")
     from nemo_minitron import parallel
 
     dp = 1 if dry else parallel.world_size_from_env() // (tp * pp)  # the rank phase's DP (under launcher.command: 1)
     per = f"data.micro_batch_size={cfg.data.micro_batch_size}" + (f" x data-parallel size {dp}" if dp > 1 else "")
-    for key, n in (("search.eval_samples", s.eval_samples), ("data.calibration_samples", cfg.data.calibration_samples)):
+    for key, n in (("search.eval_samples", s.eval_samples), ("search.rank_samples", s.rank_samples),
+                   ("data.calibration_samples", cfg.data.calibration_samples)):
         if n % (cfg.data.micro_batch_size * dp):
             raise UserError(f"{key}={n} is not divisible by {per}")
     from nemo_minitron.prune.depth import DEPTH_METHODS
@@ -71,6 +73,10 @@ def _settings(cfg, dry: bool = False):
     from nemo_minitron.prune.stage import check_reconstruction
 
     check_reconstruction(s.reconstruction, s.reconstruction_damping, section="search")
+    if s.rank_refit not in RANK_REFITS:
+        raise UserError(f"search.rank_refit={s.rank_refit!r}: one of {', '.join(RANK_REFITS)}")
+    if isinstance(s.stats_max_gib, bool) or not isinstance(s.stats_max_gib, (int, float)) or s.stats_max_gib < 0:
+        raise UserError(f"search.stats_max_gib={s.stats_max_gib!r} must be a number of GiB >= 0")
     space_cfg = {k: (list(v) if v is not None else None) for k, v in s.space.items()}
     cands, stats = space.enumerate_candidates(
         spec, budget, s.tolerance, dims=list(s.dims), space=space_cfg, fractions=list(s.fractions),
@@ -110,12 +116,30 @@ def _finalists(doc: dict) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 # phase rank: in-process (under the launcher when parallel)
 # --------------------------------------------------------------------------------------------------
+def _stats_sites(spec, cands, baseline) -> tuple:
+    """The layers whose inputs some candidate prunes (their statistics are gathered)."""
+    from nemo_minitron.prune import stats as calstats
+    from nemo_minitron.prune.plan import WIDTH_DIMS
+
+    shapes = [*cands, *([baseline] if baseline else [])]
+    return calstats.sites_for([k for k in WIDTH_DIMS if any(c[k] != getattr(spec, k) for c in shapes)])
+
+
+def _stats_meta(cfg, path, tp: int, pp: int) -> dict:
+    """What the calibration statistics are measured on (a cached set is reused only where all of it agrees)."""
+    d = cfg.data
+    return {"model": str(path), "calibration": str(d.calibration), "calibration_samples": int(d.calibration_samples),
+            "seq_length": int(d.seq_length), "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+            "seq_agg": "mean", "batch_agg": "l2"}
+
+
 def run_rank(cfg, out: Path) -> None:
     from nemo_minitron import parallel
     from nemo_minitron.checkpoint import nemo as ck
     from nemo_minitron.checkpoint.loader import check_vocab, load_model
     from nemo_minitron.data import indexed
     from nemo_minitron.evaluate import heldout_loss
+    from nemo_minitron.prune import stats as calstats
     from nemo_minitron.prune.plan import check_scores
     from nemo_minitron.prune.report import save_scores
     from nemo_minitron.prune.stage import load_scores
@@ -126,21 +150,30 @@ def run_rank(cfg, out: Path) -> None:
     tp = cfg.trainer.strategy.tensor_model_parallel_size
     pp = cfg.trainer.strategy.pipeline_model_parallel_size
     parallel.validate_layout(parallel.world_size_from_env(), tp, pp)
-    kind, path, spec, budget, cands, stats, baseline = _settings(cfg)
+    kind, path, spec, budget, cands, enum_stats, baseline = _settings(cfg)
     if (out / "candidates.json").is_file():
         if parallel.is_rank0():
             print(f"search: {out / 'candidates.json'} is complete, skipped")
         return
     eval_w = indexed.windows(d.validation, s.eval_samples, s.eval_seq_length)
-    check_vocab(spec, int(eval_w.max()), f"dataset {d.validation}")
+    rank_w = indexed.windows(d.validation, s.rank_samples, s.eval_seq_length)  # the ranking's own windows
+    check_vocab(spec, int(max(eval_w.max(), rank_w.max())), f"dataset {d.validation}")
     scores = None
     if s.scores:
         scores = load_scores(s.scores)
         check_scores(scores, spec, f"search.scores={s.scores}")
+    one_shot = s.reconstruction != "none" and s.rank_refit == "one_shot"
+    sites = _stats_sites(spec, cands, baseline) if one_shot else ()
+    stats_dir = Path(s.stats).absolute() if s.stats else out / "stats"
+    meta = _stats_meta(cfg, path, tp, pp)
+    max_bytes = int(float(s.stats_max_gib) * 2 ** 30)
+    cached = None
+    if sites and (s.stats or (stats_dir / "meta.json").is_file()):  # refused before anything is built
+        cached = calstats.load(stats_dir, meta, sites, -1, "search.stats" if s.stats else "cached statistics")
     depth_needed = any(c["num_layers"] != spec.num_layers for c in cands) or (
         baseline is not None and baseline["num_layers"] != spec.num_layers)
     cal_w = None
-    if scores is None or depth_needed or s.reconstruction != "none":
+    if (scores is None and cached is None) or depth_needed or s.reconstruction != "none":
         if not d.calibration:
             raise UserError("data.calibration=PREFIX is required (importance scores"
                             + (", least-squares reconstruction)" if s.reconstruction != "none" else ")"))
@@ -152,19 +185,41 @@ def run_rank(cfg, out: Path) -> None:
     model, spec, _ = load_model(path, tp, pp)
     if parallel.is_rank0():
         print(f"search: {len(cands)} candidates within {budget / 1e6:.2f}M +-{s.tolerance:.0%} parameters "
-              f"({stats['combinations']} shapes enumerated, {stats['invalid']} invalid at TP={tp} PP={pp}, "
-              f"{stats['outside_budget']} outside the budget)", flush=True)
-    if scores is None:
+              f"({enum_stats['combinations']} shapes enumerated, {enum_stats['invalid']} invalid at TP={tp} PP={pp}, "
+              f"{enum_stats['outside_budget']} outside the budget)", flush=True)
+    stats = None
+    if sites:  # one calibration pass for the scores and the statistics of every candidate's refit
+        size = calstats.bytes_per_rank(spec, sites, tp, pp)
+        where = "in memory" if size <= max_bytes else f"on disk in {stats_dir}, read per layer"
+        if cached is not None:
+            stats = calstats.load(stats_dir, meta, sites, max_bytes)
+            scores = scores or load_scores(stats_dir / "scores.pt")
+            if parallel.is_rank0():
+                print(f"search: calibration statistics and scores from {stats_dir} (no calibration pass; "
+                      f"{size / 2 ** 30:.2f} GiB per rank, {where})", flush=True)
+        else:
+            measured, stats = calstats.collect(model, cal_w[: d.calibration_samples], d.micro_batch_size, sites,
+                                               {**meta, "bytes_per_rank": size})
+            stats.save(stats_dir)
+            if parallel.is_rank0():
+                save_scores(stats_dir / "scores.pt", measured)
+                print(f"search: calibration statistics of {', '.join(sites)} for every layer ({size / 2 ** 30:.2f} "
+                      f"GiB per rank, {where}) in {stats_dir}", flush=True)
+            scores = scores or measured
+            if size > max_bytes:
+                stats.grams = {}
+    elif scores is None:
         scores = calibrate(model, cal_w[: d.calibration_samples], d.micro_batch_size)
     counts = [c["num_layers"] for c in cands] + ([baseline["num_layers"]] if baseline else [])
     drops, depth_info = rank.depth_drops(model, spec, None if cal_w is None else cal_w[: s.depth_samples],
                                          d.micro_batch_size, s.depth_method, counts)
     source_loss = heldout_loss(model, eval_w, d.micro_batch_size)["loss"]
-    refit = None if s.reconstruction == "none" else {
-        "windows": cal_w[: d.calibration_samples], "micro_batch_size": d.micro_batch_size,
-        "damping": float(s.reconstruction_damping)}
-    scored = rank.score_candidates(model, spec, cands, drops, scores, eval_w, d.micro_batch_size, tp, pp,
-                                   refit=refit)
+    damping = float(s.reconstruction_damping)
+    sequential = None if s.reconstruction == "none" else {
+        "windows": cal_w[: d.calibration_samples], "micro_batch_size": d.micro_batch_size, "damping": damping}
+    ranking = {"stats": stats, "damping": damping} if stats is not None else sequential
+    scored = rank.score_candidates(model, spec, cands, drops, scores, rank_w, d.micro_batch_size, tp, pp,
+                                   refit=ranking)
     scored.sort(key=lambda c: c["pruned_loss"])
     for i, c in enumerate(scored):
         c["pruned_rank"] = i + 1
@@ -176,8 +231,8 @@ def run_rank(cfg, out: Path) -> None:
         if match:
             baseline = match[0]
         else:
-            m, _ = rank.prune_candidate(model, spec, baseline, drops, scores, tp, pp, refit)
-            baseline["pruned_loss"] = heldout_loss(m, eval_w, d.micro_batch_size)["loss"]
+            m, _ = rank.prune_candidate(model, spec, baseline, drops, scores, tp, pp, ranking)
+            baseline["pruned_loss"] = heldout_loss(m, rank_w, d.micro_batch_size)["loss"]
             baseline["pruned_rank"] = None  # not a candidate (outside the budget or the enumerated values)
             if baseline["num_layers"] != spec.num_layers:
                 baseline["drop_layers"] = [j + 1 for j in drops[baseline["num_layers"]]]
@@ -185,25 +240,34 @@ def run_rank(cfg, out: Path) -> None:
         if baseline["name"] not in finalists:
             finalists.append(baseline["name"])
 
-    # the finalists' pruned checkpoints, then candidates.json (the phase's completion marker)
+    # the finalists' pruned checkpoints (sequential refit), then candidates.json (the phase's completion marker)
     by = {c["name"]: c for c in scored}
     if baseline is not None:
         by.setdefault(baseline["name"], baseline)
     tok = ck.tokenizer_dir(path) if kind == "nemo" else path
     for name in finalists:
         target = out / "candidates" / name
-        if ck.is_checkpoint(target):
-            continue
-        m, s2 = rank.prune_candidate(model, spec, by[name], drops, scores, tp, pp, refit)
-        ck.save(target, m, s2, tokenizer_dir=tok, overwrite=True)
-        del m
+        if not ck.is_checkpoint(target):
+            m, s2 = rank.prune_candidate(model, spec, by[name], drops, scores, tp, pp, sequential)
+            ck.save(target, m, s2, tokenizer_dir=tok, overwrite=True)
+            del m
+        if stats is not None:  # the checkpoint's own loss on the ranking windows, beside the one-shot refit's
+            from nemo_minitron.checkpoint.nemo import load_weights
+            from nemo_minitron.model import build
+
+            m = build(ck.read_spec(target), tp, pp, initialize=False)
+            load_weights(target, m)
+            by[name]["pruned_loss_sequential"] = heldout_loss(m, rank_w, d.micro_batch_size)["loss"]
+            del m
     if parallel.is_rank0():
         save_scores(out / "scores.pt", scores)
         from nemo_minitron.model import count_params
 
         doc = {"source": str(path), "source_params": count_params(spec), "budget": budget,
-               "tolerance": s.tolerance, "stats": stats, "source_loss": source_loss,
+               "tolerance": s.tolerance, "stats": enum_stats, "source_loss": source_loss,
                "eval": {"data": str(d.validation), "num_samples": s.eval_samples, "seq_length": s.eval_seq_length},
+               "rank": {"num_samples": s.rank_samples, "refit": "one_shot" if stats is not None else (
+                   "sequential" if sequential else "none")},
                "depth_method": s.depth_method, "reconstruction": s.reconstruction,
                "depth_scores": None if depth_info is None else [float(x) for x in depth_info["scores"]],
                "candidates": scored, "baseline": baseline, "finalists": finalists,
@@ -329,7 +393,8 @@ def run_report(cfg, out: Path) -> dict:
         "distill_tokens": cfg.search.distill_steps * cfg.distill.global_batch_size * cfg.distill.seq_length,
         "ranking_changed": by_pruned != by_distilled, "kendall_tau": _kendall_tau(by_pruned, by_distilled),
         "winner": winner["name"], "finalists": rows,
-        "candidates": doc["candidates"], "stats": doc["stats"], "depth_method": doc["depth_method"]}
+        "candidates": doc["candidates"], "stats": doc["stats"], "depth_method": doc["depth_method"],
+        "rank": doc.get("rank")}
     if base:
         b = next(r for r in rows if r["is_baseline"])
         result["baseline"] = {"name": b["name"], "params": b["params"], "pruned_loss": b["pruned_loss"],
@@ -363,6 +428,13 @@ def _markdown(res: dict) -> str:
         lines.append(f"| {r['distilled_rank'] or '-'} | {r.get('pruned_rank') or '-'} | {r['name']}{tag} | "
                      f"{r['params'] / 1e6:.2f}M | {_shape_cols(r)} | {r['pruned_loss']:.4f} | "
                      f"{r['distilled_loss']:.4f} |")
+    rank = res.get("rank") or {}
+    if rank.get("refit") == "one_shot":
+        lines += ["", f"Ranked on {rank['num_samples']} validation windows with each candidate refitted in closed form "
+                      "from calibration statistics gathered once (`stats/`); the finalists' checkpoints get the "
+                      "sequential refit. Their loss after pruning, one-shot -> sequential: "
+                  + ", ".join(f"{r['name']} {r['pruned_loss']:.4f} -> {r['pruned_loss_sequential']:.4f}"
+                              for r in fin if "pruned_loss_sequential" in r) + "."]
     lines += ["", f"Ranking changed by the distillation: **{'yes' if res['ranking_changed'] else 'no'}** "
                   f"(Kendall tau between the two rankings of the top K: {res['kendall_tau']:.2f}).",
               f"Winner: **{res['winner']}**."]
@@ -536,6 +608,18 @@ def dry_run(cfg) -> None:
         print(f"  {c['name']:<28} {c['params'] / 1e6:8.2f}M")
     if baseline:
         print(f"  baseline {baseline['name']} {baseline['params'] / 1e6:.2f}M")
+    s = cfg.search
+    if s.reconstruction != "none" and s.rank_refit == "one_shot":
+        from nemo_minitron.prune import stats as calstats
+
+        sites = _stats_sites(spec, cands, baseline)
+        tp, pp = cfg.trainer.strategy.tensor_model_parallel_size, cfg.trainer.strategy.pipeline_model_parallel_size
+        size = calstats.bytes_per_rank(spec, sites, tp, pp)
+        where = "held in memory" if size <= s.stats_max_gib * 2 ** 30 else \
+            f"above search.stats_max_gib={s.stats_max_gib}: kept on disk, read per layer"
+        print(f"calibration statistics (Gram matrices of {', '.join(sites) or 'no site'}, float64, rows split over "
+              f"TP={tp}, layers over PP={pp}): {size / 2 ** 30:.2f} GiB per rank, {where}; "
+              f"{size * tp * pp / 2 ** 30:.2f} GiB on disk")
     from nemo_minitron.model import precision
 
     _check_training_keys(cfg, precision.TARGET)  # planned for the cluster's GPUs, not this machine
