@@ -52,7 +52,8 @@ def _weights(ckpt):
 
 def test_gpu_path_on_an_emulated_gpu_at_tp_pp_dp_equals_the_cpu(tiny_ckpt, tiny_data, tmp_path, dist_single):
     """On the emulated GPU: width pruning with least squares at TP=2 x DP=2, depth pruning by lm_loss at
-    PP=2 x DP=2, re-pruning from the saved scores.pt, evaluation at DP=4, and distillation (KL + CE + a hidden-state
+    PP=2 x DP=2, re-pruning from the saved scores.pt, evaluation at DP=4, a search's ranking from calibration
+    statistics at TP=2 x DP=2, and distillation (KL + CE + a hidden-state
     loss through a learned projection) of the width-pruned student at TP=2 x PP=2;
     the same scores, kept layers, weights, losses as one CPU process (1e-5)."""
     from nemo_minitron.distill.train import read_metrics
@@ -83,6 +84,10 @@ def test_gpu_path_on_an_emulated_gpu_at_tp_pp_dp_equals_the_cpu(tiny_ckpt, tiny_
     for name in ("width", "depth"):
         assert json.loads((gpu / f"{name}.json").read_text())["loss"] == pytest.approx(
             json.loads((host / f"{name}.json").read_text())["loss"], abs=1e-5)
+    ranked = [{c["name"]: c["pruned_loss"] for c in json.loads((d / "search" / "candidates.json").read_text())[
+        "candidates"]} for d in (gpu, host)]
+    common = set(ranked[0]) & set(ranked[1])  # (TP=2 takes fewer shapes)
+    assert len(common) >= 2 and all(ranked[0][n] == pytest.approx(ranked[1][n], abs=1e-5) for n in common), ranked
     got, ref = read_metrics(gpu / "kd" / "metrics.jsonl"), read_metrics(host / "kd" / "metrics.jsonl")
     assert sorted(got["train"]) == [1, 2]
     for step in (1, 2):

@@ -211,9 +211,10 @@ def test_search_end_to_end(search_inputs, tmp_path):
     assert json.loads((out / "stats" / "meta.json").read_text())["sites"] == ["qkv", "fc1", "proj", "fc2"]
     ranked = json.loads((out / "candidates.json").read_text())
     assert ranked["rank"] == {"num_samples": 8, "refit": "one_shot"}
-    (out / "candidates.json").unlink()
-    again = cli("search", *_search_args(d, out), "search.phase=rank")
+    (out / "candidates.json").unlink()  # ... and, above search.stats_max_gib, read layer by layer from disk
+    again = cli("search", *_search_args(d, out), "search.phase=rank", "search.stats_max_gib=0")
     assert "(no calibration pass" in again.stdout and "calibration:" not in again.stdout + again.stderr
+    assert "on disk in" in again.stdout and "read per layer" in again.stdout
     assert [c["pruned_loss"] for c in json.loads((out / "candidates.json").read_text())["candidates"]] == \
         [c["pruned_loss"] for c in ranked["candidates"]]
     # the same finalists as ranking with today's sequential refit of every candidate (which the finalists'

@@ -139,14 +139,18 @@ class Stats:
         return own[kept.to(own.device)]
 
     def save(self, path: Path) -> None:
-        """Every rank writes its layers' files; rank 0 writes meta.json after all have (the completion mark)."""
+        """The first DP rank of each (TP, PP) position writes its layers' files (the DP ranks hold the same sums);
+        rank 0 writes meta.json after all have (the completion mark)."""
+        from megatron.core import parallel_state as ps
+
         path = Path(path)
-        d = _rank_dir(path)
-        d.mkdir(parents=True, exist_ok=True)
-        for layer in sorted({layer for layer, _ in self.grams}):
-            tmp = d / f"layer{layer:04d}.pt.partial"
-            torch.save(parallel.to_host(self._layer(layer)), tmp)
-            tmp.replace(d / f"layer{layer:04d}.pt")
+        if ps.get_data_parallel_rank() == 0:
+            d = _rank_dir(path)
+            d.mkdir(parents=True, exist_ok=True)
+            for layer in sorted({layer for layer, _ in self.grams}):
+                tmp = d / f"layer{layer:04d}.pt.partial"
+                torch.save(parallel.to_host(self._layer(layer)), tmp)
+                tmp.replace(d / f"layer{layer:04d}.pt")
         parallel.barrier()
         if parallel.is_rank0():
             (path / "meta.json.partial").write_text(json.dumps(self.meta, indent=2))

@@ -3,7 +3,8 @@
     [torchrun --nproc-per-node 4] gpu_path.py TEACHER DATA OUT
 
 With 4 processes: width pruning with least squares at TP=2 x DP=2, depth pruning (lm_loss) at PP=2 x DP=2,
-re-pruning from the saved scores at TP=2 x DP=2, an evaluation of two models at DP=4. With 1 process: the same
+re-pruning from the saved scores at TP=2 x DP=2, an evaluation of two models at DP=4, a search's rank phase
+(statistics gathered once, candidates refitted from them) at TP=2 x DP=2. With 1 process: the same
 commands at TP=PP=DP=1. (The distillation runs as its own launch: NeMo's trainer sets up its parallel state
 itself and does not take over one that a command before it left.) Run with NEMO_MINITRON_EMULATE_GPU=1, every
 tensor the commands put on "the GPU" lives on the emulated device, where CUDA's placement rules hold.
@@ -37,6 +38,11 @@ def main():
          "prune.ffn_hidden_size=96", "prune.reconstruction=least_squares", *tp2],
         ["evaluate", f"model=[{out}/width,{out}/depth]", f"data={data}", "eval.num_samples=8", "eval.seq_length=32",
          "eval.micro_batch_size=2", f"output_json=[{out}/width.json,{out}/depth.json]"],
+        ["search", f"model={teacher}", f"output={out}/search", f"data.calibration={data}", f"data.train={data}",
+         f"data.validation={data}", "data.calibration_samples=8", "data.seq_length=32", "data.micro_batch_size=2",
+         "search.params=0.6", "search.tolerance=0.1", "search.multiple=16", "search.max_candidates=4",
+         "search.top_k=1", "search.depth_samples=8", "search.eval_samples=8", "search.rank_samples=8",
+         "search.eval_seq_length=32", "search.phase=rank", *tp2],
     ]
     for args in steps:
         rc = cli(args)
