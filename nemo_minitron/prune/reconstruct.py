@@ -186,7 +186,7 @@ def _hidden_input_refits(model, spec: ModelSpec, kept: torch.Tensor, windows, mi
     return out
 
 
-def _kept_columns(plan: WidthPlan, spec: ModelSpec, l: int) -> torch.Tensor:
+def kept_head_columns(plan: WidthPlan, spec: ModelSpec, l: int) -> torch.Tensor:
     """Kept input columns of ``linear_proj`` in layer ``l``: the kept heads' head_dim blocks."""
     per, d = spec.num_attention_heads // spec.num_query_groups, spec.kv_channels
     heads = torch.cat([g * per + h for g, h in zip(plan.groups[l].tolist(), plan.heads[l])]).sort().values
@@ -250,7 +250,7 @@ def reconstruct(model, spec: ModelSpec, plan: WidthPlan, windows: torch.Tensor, 
             info["passes"] += 1
             first = False
             if gram is not None:
-                kept = _kept_columns(plan, spec, l) if kind == "heads" else plan.ffn[l]
+                kept = kept_head_columns(plan, spec, l) if kind == "heads" else plan.ffn[l]
                 row[kind] = _refit_module(module, gram, kept, damping)
         info["layers"].append(row)
     # per-layer errors live on the stage holding the layer: collect them everywhere

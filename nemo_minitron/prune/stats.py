@@ -28,6 +28,7 @@ last (the completion marker and what the statistics were measured on). When a ra
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,9 +37,12 @@ import torch.distributed as dist
 
 from nemo_minitron import parallel, platform
 from nemo_minitron.errors import UserError
+from nemo_minitron.model import build
 from nemo_minitron.model.shards import layer_offset, transform_into
 from nemo_minitron.model.spec import ModelSpec
 from nemo_minitron.prune.plan import WidthPlan
+from nemo_minitron.prune.reconstruct import kept_head_columns, refit_from_rows
+from nemo_minitron.prune.trim import new_spec, trim
 
 SITES = {"qkv": "self_attention.linear_qkv", "fc1": "mlp.linear_fc1", "proj": "self_attention.linear_proj",
          "fc2": "mlp.linear_fc2"}
@@ -46,6 +50,7 @@ ROW_PARALLEL = ("proj", "fc2")  # the input's channels are split over TP like th
 SITES_OF_DIM = {"hidden_size": ("qkv", "fc1"), "ffn_hidden_size": ("fc2",), "num_attention_heads": ("proj",),
                 "num_query_groups": ("proj",)}
 _SITE_OF_WEIGHT = {f"{module}.weight": site for site, module in SITES.items()}
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
 def sites_for(dims) -> tuple:
@@ -211,13 +216,11 @@ def load(path: Path, meta: dict, sites, max_bytes: int, what: str = "search.stat
 
 def kept_inputs(plan: WidthPlan, spec: ModelSpec, layer: int, site: str):
     """The kept input channels of ``site`` in ``layer`` under ``plan`` (None when the site loses none)."""
-    from nemo_minitron.prune.reconstruct import _kept_columns
-
     if site in ("qkv", "fc1"):
         return plan.hidden
     if site == "fc2":
         return None if plan.ffn is None else plan.ffn[layer]
-    return None if plan.groups is None else _kept_columns(plan, spec, layer)
+    return None if plan.groups is None else kept_head_columns(plan, spec, layer)
 
 
 def one_shot(model, spec: ModelSpec, plan: WidthPlan, stats: Stats, damping: float, tp: int = 1, pp: int = 1,
@@ -226,16 +229,9 @@ def one_shot(model, spec: ModelSpec, plan: WidthPlan, stats: Stats, damping: flo
     lose input channels refitted from ``stats`` (the source model's Gram matrices), one tensor at a time, no
     forward pass. ``layers``: the global layers to refit (the others are trimmed only: a depth-pruned
     candidate drops them next)."""
-    import re
-
-    from nemo_minitron.model import build
-    from nemo_minitron.prune.reconstruct import refit_from_rows
-    from nemo_minitron.prune.trim import new_spec, trim
-
-    pattern = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
     def transform(name, full):
-        m = pattern.match(name)
+        m = _LAYER.match(name)
         site = _SITE_OF_WEIGHT.get(m.group(2)) if m else None
         if site is not None and site in stats.sites and (layers is None or int(m.group(1)) in layers):
             layer = int(m.group(1))
