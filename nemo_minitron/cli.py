@@ -5,7 +5,8 @@
     nemo-minitron <command> ... --print-config   print the resolved config and exit without running
 
 Bad input ends with one line ``error: ...`` on stderr and exit status 2, before any work and with
-nothing written. On success the last line printed names what the command wrote.
+nothing written. An internal error (a bug) ends with one line naming the log file that holds its traceback,
+exit status 1. On success the last line printed names what the command wrote.
 Multi-process: ``torchrun --nproc-per-node N -m nemo_minitron.cli <command> ...`` (or srun).
 """
 
@@ -99,7 +100,36 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug (or a fault nothing anticipated): one line, the traceback in a log file
+        where = _write_traceback(command, argv)
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"error: internal error in nemo-minitron {command} ({type(e).__name__}: {first}); the traceback is in "
+              f"{where}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _write_traceback(command: str, argv: list) -> str:
+    """The current exception's traceback, with the command line, in ``$NEMO_MINITRON_LOG_DIR`` (default
+    ``~/.cache/nemo-minitron/errors``; the temporary directory where that cannot be written). Returns its path."""
+    import tempfile
+    import time
+    import traceback
+    from pathlib import Path
+
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-rank{rank}-pid{os.getpid()}.log"
+    text = f"nemo-minitron {' '.join(argv)}\n\n{traceback.format_exc()}"
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nemo-minitron" / "errors"
+    for d in (Path(os.environ.get("NEMO_MINITRON_LOG_DIR") or default), Path(tempfile.gettempdir())):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            (d / name).write_text(text)
+            return str(d / name)
+        except OSError:
+            continue
+    sys.stderr.write(text)  # nowhere to write it: the traceback itself
+    return "(stderr above)"
 
 
 if __name__ == "__main__":

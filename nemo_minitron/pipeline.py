@@ -57,10 +57,10 @@ class Runner:
         t0 = time.time()
         with open(self.logs / f"{name}.log", "a") as log:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-            tail = []
+            tail, shown = [], TerminalFilter()
             for line in proc.stdout:
                 log.write(line)
-                if _worth_showing(line):
+                if shown(line):
                     print(f"[{name}] {line}", end="", flush=True)
                 tail = (tail + [line])[-30:]
             rc = proc.wait()
@@ -69,6 +69,21 @@ class Runner:
                             + "".join(tail[-12:]))
         self.times[name] = round(self.times.get(name, 0.0) + time.time() - t0, 1)
         self.times_path.write_text(json.dumps(self.times, indent=2))
+
+
+class TerminalFilter:
+    """Which lines of a stage's output the terminal shows (all of them go to the stage's log): our own, not
+    NeMo's, megatron's or Lightning's. A NeMo log record's continuation lines (megatron's list of every
+    parameter of every gradient bucket: one line per parameter) go with the record."""
+
+    def __init__(self):
+        self._record = False  # inside a multi-line record that is not shown
+
+    def __call__(self, line: str) -> bool:
+        if self._record and line[:1] in (" ", "\t") and line.strip():
+            return False
+        self._record = line.startswith("[NeMo")
+        return _worth_showing(line)
 
 
 def _worth_showing(line: str) -> bool:

@@ -44,3 +44,21 @@ def test_unknown_command_and_option(capsys):
     assert cli.main(["evaluate", "model=m", "data=d", "--frobnicate"]) == 2
     err = capsys.readouterr().err
     assert "unknown command 'bogus'" in err and "unknown option --frobnicate" in err
+
+
+def test_internal_error_is_one_line_naming_the_log_with_the_traceback(monkeypatch, capsys, tmp_path):
+    """A bug (not the user's input) ends in one line naming the file that holds the traceback, exit status 1."""
+    import nemo_minitron.evaluate as evaluate
+
+    def broken(cfg):
+        raise KeyError("a key the code expected")
+
+    monkeypatch.setenv("NEMO_MINITRON_LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.setattr(evaluate, "run", broken)
+    assert cli.main(["evaluate", "model=m", "data=d"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: internal error in nemo-minitron evaluate (KeyError: ")
+    log = err[0].rsplit("the traceback is in ", 1)[1]
+    assert log.startswith(str(tmp_path / "logs")) and "-evaluate-rank0-" in log
+    text = open(log).read()
+    assert text.startswith("nemo-minitron evaluate model=m data=d") and "Traceback" in text and "in broken" in text

@@ -131,3 +131,19 @@ def test_pipeline_refusals_before_any_work(texts, tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(precision, "current", lambda: precision.Platform(cuda=False, te=False, capability=None))
     assert main(["pipeline", f"run_dir={tmp_path / 'fp8'}", f"teacher={teacher}", "model.fp8=hybrid"]) == 2
     assert "Transformer Engine" in capsys.readouterr().err and not (tmp_path / "fp8").exists()
+
+
+def test_terminal_filter_keeps_megatrons_bucket_listing_in_the_log():
+    """The stage output the pipeline's terminal shows: a NeMo log record and its continuation lines (megatron's
+    per-parameter bucket listing) are not, our own lines are, indented or not."""
+    from nemo_minitron.pipeline import TerminalFilter
+
+    lines = ["[NeMo I 2026-12-03 13:23:48 utils:707] Number of buckets for gradient all-reduce / reduce-scatter: 1\n",
+             "    Params for bucket 1 (70896 elements, 71040 padded size):\n",
+             *[f"    \tdecoder.layers.{i}.mlp.linear_fc1.weight\n" for i in range(30)],
+             "step 1/80  loss 2.3147  kd 2.3147  lr 1.82e-05  397 tok/s  eta 0s\n",
+             "  teacher 8.03B params (32 layers)\n",
+             "[NeMo W 2026-12-03 13:23:48 nemo_logging:405] a warning\n",
+             "validation at step 20: student LM loss 5.2230\n"]
+    show = TerminalFilter()
+    assert [line for line in lines if show(line)] == [lines[32], lines[33], lines[35]]

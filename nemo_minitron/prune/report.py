@@ -46,6 +46,37 @@ def _plot(path: Path, values: torch.Tensor, kept: torch.Tensor | None, title: st
     plt.close(fig)
 
 
+def _plot_heads(path: Path, heads: torch.Tensor, plan: WidthPlan, src: ModelSpec) -> None:
+    """Every layer's head importance (layers x heads, log scale, heads grouped by query group); kept heads
+    marked with a dot (all of them when heads are not pruned)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    v = heads.detach().double().cpu().clamp_min(1e-30).log10()
+    L, H = v.shape
+    per = src.num_attention_heads // src.num_query_groups
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * H + 2), max(3.0, 0.22 * L + 1.2)), dpi=110)
+    im = ax.imshow(v.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="log10 score")
+    for l in range(L):
+        kept = (range(H) if plan.groups is None else
+                torch.cat([g * per + h for g, h in zip(plan.groups[l].tolist(), plan.heads[l])]).cpu().tolist())
+        ax.scatter(list(kept), [l] * len(kept), s=9, c="white", edgecolors="black", linewidths=0.4)
+    for g in range(1, src.num_query_groups):
+        ax.axvline(g * per - 0.5, color="white", lw=0.8)
+    ax.set_xlabel(f"head ({src.num_query_groups} query groups of {per}; dot = kept)")
+    ax.set_ylabel("layer")
+    xt, yt = range(0, H, max(1, H // 32)), range(0, L, max(1, L // 16))
+    ax.set_xticks(xt, [str(i + 1) for i in xt])  # 1-indexed, as the layers
+    ax.set_yticks(yt, [str(i + 1) for i in yt])
+    ax.set_title("attention head importance, every layer")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def _plot_depth(path: Path, depth: dict) -> None:
     import matplotlib
 
@@ -100,11 +131,7 @@ def write(out_dir: Path, src: ModelSpec, dst: ModelSpec, scores: dict | None, pl
     _plot(out_dir / "importance_ffn.png", scores["ffn"][0],
           None if plan.ffn is None else plan.ffn[0], "MLP neurons, layer 1", "neuron (sorted)")
     plots["ffn"] = "importance_ffn.png"
-    heads_kept = None
-    if plan.groups is not None:
-        per = src.num_attention_heads // src.num_query_groups
-        heads_kept = torch.cat([g * per + h for g, h in zip(plan.groups[0].tolist(), plan.heads[0])])
-    _plot(out_dir / "importance_heads.png", scores["heads"][0], heads_kept, "attention heads, layer 1", "head (sorted)")
+    _plot_heads(out_dir / "importance_heads.png", scores["heads"], plan, src)
     plots["heads"] = "importance_heads.png"
     return _finish(out_dir, src, dst, plots, meta, rep_depth, plan)
 
