@@ -77,11 +77,21 @@ def main(argv: list[str] | None = None) -> int:
     print_only = "--print-config" in rest
     dry_run = "--dry-run" in rest
     overrides = [a for a in rest if a not in ("--print-config", "--dry-run")]
+    from nemo_minitron import terminal
+
+    with terminal.filtered(command, argv) as log:  # the terminal shows our lines; the log file keeps the rest
+        return _run(command, argv, overrides, print_only, dry_run, log)
+
+
+def _run(command: str, argv: list, overrides: list, print_only: bool, dry_run: bool, log) -> int:
+    from nemo_minitron import config
+
     unknown_flags = [a for a in overrides if a.startswith("--")]
     try:
         if unknown_flags:
             raise UserError(f"unknown option {unknown_flags[0]} (options: --help, --print-config, --dry-run)")
         cfg = config.load(command, overrides)
+        config.check_output_paths(command, cfg)
         if print_only:
             print(config.to_yaml(cfg), end="")
             return 0
@@ -100,36 +110,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # a bug (or a fault nothing anticipated): one line, the traceback in a log file
-        where = _write_traceback(command, argv)
+    except BaseException as e:  # a bug (or a fault nothing anticipated): one line, the traceback in the log file
+        if isinstance(e, (SystemExit, GeneratorExit)):  # (torch's CheckpointException is a BaseException too)
+            raise
+        import traceback
+
+        text = traceback.format_exc()
+        where = str(log.path) if log.write(text) else "(stderr above)"
+        if where == "(stderr above)":  # nowhere to write it: the traceback itself
+            sys.__stderr__.write(text)
         first = (str(e).strip().splitlines() or [""])[0][:300]
         print(f"error: internal error in nemo-minitron {command} ({type(e).__name__}: {first}); the traceback is in "
               f"{where}", file=sys.stderr)
         return 1
     return 0
-
-
-def _write_traceback(command: str, argv: list) -> str:
-    """The current exception's traceback, with the command line, in ``$NEMO_MINITRON_LOG_DIR`` (default
-    ``~/.cache/nemo-minitron/errors``; the temporary directory where that cannot be written). Returns its path."""
-    import tempfile
-    import time
-    import traceback
-    from pathlib import Path
-
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-rank{rank}-pid{os.getpid()}.log"
-    text = f"nemo-minitron {' '.join(argv)}\n\n{traceback.format_exc()}"
-    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nemo-minitron" / "errors"
-    for d in (Path(os.environ.get("NEMO_MINITRON_LOG_DIR") or default), Path(tempfile.gettempdir())):
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            (d / name).write_text(text)
-            return str(d / name)
-        except OSError:
-            continue
-    sys.stderr.write(text)  # nowhere to write it: the traceback itself
-    return "(stderr above)"
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ Overrides follow Hydra's syntax: ``a.b=value`` sets an existing key (an unknown 
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from pathlib import Path
 
 import yaml
@@ -17,6 +19,10 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from nemo_minitron.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The parallel layout has one spelling in every command, NeMo 2's (``nl.MegatronStrategy``'s arguments under
+# ``trainer.strategy``); the NeMo 1 / Megatron-Bridge spelling under ``model.`` is read as an alias, with a notice.
+LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel")
+LAYOUT_ALIASES = {f"model.{k}": f"trainer.strategy.{k}" for k in LAYOUT_KEYS}
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)$")
 
 
@@ -49,6 +55,7 @@ def load(command: str, overrides: list[str]) -> DictConfig:
         recipe = OmegaConf.load(rpath)
         if recipe.pop("command", command) != command:
             raise UserError(f"recipe {name!r} is for another command")
+        _unalias_recipe(recipe, cfg, f"recipe {name!r}")
         try:
             cfg = OmegaConf.merge(cfg, recipe)
         except OmegaConfBaseException as e:
@@ -70,6 +77,7 @@ def load(command: str, overrides: list[str]) -> DictConfig:
         key = key.lstrip("+")
         if not key:
             raise UserError(f"override {item!r} has an empty key")
+        key = _unalias(key, cfg)
         if not add and not _has_key(cfg, key):
             raise UserError(f"unknown config key {key!r} for command {command!r} "
                             f"(see nemo-minitron {command} --help; prefix with + to add a key)")
@@ -95,6 +103,56 @@ def load(command: str, overrides: list[str]) -> DictConfig:
     if missing:
         raise UserError(f"missing required config value(s): {', '.join(missing)} (e.g. {missing[0]}=...)")
     return cfg
+
+
+# each command's output key and the keys naming what it reads: an output inside an input would write into it
+# (or, with overwrite=true, an input inside the output would be deleted with it)
+OUTPUTS = {"import": ("output", ("source",)), "export": ("output", ("model",)), "convert": ("output", ("model",)),
+           "prune": ("output", ("model",)), "distill": ("output", ("teacher", "student")),
+           "finetune": ("output", ("model",)), "search": ("output", ("model",)), "pipeline": ("run_dir", ("teacher",))}
+
+
+def check_output_paths(command: str, cfg: DictConfig) -> None:
+    """Refuse an output that is an input, lies inside one, or (with overwrite=true) holds one."""
+    if command not in OUTPUTS:
+        return
+    out_key, in_keys = OUTPUTS[command]
+    out = Path(str(cfg[out_key])).expanduser().absolute()
+    for key in in_keys:
+        value = str(cfg[key])
+        src = Path(value).expanduser()
+        if not (src.is_file() or any((src / n).exists() for n in ("config.json", "context", "student", "model"))):
+            continue  # a name (smollm2-135m), a missing path or not a model: the command's own check says so
+        src = src.resolve()
+        o = out.resolve() if out.exists() else out.parent.resolve() / out.name
+        if o == src or src in o.parents:
+            raise UserError(f"{out_key}={cfg[out_key]} is inside {key}={value}: the output must not be written into "
+                            "what the command reads")
+        if cfg.get("overwrite") and o in src.parents:
+            raise UserError(f"{key}={value} is inside {out_key}={cfg[out_key]}, which overwrite=true would delete")
+
+
+def _unalias(key: str, cfg: DictConfig, where: str = "") -> str:
+    """``model.tensor_model_parallel_size`` -> ``trainer.strategy.tensor_model_parallel_size`` (one notice)."""
+    canonical = LAYOUT_ALIASES.get(key)
+    if canonical is None or _has_key(cfg, key) or not _has_key(cfg, canonical):
+        return key
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {where + ': ' if where else ''}{key} is read as {canonical} (the layout's spelling in every "
+              f"command)", file=sys.stderr, flush=True)
+    return canonical
+
+
+def _unalias_recipe(recipe: DictConfig, cfg: DictConfig, where: str) -> None:
+    """A recipe's ``model.<layout key>`` moved to ``trainer.strategy`` before it is merged."""
+    model = recipe.get("model")
+    if not isinstance(model, DictConfig):
+        return
+    for leaf in LAYOUT_KEYS:
+        if leaf in model:
+            key = _unalias(f"model.{leaf}", cfg, where)
+            if key != f"model.{leaf}":
+                OmegaConf.update(recipe, key, model.pop(leaf), force_add=True)
 
 
 def _check_type(key: str, old, new) -> None:

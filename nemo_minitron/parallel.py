@@ -51,7 +51,7 @@ class Layout:
 
     @classmethod
     def resolve(cls, world: int, tp: int, pp: int, sequence_parallel: bool | None = None,
-                sp_key: str = "model.sequence_parallel") -> "Layout":
+                sp_key: str = "trainer.strategy.sequence_parallel") -> "Layout":
         """Validate and derive the layout; ``sequence_parallel=None`` means on when TP > 1 (Megatron's advice)."""
         validate_layout(world, tp, pp)
         sp = tp > 1 if sequence_parallel is None else bool(sequence_parallel)

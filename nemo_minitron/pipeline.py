@@ -27,6 +27,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from nemo_minitron import stages
+from nemo_minitron.terminal import RAW_ENV, TerminalFilter, worth_showing
 from nemo_minitron.errors import UserError
 
 PARALLEL = {"prune", "distill", "finetune", "evaluate", "search"}
@@ -51,7 +52,7 @@ class Runner:
         if command in PARALLEL and self.launcher:
             launcher = shlex.split(self.launcher)
             cmd = [*launcher, *cmd[1:]] if launcher[0] == "torchrun" else [*launcher, *cmd]
-        env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+        env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV} | {RAW_ENV: "raw"}  # the log keeps all
         shown = [c if len(c) < 160 else c[:100] + f"...({c.count(',') + 1} items)" for c in map(str, cmd)]
         print(f"[{name}] {' '.join(shlex.quote(c) for c in shown)}", flush=True)
         t0 = time.time()
@@ -64,36 +65,12 @@ class Runner:
                     print(f"[{name}] {line}", end="", flush=True)
                 tail = (tail + [line])[-30:]
             rc = proc.wait()
-        if rc != 0 or not done():
-            raise UserError(f"stage {name} failed (exit {rc}); its log: {self.logs / f'{name}.log'}\n"
-                            + "".join(tail[-12:]))
+        if rc != 0 or not done():  # one line: the stage's own error line (or its last shown one) and its log
+            said = [x.strip() for x in tail if x.startswith("error: ")] or [x.strip() for x in tail if worth_showing(x)]
+            why = f": {said[-1].removeprefix('error: ')}" if said else ""
+            raise UserError(f"stage {name} failed (exit {rc}){why}; its log: {self.logs / f'{name}.log'}")
         self.times[name] = round(self.times.get(name, 0.0) + time.time() - t0, 1)
         self.times_path.write_text(json.dumps(self.times, indent=2))
-
-
-class TerminalFilter:
-    """Which lines of a stage's output the terminal shows (all of them go to the stage's log): our own, not
-    NeMo's, megatron's or Lightning's. A NeMo log record's continuation lines (megatron's list of every
-    parameter of every gradient bucket: one line per parameter) go with the record."""
-
-    def __init__(self):
-        self._record = False  # inside a multi-line record that is not shown
-
-    def __call__(self, line: str) -> bool:
-        if self._record and line[:1] in (" ", "\t") and line.strip():
-            return False
-        self._record = line.startswith("[NeMo")
-        return _worth_showing(line)
-
-
-def _worth_showing(line: str) -> bool:
-    """Stage output the terminal shows: our own lines, not NeMo/Lightning chatter."""
-    skip = ("[NeMo", "GPU available", "TPU available", "HPU available", "  warnings.warn", "warn(", "OneLogger",
-            "No exporters", "WARNING", "LOCAL_RANK", "Loading", "[rank", "  |", "---", "Epoch ", "`Trainer")
-    lightning_summary = line[:1].isdigit() and (" | " in line or "params" in line or "Modules in" in line)
-    return (bool(line.strip()) and not line.startswith(skip) and not line.startswith((" \t", "\t"))
-            and not lightning_summary and "Warning" not in line and "| Name" not in line
-            and not line.startswith("  import "))
 
 
 def _is_ckpt(path: Path) -> bool:
@@ -157,8 +134,13 @@ def _check_rounds(cfg, tp: int, pp: int) -> tuple[list, list | None]:
             raise UserError(f"rounds[{i}]: unknown key(s) {sorted(bad)} (prune.* and distill.* keys of the pipeline)")
     try:
         spec = spec_of(cfg.teacher)
-    except UserError:
-        spec = None  # e.g. a download name: the stages check it
+    except UserError as e:
+        from nemo_minitron.checkpoint import archive
+
+        if not archive.is_archive(cfg.teacher):
+            raise UserError(f"teacher={cfg.teacher}: {e}") from None
+        archive.check(cfg.teacher)  # a .nemo teacher: the import stage unpacks it
+        spec = None
     shapes = [spec] if spec is not None else None
     for i, step in enumerate(steps, 1):
         where = f"round {i}" if i <= len(rounds) else "prune"
@@ -194,7 +176,7 @@ def _training(cfg) -> stages.Training:
     from nemo_minitron.model import precision
 
     precision.resolve(cfg.model)
-    return stages.Training.of(cfg.model, cfg.model, cfg.optim)
+    return stages.Training.of(cfg.trainer.strategy, cfg.model, cfg.optim)
 
 
 def _kd_batches(k) -> stages.Batches:
@@ -245,7 +227,7 @@ def _check_given_data(cfg) -> None:
 
 def run(cfg) -> None:
     run_dir = Path(cfg.run_dir).absolute()
-    tp, pp = cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size
+    tp, pp = cfg.trainer.strategy.tensor_model_parallel_size, cfg.trainer.strategy.pipeline_model_parallel_size
     d = cfg.data
     training = _training(cfg)  # the environment first (FP8 needs a GPU and TE), then the shapes
     rounds, _ = _check_rounds(cfg, tp, pp)
@@ -371,7 +353,7 @@ def dry_run(cfg) -> None:
     from nemo_minitron import launch_plan as lp
 
     lp.spec_of(cfg.teacher)  # the teacher's shape must be readable for a plan (its error, not skipped)
-    tp, pp = cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size
+    tp, pp = cfg.trainer.strategy.tensor_model_parallel_size, cfg.trainer.strategy.pipeline_model_parallel_size
     from nemo_minitron.model import count_params
 
     rounds, shapes = _check_rounds(cfg, tp, pp)  # every step validated; the shape each one leaves
@@ -389,7 +371,7 @@ def dry_run(cfg) -> None:
     m = cfg.model
     rec = recompute.resolve(m.recompute_granularity, m.recompute_method, m.recompute_num_layers, s_spec.num_layers // pp)
     plan = lp.plan(t_spec, s_spec, nodes, gpus, tp, pp, k.seq_length, k.micro_batch_size, k.global_batch_size,
-                   fused_output=k.fused_output, lm=k.lm_weight > 0, sequence_parallel=cfg.model.sequence_parallel,
+                   fused_output=k.fused_output, lm=k.lm_weight > 0, sequence_parallel=cfg.trainer.strategy.sequence_parallel,
                    distributed_optimizer=bool(cfg.optim.distributed_optimizer),
                    precision=precision_name(cfg.model.precision, cuda=True), recompute=rec)
     print(lp.show(plan, lp.describe_shape(t_spec), lp.describe_shape(s_spec)))

@@ -129,6 +129,40 @@ def clear(directory) -> None:
             child.unlink()
 
 
+CLEARED_NAME = ".nemo-minitron.cleared"  # written by rank 0 once overwrite=true has emptied the directory
+CLEAR_WAIT_S = 600.0  # how long the other ranks wait for it (a large run directory takes a while to remove)
+
+
+def clear_for_launch(directory, rank: int, world: int, wait_s: float = CLEAR_WAIT_S) -> None:
+    """``overwrite=true`` at every rank of a launch whose process group is not up yet (``distill``, ``finetune``).
+
+    Rank 0 empties the directory (:func:`clear`) and then writes :data:`CLEARED_NAME` holding this launch's
+    identity; every other rank waits for that mark before it looks at anything inside (a completed student, a
+    checkpoint to resume from, a data index), so no rank reads or reports what rank 0 is removing."""
+    d = Path(directory)
+    mark = d / CLEARED_NAME
+    key = _launch_key()
+    if rank == 0:
+        clear(d)
+        if world > 1:
+            d.mkdir(parents=True, exist_ok=True)
+            tmp = mark.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"launch": key, "time": time.time()}))
+            os.replace(tmp, mark)
+        return
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            rec = json.loads(mark.read_text())
+            if rec.get("launch") == key and rec.get("time", 0) >= _STARTED - 2:
+                return
+        except (OSError, ValueError, AttributeError):
+            pass
+        if time.monotonic() > deadline:
+            raise UserError(f"overwrite=true: rank 0 did not finish emptying {d} within {wait_s:.0f}s")
+        time.sleep(0.2)
+
+
 class RunLock:
     """``with RunLock(directory, "distill"):`` -- the body runs only while this run holds ``directory``.
 

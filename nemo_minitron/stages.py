@@ -66,8 +66,7 @@ class Training:
         return dict(self.precision)
 
     def distill_args(self) -> list[str]:
-        return ([f"model.tensor_model_parallel_size={self.tp}", f"model.pipeline_model_parallel_size={self.pp}",
-                 f"model.sequence_parallel={value(self.sequence_parallel)}"]
+        return ([*self.layout_args(), f"trainer.strategy.sequence_parallel={value(self.sequence_parallel)}"]
                 + [f"model.{k}={value(v)}" for k, v in (*self.precision, *self.recompute)]
                 + [f"optim.{k}={value(v)}" for k, v in self.optim])
 
@@ -79,7 +78,7 @@ class Training:
                 + [f"optim.{k}={value(v)}" for k, v in self.optim])
 
     def layout_args(self) -> list[str]:
-        """prune, evaluate, search: the layout keys of those commands."""
+        """The layout keys, spelled the same in every command (``config.LAYOUT_ALIASES``)."""
         return [f"trainer.strategy.tensor_model_parallel_size={self.tp}",
                 f"trainer.strategy.pipeline_model_parallel_size={self.pp}"]
 

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Submit one stage:  slurm/submit.sh STAGE [sbatch options ...] -- [key=value overrides ...]
-#   slurm/submit.sh distill --nodes=4 -- teacher=.. student=.. output=.. trainer.num_nodes=4 model.tensor_model_parallel_size=8
+#   slurm/submit.sh distill --nodes=4 -- teacher=.. student=.. output=.. trainer.num_nodes=4 trainer.strategy.tensor_model_parallel_size=8
 # Adds --gpus-per-node=$GPUS_PER_NODE (default 8; 0 = CPU-only cluster). Prints the job id.
 # --dry-run (first option): validate the overrides and print the resolved launch without submitting.
 set -euo pipefail

@@ -3,7 +3,7 @@
 # --dependency=afterok). Prints the job ids.
 #   slurm/submit_pipeline.sh RUN_DIR TEACHER_CKPT [--dry-run] \
 #       --prune "data.calibration=PREFIX prune.hidden_size=3072 ..." --prune-sbatch "--nodes=1" \
-#       --distill "data.train=PREFIX trainer.max_steps=.. model.tensor_model_parallel_size=8 ..." \
+#       --distill "data.train=PREFIX trainer.max_steps=.. trainer.strategy.tensor_model_parallel_size=8 ..." \
 #       --distill-sbatch "--nodes=4" --export "format=hf"
 # Outputs: RUN_DIR/pruned (checkpoint), RUN_DIR/distill (run dir; student/), RUN_DIR/export.
 set -euo pipefail

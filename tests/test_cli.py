@@ -62,3 +62,36 @@ def test_internal_error_is_one_line_naming_the_log_with_the_traceback(monkeypatc
     assert log.startswith(str(tmp_path / "logs")) and "-evaluate-rank0-" in log
     text = open(log).read()
     assert text.startswith("nemo-minitron evaluate model=m data=d") and "Traceback" in text and "in broken" in text
+
+
+LAYOUT_COMMANDS = ("prune", "distill", "finetune", "evaluate", "search", "pipeline")
+
+
+@pytest.mark.parametrize("command", LAYOUT_COMMANDS)
+def test_layout_keys_have_one_spelling_in_every_command(command, capsys, monkeypatch):
+    """trainer.strategy.* everywhere; model.* read as its alias with one notice, also from a recipe."""
+    required = [f"{k}=x" for k in sorted(config.OmegaConf.missing_keys(config.OmegaConf.load(config.conf_path(command))))]
+    canonical = config.load(command, [*required, "trainer.strategy.tensor_model_parallel_size=2",
+                                      "trainer.strategy.pipeline_model_parallel_size=4"])
+    assert capsys.readouterr().err == ""
+    aliased = config.load(command, [*required, "model.tensor_model_parallel_size=2",
+                                    "model.pipeline_model_parallel_size=4"])
+    notes = capsys.readouterr().err.strip().splitlines()
+    assert notes == [f"note: model.{k} is read as trainer.strategy.{k} (the layout's spelling in every command)"
+                     for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size")]
+    for cfg in (canonical, aliased):
+        assert (cfg.trainer.strategy.tensor_model_parallel_size, cfg.trainer.strategy.pipeline_model_parallel_size) == (2, 4)
+    assert config.to_yaml(canonical) == config.to_yaml(aliased)
+    if "sequence_parallel" in canonical.trainer.strategy:
+        assert config.load(command, [*required, "model.sequence_parallel=false"]).trainer.strategy.sequence_parallel is False
+
+
+def test_recipe_layout_alias(tmp_path, capsys, monkeypatch):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "old.yaml").write_text("command: distill\nmodel:\n  tensor_model_parallel_size: 8\n  precision: bf16\n")
+    (tmp_path / "distill.yaml").write_text(config.conf_path("distill").read_text())
+    monkeypatch.setattr(config, "CONF_DIR", tmp_path)
+    cfg = config.load("distill", ["recipe=old", "teacher=t", "student=s", "output=o", "data.train=d", "data.validation=v"])
+    assert cfg.trainer.strategy.tensor_model_parallel_size == 8 and cfg.model.precision == "bf16"
+    assert "tensor_model_parallel_size" not in cfg.model
+    assert "recipe 'old': model.tensor_model_parallel_size is read as" in capsys.readouterr().err

@@ -36,9 +36,9 @@ LAYOUTS = {
     "DP2_overlap": (2, ["optim.overlap_grad_reduce=true", "optim.overlap_param_gather=true", "optim.bucket_size=20000",
                         "model.recompute_granularity=full", "model.recompute_method=uniform",
                         "model.recompute_num_layers=1"]),
-    "TP2xDP2": (4, ["model.tensor_model_parallel_size=2"]),  # sequence parallelism: on by default at TP > 1
-    "PP2xDP2": (4, ["model.pipeline_model_parallel_size=2"]),
-    "TP2xPP2": (4, ["model.tensor_model_parallel_size=2", "model.pipeline_model_parallel_size=2"]),
+    "TP2xDP2": (4, ["trainer.strategy.tensor_model_parallel_size=2"]),  # sequence parallelism: on by default at TP > 1
+    "PP2xDP2": (4, ["trainer.strategy.pipeline_model_parallel_size=2"]),
+    "TP2xPP2": (4, ["trainer.strategy.tensor_model_parallel_size=2", "trainer.strategy.pipeline_model_parallel_size=2"]),
     # bf16 against fp32 at a larger lr: with the tiny models' large weights (std 0.2, a bf16 step of 1e-3 to
     # 4e-3) updates below half a bf16 step would vanish in the 16-bit copy, which is bf16's nature, not a bug
     "fp32_lr1e-2": (1, ["optim.lr=1e-2"]),
@@ -372,9 +372,9 @@ def test_impossible_layouts_refused(tiny_ckpt, tiny_student, tiny_data, tmp_path
     out = tmp_path / "out"
     base = _args(tiny_ckpt, tiny_student, tiny_data, out)
     cases = [
-        (["model.sequence_parallel=true"], "1", "sequence_parallel=true needs tensor parallelism"),
-        (["model.tensor_model_parallel_size=2"], "3", "world size 3 is not divisible by TP*PP"),
-        (["model.tensor_model_parallel_size=2", "data.seq_length=33"], "2", "not divisible by TP=2"),
+        (["trainer.strategy.sequence_parallel=true"], "1", "sequence_parallel=true needs tensor parallelism"),
+        (["trainer.strategy.tensor_model_parallel_size=2"], "3", "world size 3 is not divisible by TP*PP"),
+        (["trainer.strategy.tensor_model_parallel_size=2", "data.seq_length=33"], "2", "not divisible by TP=2"),
         (["model.precision=fp8"], "1", "model.precision='fp8'"),
         (["data.global_batch_size=6"], "4", "not divisible"),
     ]

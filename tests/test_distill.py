@@ -209,7 +209,7 @@ def _metrics(run_dir):
     return read_metrics(run_dir / "metrics.jsonl")
 
 
-def test_teacher_correction_then_distill(tiny_ckpt, tiny_student, tiny_data, tmp_path):
+def test_teacher_correction_then_distill(tiny_ckpt, tiny_student, tiny_data, tmp_path, dist_single):
     out = tmp_path / "tc"
     p = cli("distill", *_args(tiny_ckpt, tiny_student, tiny_data, out, 2, "distill.teacher_correction=true",
                               "finetune.max_steps=2", "finetune.lr=1e-2"))
@@ -221,6 +221,17 @@ def test_teacher_correction_then_distill(tiny_ckpt, tiny_student, tiny_data, tmp
     ft = _metrics(out / "teacher_corrected")
     assert sorted(ft["train"]) == [1, 2] and "kd_loss" not in ft["train"][1]
     assert (out / "student" / "context" / "io.json").is_file()
+    # the distillation's teacher is the corrected one (read from its checkpoint), and the correction changed it:
+    # a lower loss than the uncorrected teacher on the data it was corrected on
+    assert f"read from {corrected};" in p.stdout, p.stdout[-3000:]
+    from nemo_minitron.checkpoint.loader import load_model
+    from nemo_minitron.data import indexed
+    from nemo_minitron.evaluate import heldout_loss
+
+    windows = indexed.windows(str(tiny_data), 8, 32)
+    before = heldout_loss(load_model(tiny_ckpt)[0], windows, 4)["loss"]
+    after = heldout_loss(load_model(corrected)[0], windows, 4)["loss"]
+    assert after < before - 0.05, (before, after)
 
 
 def test_finetune_command(tiny_ckpt, tiny_data, tmp_path):

@@ -37,17 +37,17 @@ def test_dry_run_refuses_impossible_layouts(tiny_ckpt, tiny_student, capsys):
 
     kd = ["distill", f"teacher={tiny_ckpt}", f"student={tiny_student}", "output=unused", "data.train=unused",
           "data.seq_length=32", "data.global_batch_size=8", "--dry-run"]
-    assert main([*kd, "trainer.devices=2", "model.tensor_model_parallel_size=2"]) == 0
+    assert main([*kd, "trainer.devices=2", "trainer.strategy.tensor_model_parallel_size=2"]) == 0
     assert "TP=2 x PP=1 x DP=1, sequence parallel; bf16, distributed optimizer over DP=1" in capsys.readouterr().out
-    assert main([*kd, "trainer.devices=8", "model.tensor_model_parallel_size=2", "model.sequence_parallel=false",
+    assert main([*kd, "trainer.devices=8", "trainer.strategy.tensor_model_parallel_size=2", "trainer.strategy.sequence_parallel=false",
                  "optim.distributed_optimizer=false", "model.precision=fp32"]) == 0
     out = capsys.readouterr().out
     assert "TP=2 x PP=1 x DP=4; fp32, Adam (not sharded)" in out and "optimizer_fp32 " in out
-    for extra, msg in ((["trainer.devices=3", "model.tensor_model_parallel_size=2"], "not divisible by TP*PP"),
-                       (["trainer.devices=3", "model.pipeline_model_parallel_size=3"], "layers"),
-                       (["trainer.devices=8", "model.tensor_model_parallel_size=8"], "heads"),
+    for extra, msg in ((["trainer.devices=3", "trainer.strategy.tensor_model_parallel_size=2"], "not divisible by TP*PP"),
+                       (["trainer.devices=3", "trainer.strategy.pipeline_model_parallel_size=3"], "layers"),
+                       (["trainer.devices=8", "trainer.strategy.tensor_model_parallel_size=8"], "heads"),
                        (["trainer.devices=4", "data.global_batch_size=6"], "global batch 6"),
-                       (["trainer.devices=2", "model.sequence_parallel=true"], "needs tensor parallelism")):
+                       (["trainer.devices=2", "trainer.strategy.sequence_parallel=true"], "needs tensor parallelism")):
         assert main([*kd, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert msg in err, (msg, err)
@@ -75,7 +75,7 @@ def test_dry_run_counts_micro_batches_in_flight_and_recompute(capsys):
     full, out = act("model.recompute_granularity=full", "model.recompute_method=uniform", "model.recompute_num_layers=1")
     assert "full recompute, uniform x 1" in out and full < selective
     # PP=4: 4 micro-batches in flight, each with a quarter of the layers: the same as PP=1's one micro-batch
-    pp4, out = act("model.pipeline_model_parallel_size=4", "launcher.nodes=128")
+    pp4, out = act("trainer.strategy.pipeline_model_parallel_size=4", "launcher.nodes=128")
     assert "4 micro-batch(es) in flight on the first stage" in out and pp4 == pytest.approx(selective, rel=0.05)
     assert main([*base, "model.recompute_granularity=full"]) == 2
     assert "needs model.recompute_method" in capsys.readouterr().err

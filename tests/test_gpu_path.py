@@ -61,8 +61,8 @@ def test_gpu_path_on_an_emulated_gpu_at_tp_pp_dp_equals_the_cpu(tiny_ckpt, tiny_
     gpu, host = tmp_path / "gpu", tmp_path / "cpu"
     torchrun([WORKERS / "gpu_path.py", tiny_ckpt, tiny_data, gpu], nproc=4, env=EMULATED)
     kd = torchrun(["-m", "nemo_minitron.cli", "distill", *_kd(tiny_ckpt, gpu / "width", tiny_data, gpu / "kd",
-                                                               "model.tensor_model_parallel_size=2",
-                                                               "model.pipeline_model_parallel_size=2")],
+                                                               "trainer.strategy.tensor_model_parallel_size=2",
+                                                               "trainer.strategy.pipeline_model_parallel_size=2")],
                   nproc=4, env=EMULATED).stdout
     assert "(TP=2 PP=2 DP=1 SP, fp32" in kd and "wrote checkpoint" in kd
     run([sys.executable, WORKERS / "gpu_path.py", tiny_ckpt, tiny_data, host])

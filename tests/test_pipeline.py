@@ -104,7 +104,7 @@ def test_pipeline_end_to_end_with_kill_and_resume(texts, tmp_path):
     distill_line = next(line for line in first.splitlines() if line.startswith("[distill] ") and " teacher=" in line)
     assert f"teacher={r1 / 'distill' / 'student'}" in distill_line
     assert "model.precision=null" in distill_line and "model.fp8=null" in distill_line  # precision keys reach distill
-    assert "model.sequence_parallel=null" in distill_line and "optim.distributed_optimizer=true" in distill_line
+    assert "trainer.strategy.sequence_parallel=null" in distill_line and "optim.distributed_optimizer=true" in distill_line
     assert '"step": 4' in (r1 / "distill" / "metrics.jsonl").read_text()
     assert [k for k in rep if k in ("teacher", "round1_pruned", "round1_distilled", "pruned", "distilled")] == [
         "teacher", "round1_pruned", "round1_distilled", "pruned", "distilled"]
@@ -136,7 +136,7 @@ def test_pipeline_refusals_before_any_work(texts, tmp_path, capsys, monkeypatch)
 def test_terminal_filter_keeps_megatrons_bucket_listing_in_the_log():
     """The stage output the pipeline's terminal shows: a NeMo log record and its continuation lines (megatron's
     per-parameter bucket listing) are not, our own lines are, indented or not."""
-    from nemo_minitron.pipeline import TerminalFilter
+    from nemo_minitron.terminal import TerminalFilter
 
     lines = ["[NeMo I 2026-12-03 13:23:48 utils:707] Number of buckets for gradient all-reduce / reduce-scatter: 1\n",
              "    Params for bucket 1 (70896 elements, 71040 padded size):\n",

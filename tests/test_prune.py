@@ -183,9 +183,22 @@ def test_report_scores_and_reuse(pruned_tp1, tiny_ckpt, tmp_path, dist_single):
     assert json.loads((again / "pruning" / "report.json").read_text())["scores_from"] == str(pruned_tp1)
 
 
-def test_pruned_checkpoint_evaluates_in_fresh_process(pruned_tp1, tiny_data):
+def test_pruned_checkpoint_evaluates_in_fresh_process(pruned_tp1, tiny_ckpt, tiny_data, dist_single):
+    """The pruned checkpoint, loaded by a fresh process, gives the loss of the pruned model held here (the
+    trimmed weights survived the save), and that loss is not the source model's."""
+    import re
+
+    from nemo_minitron.checkpoint.loader import load_model
+    from nemo_minitron.data import indexed
+    from nemo_minitron.evaluate import heldout_loss
+
     proc = cli("evaluate", f"model={pruned_tp1}", f"data={tiny_data}", "eval.num_samples=4", "eval.seq_length=32")
-    assert "loss" in proc.stdout and "TP=1" in proc.stdout
+    shown = float(re.search(r"model .*: loss ([0-9.]+)", proc.stdout).group(1))
+    windows = indexed.windows(str(tiny_data), 4, 32)
+    here = heldout_loss(load_model(pruned_tp1)[0], windows, 4)["loss"]
+    source = heldout_loss(load_model(tiny_ckpt)[0], windows, 4)["loss"]
+    assert abs(shown - here) < 1e-4 and abs(here - source) > 1e-3, (shown, here, source)
+    assert "TP=1" in proc.stdout
 
 
 @pytest.mark.parallel

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -252,3 +253,47 @@ def test_prune_search_and_pipeline_refuse_a_directory_in_use(tiny_ckpt, tiny_dat
         pipeline.run(config.load("pipeline", [f"run_dir={run_dir}", f"teacher={tiny_ckpt}", "overwrite=true",
                                               "prune.hidden_size=48", "prune.ffn_hidden_size=96"]))
     assert [p.name for p in run_dir.iterdir()] == [LOCK_NAME]
+
+
+_OVERWRITE_RANK = r"""
+import os, sys, time
+from pathlib import Path
+from nemo_minitron import runlock
+from nemo_minitron.distill import command
+from nemo_minitron.checkpoint import nemo as ck
+
+slow = float(sys.argv[2])
+clear = runlock.clear
+runlock.clear = lambda d: (time.sleep(slow), clear(d))  # rank 0 is slow to empty the directory
+complete = command._prepare_run_dir(Path(sys.argv[1]), True, "student")
+print("redo" if complete else "complete", ck.is_checkpoint(Path(sys.argv[1]) / "student"), flush=True)
+"""
+
+
+def test_overwrite_is_safe_across_ranks(tiny_ckpt, tmp_path):
+    """distill overwrite=true before the process group is up: rank 1 waits until rank 0 has emptied the run
+    directory, so it neither reports the old student complete nor reads anything rank 0 is removing."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_ckpt, run / "student")  # a complete student from an earlier run
+    (run / "checkpoints").mkdir()
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29911",
+           "TORCHELASTIC_RUN_ID": f"overwrite-{time.time()}"}
+    env.pop("SLURM_PROCID", None)
+    script = tmp_path / "rank.py"
+    script.write_text(_OVERWRITE_RANK)
+    procs = {r: subprocess.Popen([sys.executable, script, run, "3" if r == 0 else "0"],
+                                 env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=REPO,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (1, 0)}
+    out = {r: p.communicate(timeout=120) for r, p in procs.items()}
+    for r in (0, 1):
+        assert procs[r].returncode == 0, out[r][1][-2000:]
+        assert out[r][0].split() == ["redo", "False"], (r, out[r])
+    assert sorted(p.name for p in run.iterdir()) == [runlock_mark()]
+
+
+def runlock_mark():
+    from nemo_minitron import runlock
+
+    return runlock.CLEARED_NAME

@@ -310,7 +310,7 @@ def test_search_refusals(search_inputs, tmp_path):
     for key in ("model.transformer_impl=transformer_engine", "model.precision=bf16", "model.fp8=hybrid",
                 "model.fp8_recipe=tensorwise", "model.fp8_first_last_layers_bf16=true", "model.teacher_fp8=true",
                 "model.recompute_granularity=selective", "optim.overlap_grad_reduce=true",
-                "optim.bucket_size=1000000", "model.tensor_model_parallel_size=1", "trainer.max_steps=4"):
+                "optim.bucket_size=1000000", "trainer.strategy.tensor_model_parallel_size=1", "trainer.max_steps=4"):
         assert f" {key} " in f" {line} ", key
     assert "candidates" in dry.stdout and "dry run: nothing was run" in dry.stdout
     assert "each finalist's distillation: 4 steps" in dry.stdout and "data: 16 samples x 33 tokens" in dry.stdout

@@ -14,7 +14,10 @@ import pytest
 from conftest import REPO, cli
 import slurm_cluster
 
-pytestmark = pytest.mark.skipif(not slurm_cluster.available(), reason="slurm-wlm is not installed (make test installs it)")
+pytestmark = pytest.mark.skipif(
+    not slurm_cluster.available(),
+    reason="SKIPPED LOUDLY: slurm-wlm is not installed, so no SLURM test ran (make test installs it with apt-get "
+           "when run as root; otherwise: sudo apt-get install slurm-wlm)")
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import zipfile
 import time
 from pathlib import Path
 
@@ -60,18 +61,28 @@ def pack(ckpt: Path, output: Path, overwrite: bool = False) -> Path:
     return output
 
 
+def check(path) -> dict:
+    """A readable ``.nemo`` archive of a NeMo 2 checkpoint, complete as its manifest says (or one line why not)."""
+    return _check_archive(Path(path))
+
+
 def _check_archive(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path} does not exist or is not a file")
+    if zipfile.is_zipfile(path):
+        raise UserError(f"{path} is a zip archive, not a .nemo (tar) archive")
     try:
         with tarfile.open(path, "r:") as tar:
             members = {m.name: m for m in tar.getmembers()}
             if MANIFEST not in members:
-                raise UserError(f"{path} is not a nemo-minitron .nemo archive of a NeMo 2 checkpoint "
-                                f"({MANIFEST} missing)")
+                nemo1 = any(Path(n).name in ("model_config.yaml", "model_weights.ckpt") for n in members)
+                raise UserError(f"{path} is not a nemo-minitron .nemo archive of a NeMo 2 checkpoint ({MANIFEST} "
+                                f"missing{'; it holds a NeMo 1 model: convert it with NeMo first' if nemo1 else ''})")
             manifest = json.load(tar.extractfile(members[MANIFEST]))
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         raise UserError(f"{path} is not a readable .nemo (tar) archive: {e}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise UserError(f"{path}: its {MANIFEST} is not a nemo-minitron manifest")
     for name, size in manifest["files"].items():
         m = members.get(name)
         if m is None:

@@ -138,11 +138,32 @@ def check_tokenizer(path: Path) -> None:
         raise UserError(f"{path}: tokenizer is missing (no tokenizer.json / tokenizer.model)")
 
 
+def check_safetensors(f: Path) -> None:
+    """A whole safetensors file: its header parses and the file is as long as the header says."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or 8 + n > size:
+            raise UserError(f"{f} is truncated or not a safetensors file ({size} bytes; its header cannot be read)")
+        try:
+            header = json.loads(fh.read(n))
+        except (ValueError, UnicodeDecodeError):
+            raise UserError(f"{f} is corrupt: its safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{f} is corrupt: its safetensors header is not a table of tensors")
+    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    need = 8 + n + max(ends, default=0)
+    if size < need:
+        raise UserError(f"{f} is truncated ({size} bytes, its header needs {need}): re-download or re-save it")
+
+
 def read_state_dict(path: Path) -> dict:
     from safetensors import safe_open
 
     sd = {}
     for f in weight_files(path):
+        check_safetensors(f)
         try:
             with safe_open(str(f), framework="pt") as fh:
                 for k in fh.keys():

@@ -63,10 +63,7 @@ def run(cfg) -> None:
     from nemo_minitron.checkpoint import archive
 
     if str(cfg.source).endswith(".nemo"):
-        if not archive.is_archive(cfg.source):
-            from nemo_minitron.errors import UserError
-
-            raise UserError(f"source {cfg.source} does not exist or is not a file")
+        archive.check(cfg.source)  # not a tar, another archive, incomplete: one line, before anything is written
         out = import_nemo(cfg.source, cfg.output, overwrite=cfg.overwrite)
     else:
         out = import_hf(cfg.source, cfg.output, overwrite=cfg.overwrite)

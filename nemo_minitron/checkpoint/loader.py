@@ -27,6 +27,15 @@ def describe(source) -> tuple[str, Path, ModelSpec]:
         return "nemo", path, spec
     if (path / "context").is_dir() or (path / "weights").is_dir():
         nemo.validate(path)  # an incomplete NeMo checkpoint: say what is missing
+    if path.is_file() and path.suffix == ".nemo":
+        from nemo_minitron.checkpoint import archive
+
+        archive.check(path)  # a broken archive says so; a good one is unpacked by import first
+        raise UserError(f"{path} is a .nemo archive: unpack it into a checkpoint directory first "
+                        f"(nemo-minitron import source={path} output=DIR)")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UserError(f"{path} is not a model checkpoint: neither a NeMo 2 checkpoint (context/io.json) nor a "
+                        "Hugging Face one (config.json)")
     cfg = hf.read_config(path)
     spec = hf_spec(cfg)
     hf.weight_files(path)

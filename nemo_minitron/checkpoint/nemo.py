@@ -360,10 +360,17 @@ def load_weights(path: Path, model, strict: bool = True) -> dict:
     # pre_mlp_layernorm to TE's fused linear_qkv.layer_norm_weight / linear_fc1.layer_norm_weight), and
     # TE's FP8 _extra_state lands in the local layers' extra state, which they ignore
     sharded = {"state_dict": model.sharded_state_dict(prefix="module.", metadata=CONTENT_METADATA)}
-    loaded = dist_checkpointing.load(
-        sharded, str(Path(path) / "weights"),
-        strict=StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL,
-    )
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        loaded = dist_checkpointing.load(
+            sharded, str(Path(path) / "weights"),
+            strict=StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL,
+        )
+    except (CheckpointingException, CheckpointException) as e:  # the weights do not fit the model they describe
+        detail = str(e).strip().splitlines()[-1][:300]
+        raise UserError(f"{path}: its weights do not load into the model its config describes ({detail})") from None
     state = {k.removeprefix("module."): v for k, v in loaded["state_dict"].items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
@@ -397,4 +404,38 @@ def check_tensors(path: Path, spec: ModelSpec) -> None:
         if layers is not None and size is not None and size[0] != layers:
             raise UserError(f"{path}: checkpoint holds {size[0]} layers of {k.removeprefix('module.')}, "
                             f"its config says num_layers={layers}")
+    for k, shape in _expected_shapes(spec).items():
+        size = getattr(meta.get(k), "size", None)
+        if size is None:
+            continue
+        got = tuple(size)
+        vocab = k.endswith(("word_embeddings.weight", "output_layer.weight"))
+        if len(got) != len(shape) or any(g != s for g, s in zip(got, shape) if s is not None) \
+                or (vocab and got[0] < spec.vocab_size):
+            want = "x".join("V" if s is None else str(s) for s in shape)
+            raise UserError(f"{path}: tensor {k.removeprefix('module.')} has shape {'x'.join(map(str, got))} but its "
+                            f"config implies {want}: the weights and context/ are from different models")
+    extra = sorted(k for k in meta if k.startswith("module.output_layer") and spec.tied)
+    if extra:
+        raise UserError(f"{path}: checkpoint holds {extra[0].removeprefix('module.')} but its config ties the output "
+                        "layer to the embedding (share_embeddings_and_output_weights): weights and config disagree")
+
+
+def _expected_shapes(spec: ModelSpec) -> dict:
+    """Global shapes megatron stores for ``spec`` (layers stacked in the first dimension; the vocabulary, padded
+    for the layout it was written at, as None)."""
+    h, f, L = spec.hidden_size, spec.ffn_hidden_size, spec.num_layers
+    heads, groups, d = spec.num_attention_heads, spec.num_query_groups, spec.kv_channels
+    gated = spec.get("gated_linear_unit", True)
+    lay = "module.decoder.layers."
+    shapes = {"module.embedding.word_embeddings.weight": (None, h), "module.decoder.final_layernorm.weight": (h,),
+              lay + "self_attention.linear_qkv.weight": (L, (heads + 2 * groups) * d, h),
+              lay + "self_attention.linear_qkv.layer_norm_weight": (L, h),
+              lay + "self_attention.linear_proj.weight": (L, h, heads * d),
+              lay + "mlp.linear_fc1.weight": (L, (2 if gated else 1) * f, h),
+              lay + "mlp.linear_fc1.layer_norm_weight": (L, h),
+              lay + "mlp.linear_fc2.weight": (L, h, f)}
+    if not spec.tied:
+        shapes["module.output_layer.weight"] = (None, h)
+    return shapes
 

@@ -17,9 +17,74 @@ def exists(prefix) -> bool:
     return Path(f"{prefix}.bin").is_file() and Path(f"{prefix}.idx").is_file()
 
 
+_DTYPE_SIZE = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 8, 8: 2}  # megatron's DType codes -> bytes per token
+
+
 def check_prefix(prefix) -> None:
+    """A readable Megatron indexed dataset: both files, a valid index, and a ``.bin`` as long as the index says."""
+    if Path(prefix).is_dir() and not exists(prefix):
+        raise UserError(f"dataset {prefix} is a directory: a dataset PREFIX names the files PREFIX.bin and PREFIX.idx")
     if not exists(prefix):
-        raise UserError(f"dataset {prefix}: {prefix}.bin / {prefix}.idx not found (run nemo-minitron preprocess)")
+        missing = " and ".join(f"{prefix}{ext}" for ext in (".bin", ".idx") if not Path(f"{prefix}{ext}").is_file())
+        raise UserError(f"dataset {prefix}: {missing} not found (run nemo-minitron preprocess)")
+    idx, binf = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    try:
+        with open(idx, "rb") as fh:
+            head = fh.read(34)
+            if len(head) < 34 or head[:9] != b"MMIDIDX\x00\x00":
+                raise UserError(f"dataset {prefix}: {idx} is not a Megatron index file")
+            code, n = head[17], int(np.frombuffer(head[18:26], dtype="<u8")[0])
+            if code not in _DTYPE_SIZE or idx.stat().st_size < 34 + n * 12:
+                raise UserError(f"dataset {prefix}: {idx} is truncated or corrupt")
+            if n == 0:
+                raise UserError(f"dataset {prefix} holds no documents")
+            fh.seek(34 + (n - 1) * 4)
+            last_len = int(np.frombuffer(fh.read(4), dtype="<i4")[0])
+            fh.seek(34 + n * 4 + (n - 1) * 8)
+            last_ptr = int(np.frombuffer(fh.read(8), dtype="<i8")[0])
+    except OSError as e:
+        raise UserError(f"dataset {prefix}: cannot read {idx} ({e.strerror or e})") from None
+    need = last_ptr + last_len * _DTYPE_SIZE[code]
+    if binf.stat().st_size < need:
+        raise UserError(f"dataset {prefix}: {binf} is truncated ({binf.stat().st_size} bytes, its index needs {need}); "
+                        "re-run nemo-minitron preprocess")
+
+
+CHECK_LINES = 1000  # jsonl lines of each file checked before any tokenizing (a later bad line stops the run)
+
+
+def check_inputs(files, text_key: str = "text") -> None:
+    """Before any work: every input is text (no NUL bytes in its first MiB), a jsonl file's first
+    :data:`CHECK_LINES` lines are JSON objects with the ``text_key`` field, and there is some text at all."""
+    has_text = False
+    for f in map(Path, files):
+        with f.open("rb") as fh:
+            head = fh.read(1 << 20)
+        if b"\x00" in head:
+            raise UserError(f"{f} is not text (it holds NUL bytes: a binary file?)")
+        if f.suffix in (".jsonl", ".json", ".ndjson"):
+            with f.open(encoding="utf-8", errors="replace") as fh:
+                for n, line in enumerate(fh, 1):
+                    if n > CHECK_LINES:
+                        break
+                    if line.strip():
+                        _json_text(line, f, n, text_key)
+                        has_text = True
+        elif head.strip():
+            has_text = True
+    if not has_text:
+        raise UserError(f"no text in the input ({', '.join(str(f) for f in files[:3])}{', ...' if len(files) > 3 else ''}"
+                        " is empty): no documents")
+
+
+def _json_text(line: str, f, n: int, text_key: str) -> str:
+    try:
+        doc = json.loads(line)[text_key]
+    except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+        raise UserError(f"{f}:{n}: not a JSON object with a {text_key!r} field") from None
+    if not isinstance(doc, str):
+        raise UserError(f"{f}:{n}: its {text_key!r} field is not a string")
+    return doc
 
 
 def iter_documents(files, split: str = "file", text_key: str = "text"):
@@ -36,11 +101,7 @@ def iter_documents(files, split: str = "file", text_key: str = "text"):
                 for n, line in enumerate(fh, 1):
                     if not line.strip():
                         continue
-                    try:
-                        doc = json.loads(line)[text_key]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise UserError(f"{f}:{n}: not a JSON object with a {text_key!r} field") from None
-                    yield doc
+                    yield _json_text(line, f, n, text_key)
             continue
         text = f.read_text(encoding="utf-8", errors="replace")
         if split == "file":
@@ -101,6 +162,7 @@ def write(prefix, documents, tokenizer, append_eod: bool = True, total_bytes: in
     target = final["bin"]
     builder = None
     own_bar = bar is None
+    created = [d for d in (prefix.parent, *prefix.parent.parents) if not d.exists()]  # removed again on failure
     try:
         prefix.parent.mkdir(parents=True, exist_ok=True)
         builder = IndexedDatasetBuilder(str(tmp["bin"]), dtype=dtype)
@@ -109,6 +171,8 @@ def write(prefix, documents, tokenizer, append_eod: bool = True, total_bytes: in
         if own_bar:
             bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
         for doc in documents:
+            if not doc.strip():  # an empty document (or file) is no document, not a lone end-of-document token
+                continue
             ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
             if append_eod:
                 ids.append(eod)
@@ -147,6 +211,11 @@ def write(prefix, documents, tokenizer, append_eod: bool = True, total_bytes: in
                 pass
         for p in tmp.values():
             p.unlink(missing_ok=True)
+        for d in created:
+            try:
+                d.rmdir()
+            except OSError:
+                break
         if isinstance(e, OSError):
             raise _write_error(target, e) from None
         raise

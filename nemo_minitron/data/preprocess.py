@@ -45,12 +45,16 @@ def run(cfg) -> None:
             raise UserError(f"output_prefix={out} is a file: with preprocess.per_file=true it is a directory")
         jobs = [([f], out / f.stem) for f in files]
     else:
+        if out.is_dir():
+            raise UserError(f"output_prefix={out} is a directory: a dataset PREFIX names the files PREFIX.bin and "
+                            "PREFIX.idx (preprocess.per_file=true writes one prefix per input file into a directory)")
         jobs = [(files, out)]
     for _, prefix in jobs:
         if indexed.exists(prefix) and not cfg.overwrite:
             raise UserError(f"output {prefix}.bin/.idx exists (pass overwrite=true to replace it)")
     if cfg.preprocess.split not in ("file", "paragraph", "line"):
         raise UserError(f"preprocess.split={cfg.preprocess.split!r}: use file, paragraph or line")
+    indexed.check_inputs(files, cfg.preprocess.text_key)
     tokenizer = tok.load(cfg.tokenizer)
     fingerprint = tok.fingerprint(tokenizer)  # the sidecar PREFIX.json: which tokenizer made the data
     if hasattr(signal, "SIGXFSZ"):  # a file size limit: a write error (EFBIG, one line), not a killed process

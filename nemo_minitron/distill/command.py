@@ -42,11 +42,15 @@ def _prepare_run_dir(out: Path, overwrite: bool, final: str) -> bool:
     """False when the run already finished (its final checkpoint is complete)."""
     if out.exists() and out.is_file():
         raise UserError(f"output {out} is a file, not a run directory")
-    if overwrite and out.exists() and parallel.is_rank0():
+    if overwrite:
         from nemo_minitron import runlock
 
-        runlock.clear(out)  # everything but the run lock this run holds
-    parallel.barrier()
+        if parallel.dist.is_initialized():
+            if parallel.is_rank0():
+                runlock.clear(out)  # everything but the run lock this run holds
+            parallel.barrier()
+        else:  # the other ranks wait for rank 0's "emptied" mark before they look inside
+            runlock.clear_for_launch(out, parallel.rank(), parallel.world_size_from_env())
     if (out / final).exists() and ck.is_checkpoint(out / final):
         return False
     if parallel.is_rank0():
@@ -323,7 +327,7 @@ def run(cfg) -> None:
 
     install_signal_handlers()  # a SLURM warning that arrives while we load still leads to a clean stop
 
-    tp, pp = cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size
+    tp, pp = cfg.trainer.strategy.tensor_model_parallel_size, cfg.trainer.strategy.pipeline_model_parallel_size
     # ---- everything that can be refused is refused here ---------------------------------------------
     t_path, t_spec = _nemo_source(cfg.teacher, "teacher")
     s_path, s_spec = _nemo_source(cfg.student, "student")
@@ -340,8 +344,8 @@ def run(cfg) -> None:
         if not (-s_spec.num_layers <= s_layer < s_spec.num_layers and -t_spec.num_layers <= t_layer < t_spec.num_layers):
             raise UserError(f"distill.intermediate_pairs [{s_layer}, {t_layer}] is out of range (student has "
                             f"{s_spec.num_layers} layers, teacher {t_spec.num_layers})")
-    data, fit = _common_checks(cfg, tp, pp, s_spec, cfg.model.sequence_parallel, cfg.model.precision,
-                               "model.sequence_parallel", "model.precision", fp8=FP8.of(s_over),
+    data, fit = _common_checks(cfg, tp, pp, s_spec, cfg.trainer.strategy.sequence_parallel, cfg.model.precision,
+                               "trainer.strategy.sequence_parallel", "model.precision", fp8=FP8.of(s_over),
                                recompute_keys=cfg.model)
     correction = None
     if cfg.distill.teacher_correction:
@@ -386,7 +390,7 @@ def dry_run(cfg) -> None:
     t_spec, s_spec = lp.spec_of(cfg.teacher), lp.spec_of(cfg.student)
     from nemo_minitron.distill.pair import check_tokenizers, check_vocab as check_pair_vocab
 
-    tp, pp = cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size
+    tp, pp = cfg.trainer.strategy.tensor_model_parallel_size, cfg.trainer.strategy.pipeline_model_parallel_size
     check_pair_vocab(s_spec, t_spec, tp)
     check_tokenizers(cfg.student, cfg.teacher)
     settings_from(cfg)
@@ -394,7 +398,7 @@ def dry_run(cfg) -> None:
 
     gpus = cfg.trainer.devices or 8
     d = blend.settings_from(cfg.data, has_cuda=True)
-    layout = parallel.Layout.resolve(cfg.trainer.num_nodes * gpus, tp, pp, cfg.model.sequence_parallel)
+    layout = parallel.Layout.resolve(cfg.trainer.num_nodes * gpus, tp, pp, cfg.trainer.strategy.sequence_parallel)
     from nemo_minitron.model import recompute
 
     m = cfg.model

@@ -128,6 +128,15 @@ def from_hf_config(hf: dict) -> ModelSpec:
     for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"):
         if key not in hf:
             raise UserError(f"config.json lacks {key!r}: not a Llama-family causal LM config")
+    for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size",
+                "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        v = hf.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise UserError(f"config.json: {key}={v!r} is not a positive integer")
+    for key in ("rope_theta", "rms_norm_eps"):
+        v = hf.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+            raise UserError(f"config.json: {key}={v!r} is not a positive number")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise UserError("attention/MLP biases are not supported (Llama-family models have none)")
     if hf.get("sliding_window"):

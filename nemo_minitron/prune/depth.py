@@ -51,7 +51,8 @@ def validate_depth(spec: ModelSpec, num_layers=None, drop_layers=None, pp: int =
         if len(drop) >= L:
             raise UserError("prune.drop_layers would drop every layer")
         if num_layers is not None and L - len(drop) != num_layers:
-            raise UserError(f"prune.num_layers={num_layers} disagrees with dropping {len(drop)} of {L} layers")
+            raise UserError(f"prune.num_layers={num_layers} and prune.drop_layers={drop} disagree: dropping "
+                            f"{len(drop)} of {L} layers leaves {L - len(drop)} (set one of them)")
     remaining = L - len(drop) if drop else num_layers
     if remaining is not None and remaining % pp:
         raise UserError(f"{remaining} remaining layers cannot be split over pipeline_model_parallel_size={pp}")
