@@ -80,10 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     from nemo_minitron import terminal
 
     with terminal.filtered(command, argv) as log:  # the terminal shows our lines; the log file keeps the rest
-        return _run(command, argv, overrides, print_only, dry_run, log)
+        return _run(command, overrides, print_only, dry_run, log)
 
 
-def _run(command: str, argv: list, overrides: list, print_only: bool, dry_run: bool, log) -> int:
+def _run(command: str, overrides: list, print_only: bool, dry_run: bool, log) -> int:
     from nemo_minitron import config
 
     unknown_flags = [a for a in overrides if a.startswith("--")]

@@ -14,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 RAW_ENV = "NEMO_MINITRON_TERMINAL"
+_TORCH_RANK = re.compile(r"\[rank\d+\]")  # torch.distributed's per-rank prefix ("[rank0]: Traceback ...")
 
 
 class TerminalFilter:
@@ -41,9 +43,9 @@ def worth_showing(line: str) -> bool:
     if line.startswith(("error: ", "note: ", "warning: ")):
         return True
     skip = ("[NeMo", "GPU available", "TPU available", "HPU available", "  warnings.warn", "warn(", "OneLogger",
-            "No exporters", "WARNING", "LOCAL_RANK", "Loading", "[rank", "  |", "---", "Epoch ", "`Trainer")
+            "No exporters", "WARNING", "LOCAL_RANK", "Loading", "  |", "---", "Epoch ", "`Trainer")
     lightning_summary = line[:1].isdigit() and (" | " in line or "params" in line or "Modules in" in line)
-    return (bool(line.strip()) and not line.startswith(skip) and not line.startswith((" \t", "\t"))
+    return (bool(line.strip()) and not line.startswith(skip) and not _TORCH_RANK.match(line) and not line.startswith((" \t", "\t"))
             and not lightning_summary and "Warning" not in line and "| Name" not in line
             and not line.startswith("  import "))
 
@@ -59,7 +61,7 @@ class RunLog:
         self._fh = None
 
     def _open(self):
-        default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nemo-minitron" / "errors"
+        default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nemo-minitron" / "logs"
         for d in (Path(os.environ.get("NEMO_MINITRON_LOG_DIR") or default), Path(tempfile.gettempdir())):
             try:
                 d.mkdir(parents=True, exist_ok=True)

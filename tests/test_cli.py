@@ -95,3 +95,21 @@ def test_recipe_layout_alias(tmp_path, capsys, monkeypatch):
     assert cfg.trainer.strategy.tensor_model_parallel_size == 8 and cfg.model.precision == "bf16"
     assert "tensor_model_parallel_size" not in cfg.model
     assert "recipe 'old': model.tensor_model_parallel_size is read as" in capsys.readouterr().err
+
+
+def test_terminal_shows_our_lines_and_the_log_keeps_the_chatter(tiny_ckpt, tiny_data, tmp_path):
+    """A command run directly: NeMo's, megatron's and Lightning's import chatter goes to the run's log file,
+    the terminal gets the command's own lines only."""
+    from conftest import cli as run_cli
+
+    logs = tmp_path / "logs"
+    p = run_cli("evaluate", f"model={tiny_ckpt}", f"data={tiny_data}", "eval.num_samples=4", "eval.seq_length=16",
+                env={"NEMO_MINITRON_LOG_DIR": str(logs)})
+    shown = [x for x in (p.stdout + p.stderr).splitlines() if x.strip()]
+    assert shown and all(x.startswith(("native model", "nemo model", "evaluating", "wrote")) or ": loss " in x
+                         for x in shown), shown
+    kept = "".join(f.read_text() for f in logs.glob("*-evaluate-*.log"))
+    assert kept.startswith("nemo-minitron evaluate ") and ("[NeMo W" in kept or "OneLogger" in kept), kept[:500]
+    raw = run_cli("evaluate", f"model={tiny_ckpt}", f"data={tiny_data}", "eval.num_samples=4", "eval.seq_length=16",
+                  env={"NEMO_MINITRON_LOG_DIR": str(tmp_path / "raw"), "NEMO_MINITRON_TERMINAL": "raw"})
+    assert "[NeMo W" in raw.stdout + raw.stderr or "OneLogger" in raw.stdout + raw.stderr
