@@ -166,6 +166,7 @@ class Check:
         env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
         env["PYTHONUNBUFFERED"] = "1"
+        env["NEMO_MINITRON_TERMINAL"] = "raw"  # the stage logs keep everything (as the pipeline's)
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")

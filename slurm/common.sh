@@ -35,6 +35,7 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=1            # a failed collective ends t
 export NVTE_FWD_LAYERNORM_SM_MARGIN=${NVTE_FWD_LAYERNORM_SM_MARGIN:-16}  # leave SMs for comm overlap (TE)
 export NVTE_BWD_LAYERNORM_SM_MARGIN=${NVTE_BWD_LAYERNORM_SM_MARGIN:-16}
 export PYTHONUNBUFFERED=1                           # progress lines reach the log as they happen
+export NEMO_MINITRON_TERMINAL=raw                  # per-task logs are files: they keep NeMo's and megatron's lines too
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 # master = first node of the allocation; port from the job id (two jobs on one node do not collide),
 # kept below Linux's ephemeral range (32768+) so no outgoing connection can already hold it

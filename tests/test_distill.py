@@ -236,14 +236,22 @@ def test_teacher_correction_then_distill(tiny_ckpt, tiny_student, tiny_data, tmp
 
 def test_finetune_command(tiny_ckpt, tiny_data, tmp_path):
     """finetune, with validation drawn from the training data by Megatron's split (data.split)."""
+    def finetune(out, lr):
+        return cli("finetune", f"model={tiny_ckpt}", f"output={out}", f"data.train={tiny_data}", "data.seq_length=32",
+                   "data.global_batch_size=4", "trainer.max_steps=3", f"optim.lr={lr}", "optim.min_lr=0", "checkpoint.every_n_steps=2",
+                   "data.split=50,50,0", "data.num_val_samples=8", "trainer.val_check_interval=3")
+
     out = tmp_path / "ft"
-    p = cli("finetune", f"model={tiny_ckpt}", f"output={out}", f"data.train={tiny_data}", "data.seq_length=32",
-            "data.global_batch_size=4", "trainer.max_steps=3", "optim.lr=1e-2", "checkpoint.every_n_steps=2",
-            "data.split=50,50,0", "data.num_val_samples=8", "trainer.val_check_interval=3")
+    p = finetune(out, "1e-2")
     assert p.stdout.strip().splitlines()[-1] == f"wrote checkpoint: {out / 'model'}"
     m = _metrics(out)
     assert m["train"][3]["loss"] < m["train"][1]["loss"]
-    assert sorted(m["val"]) == [3] and 0 < m["val"][3] < 10
+    # the validation loss is the trained model's on the held-out split: below the untrained one's (lr ~ 0, the
+    # same windows) by a real margin
+    finetune(tmp_path / "ft0", "1e-12")
+    untrained = _metrics(tmp_path / "ft0")
+    assert sorted(m["val"]) == [3] == sorted(untrained["val"])
+    assert m["val"][3] < untrained["val"][3] - 0.1, (m["val"], untrained["val"])
     assert list((out / "data_index").glob("*GPTDataset-valid-*"))  # the split's validation part, cached
 
 

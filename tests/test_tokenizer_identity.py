@@ -238,4 +238,4 @@ def test_preprocess_under_a_file_size_limit_fails_in_one_line_and_leaves_nothing
                           env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
     err = [x for x in proc.stderr.splitlines() if x.startswith(("error", "Traceback"))]
     assert proc.returncode == 2 and err == [f"error: cannot write {prefix}.bin: {os.strerror(errno.EFBIG)}"], proc.stderr[-3000:]
-    assert not list(prefix.parent.iterdir())  # no .bin/.idx/.json, no .partial
+    assert not prefix.parent.exists()  # no .bin/.idx/.json, no .partial, not even the directory it made

@@ -69,7 +69,7 @@ def check(path) -> dict:
 def _check_archive(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path} does not exist or is not a file")
-    if zipfile.is_zipfile(path):
+    if not tarfile.is_tarfile(path) and zipfile.is_zipfile(path):
         raise UserError(f"{path} is a zip archive, not a .nemo (tar) archive")
     try:
         with tarfile.open(path, "r:") as tar:
