@@ -116,9 +116,11 @@ def _run(command: str, overrides: list, print_only: bool, dry_run: bool, log) ->
         import traceback
 
         text = traceback.format_exc()
-        where = str(log.path) if log.write(text) else "(stderr above)"
-        if where == "(stderr above)":  # nowhere to write it: the traceback itself
+        if log.write(text):
+            where = str(log.path)
+        else:  # nowhere to write it: the traceback itself
             sys.__stderr__.write(text)
+            where = "(stderr above)"
         first = (str(e).strip().splitlines() or [""])[0][:300]
         print(f"error: internal error in nemo-minitron {command} ({type(e).__name__}: {first}); the traceback is in "
               f"{where}", file=sys.stderr)

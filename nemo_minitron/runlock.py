@@ -107,6 +107,11 @@ def _launch_key() -> str:
     return "|".join(os.environ.get(k, "") for k in _LAUNCH_ENV)
 
 
+def _of_this_launch(rec) -> bool:
+    """A lock or mark written by this launch (same launcher identity) after this process started."""
+    return isinstance(rec, dict) and rec.get("launch") == _launch_key() and rec.get("start_epoch", 0) >= _STARTED - 2
+
+
 def _inherited() -> dict:
     try:
         v = json.loads(os.environ.get(ENV, "{}"))
@@ -141,22 +146,20 @@ def clear_for_launch(directory, rank: int, world: int, wait_s: float = CLEAR_WAI
     checkpoint to resume from, a data index), so no rank reads or reports what rank 0 is removing."""
     d = Path(directory)
     mark = d / CLEARED_NAME
-    key = _launch_key()
     if rank == 0:
         clear(d)
         if world > 1:
             d.mkdir(parents=True, exist_ok=True)
             tmp = mark.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"launch": key, "time": time.time()}))
+            tmp.write_text(json.dumps({"launch": _launch_key(), "start_epoch": time.time()}))
             os.replace(tmp, mark)
         return
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            rec = json.loads(mark.read_text())
-            if rec.get("launch") == key and rec.get("time", 0) >= _STARTED - 2:
+            if _of_this_launch(json.loads(mark.read_text())):
                 return
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError):
             pass
         if time.monotonic() > deadline:
             raise UserError(f"overwrite=true: rank 0 did not finish emptying {d} within {wait_s:.0f}s")
@@ -380,12 +383,12 @@ class RunLock:
         return same
 
     def _wait_for_rank0(self) -> None:
-        key, deadline = _launch_key(), time.monotonic() + self.wait_s
+        deadline = time.monotonic() + self.wait_s
         while True:
             rec = self._read(retries=0)
             if rec is None:
                 return  # no run holds the directory (rank 0 takes it, or took and already released it)
-            if isinstance(rec, dict) and rec.get("launch") == key and rec.get("start_epoch", 0) >= _STARTED - 2:
+            if _of_this_launch(rec):
                 return  # rank 0 of this launch holds it
             if time.monotonic() > deadline:  # another run's lock that rank 0 neither took over nor was refused by
                 raise UserError(self.holder_message(rec) if isinstance(rec, dict) else

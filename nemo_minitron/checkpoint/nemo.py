@@ -379,22 +379,14 @@ def load_weights(path: Path, model, strict: bool = True) -> dict:
     return state
 
 
-_LAYER_TENSORS = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.layer_norm_weight",
-                  "self_attention.linear_proj.weight", "mlp.linear_fc1.weight", "mlp.linear_fc1.layer_norm_weight",
-                  "mlp.linear_fc2.weight")
-
-
 def check_tensors(path: Path, spec: ModelSpec) -> None:
     """Refuse a checkpoint that lacks a tensor its model needs (or holds fewer layers than its config says),
     from the metadata alone: a model built from it would otherwise keep some weights at their initial values
     (Megatron-Bridge #1422) or fail deep inside megatron's loader."""
     with open(Path(path) / "weights" / ".metadata", "rb") as fh:
         meta = pickle.load(fh).state_dict_metadata
-    need = {"module.embedding.word_embeddings.weight": None, "module.decoder.final_layernorm.weight": None}
-    if not spec.tied:
-        need["module.output_layer.weight"] = None
-    for name in _LAYER_TENSORS:
-        need[f"module.decoder.layers.{name}"] = spec.num_layers
+    shapes = _expected_shapes(spec)
+    need = {k: spec.num_layers if k.startswith("module.decoder.layers.") else None for k in shapes}
     missing = [k for k in need if k not in meta]
     if missing:
         raise UserError(f"{path}: checkpoint lacks {len(missing)} of the model's tensors "
@@ -404,8 +396,8 @@ def check_tensors(path: Path, spec: ModelSpec) -> None:
         if layers is not None and size is not None and size[0] != layers:
             raise UserError(f"{path}: checkpoint holds {size[0]} layers of {k.removeprefix('module.')}, "
                             f"its config says num_layers={layers}")
-    for k, shape in _expected_shapes(spec).items():
-        size = getattr(meta.get(k), "size", None)
+    for k, shape in shapes.items():
+        size = getattr(meta[k], "size", None)
         if size is None:
             continue
         got = tuple(size)
@@ -415,7 +407,7 @@ def check_tensors(path: Path, spec: ModelSpec) -> None:
             want = "x".join("V" if s is None else str(s) for s in shape)
             raise UserError(f"{path}: tensor {k.removeprefix('module.')} has shape {'x'.join(map(str, got))} but its "
                             f"config implies {want}: the weights and context/ are from different models")
-    extra = sorted(k for k in meta if k.startswith("module.output_layer") and spec.tied)
+    extra = sorted(k for k in meta if k.startswith("module.output_layer")) if spec.tied else []
     if extra:
         raise UserError(f"{path}: checkpoint holds {extra[0].removeprefix('module.')} but its config ties the output "
                         "layer to the embedding (share_embeddings_and_output_weights): weights and config disagree")
