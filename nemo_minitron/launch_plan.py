@@ -67,10 +67,10 @@ def plan(t_spec, s_spec, nodes: int, gpus_per_node: int, tp: int, pp: int, seq: 
     if fused_output:
         from nemo_minitron.distill.losses import fused_output_bytes
 
-        logits = fused_output_bytes(seq * mbs, -(-s_spec.vocab_size // tp), s_spec.hidden_size, lm, chunk_tokens,
+        logits = fused_output_bytes(seq * mbs, s_spec.padded_vocab(tp) // tp, s_spec.hidden_size, lm, chunk_tokens,
                                     weight_bytes=wb)
     else:
-        logits = 3 * 4 * seq * mbs * s_spec.vocab_size / tp
+        logits = 3 * 4 * seq * mbs * s_spec.padded_vocab(tp) / tp
     total = teacher_w + student_w + grads + optim + act + logits
     return {
         "nodes": nodes, "gpus_per_node": gpus_per_node, "world_size": world, "tp": tp, "pp": pp, "dp": dp,

@@ -27,7 +27,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from nemo_minitron import stages
-from nemo_minitron.terminal import RAW_ENV, TerminalFilter, worth_showing
+from nemo_minitron.terminal import RAW_ENV, relay, worth_showing
 from nemo_minitron.errors import UserError
 
 PARALLEL = {"prune", "distill", "finetune", "evaluate", "search"}
@@ -56,14 +56,9 @@ class Runner:
         shown = [c if len(c) < 160 else c[:100] + f"...({c.count(',') + 1} items)" for c in map(str, cmd)]
         print(f"[{name}] {' '.join(shlex.quote(c) for c in shown)}", flush=True)
         t0 = time.time()
-        with open(self.logs / f"{name}.log", "a") as log:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-            tail, shown = [], TerminalFilter()
-            for line in proc.stdout:
-                log.write(line)
-                if shown(line):
-                    print(f"[{name}] {line}", end="", flush=True)
-                tail = (tail + [line])[-30:]
+        with open(self.logs / f"{name}.log", "a", newline="") as log:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+            tail = relay(proc.stdout, log, f"[{name}] ")
             rc = proc.wait()
         if rc != 0 or not done():  # one line: the stage's own error line (or its last shown one) and its log
             said = [x.strip() for x in tail if x.startswith("error: ")] or [x.strip() for x in tail if worth_showing(x)]

@@ -43,11 +43,47 @@ def worth_showing(line: str) -> bool:
     if line.startswith(("error: ", "note: ", "warning: ")):
         return True
     skip = ("[NeMo", "GPU available", "TPU available", "HPU available", "  warnings.warn", "warn(", "OneLogger",
-            "No exporters", "WARNING", "LOCAL_RANK", "Loading", "  |", "---", "Epoch ", "`Trainer")
+            "No exporters", "WARNING", "LOCAL_RANK", "Loading", "  |", "---", "Epoch ", "`Trainer",
+            "distributed_backend=", "All distributed processes registered", "Initializing distributed:",
+            "You are using the default legacy behaviour")
     lightning_summary = line[:1].isdigit() and (" | " in line or "params" in line or "Modules in" in line)
     return (bool(line.strip()) and not line.startswith(skip) and not _TORCH_RANK.match(line) and not line.startswith((" \t", "\t"))
             and not lightning_summary and "Warning" not in line and "| Name" not in line
             and not line.startswith("  import "))
+
+
+def relay(stream, log, prefix: str, out=None) -> list[str]:
+    """Copy a child's output (``stream``: its binary stdout) to ``log`` whole, and to ``out`` (the terminal) the
+    lines :class:`TerminalFilter` keeps, each after ``prefix``. A progress bar redrawn with ``\r`` is redrawn
+    in place on a terminal and shows its last state only otherwise (a log file, a pipe). Returns the last 30
+    complete lines (for a failure's one-line reason)."""
+    out = out or sys.stdout
+    tty = out.isatty()
+    keep, tail, bar = TerminalFilter(), [], None  # bar: the latest redraw not yet shown (not a tty)
+    reader = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="")  # "\r" ends a segment
+    for seg in reader:
+        log.write(seg)
+        if seg.endswith("\r") and not seg.endswith("\r\n"):  # one state of a redrawn line
+            text = seg[:-1]
+            if text.strip() and worth_showing(text):
+                if tty:
+                    out.write(f"\r{prefix}{text}\x1b[K")
+                    out.flush()
+                bar = text
+            continue
+        line = seg.rstrip("\r\n")
+        if not line.strip() and bar is not None:  # a bar's final newline: its last state is the line
+            line = bar
+        shown_bar, bar = bar, None
+        tail = (tail + [line + "\n"])[-30:]
+        if keep(line + "\n"):
+            out.write(f"\r{prefix}{line}\x1b[K\n" if tty else f"{prefix}{line}\n")
+        elif tty and shown_bar is not None:
+            out.write("\n")  # leave the bar drawn
+        out.flush()
+    if bar is not None:
+        out.write(f"{prefix}{bar}\n" if not tty else "\n")
+    return tail
 
 
 class RunLog:

@@ -128,27 +128,34 @@ def test_same_layers_across_layouts(tp, pp, depth_one_process, tiny_ckpt, tiny_d
 
 @pytest.mark.slow
 def test_smollm2_30_to_20_layers(smol, dist_single):
-    """Held-out loss after dropping 10 of SmolLM2's 30 layers, no retraining, for each method."""
+    """Held-out loss after dropping 10 of SmolLM2's 30 layers, no retraining. On two disjoint calibration sets:
+    the default `lm_loss` beats block influence by 0.1 nats (measured 0.43 and 0.24 on these windows), and every
+    scored choice beats random layers by a nat (random sets measure 8.7-12.5, the scored ones 5.3-5.9)."""
     from nemo_minitron.checkpoint.loader import load_model
     from nemo_minitron.data import indexed
     from nemo_minitron.evaluate import heldout_loss
     from nemo_minitron.prune.depth import drop_layers, layer_scores
 
     model, spec, _ = load_model(smol / "ckpt")
-    calib = indexed.windows(smol / "calibration", 4, 128)
+    pool = indexed.windows(smol / "calibration", 8, 128)
     heldout = indexed.windows(smol / "heldout", 8, 256)
-    rows, losses = ["| method | dropped layers (1-indexed) | held-out loss |", "|---|---|---|"], {}
-    choices = {"keep first 20": list(range(20, 30))}
-    for method in ("block_influence", "lm_loss", "contiguous"):
-        choices[method] = layer_scores(model, spec, calib, 4, method, num_layers=20, progress=False)["drop"]
-    for name, drop in choices.items():
+
+    def loss_without(drop):
         pruned, _ = drop_layers(model, spec, drop)
-        losses[name] = heldout_loss(pruned, heldout, 4)["loss"]
-        rows.append(f"| {name} | {[i + 1 for i in drop]} | {losses[name]:.3f} |")
-        del pruned
-    rows.append(f"| (teacher, 30 layers) | | {heldout_loss(model, heldout, 4)['loss']:.3f} |")
-    print("\n" + "\n".join(rows))
-    assert min(losses["lm_loss"], losses["contiguous"]) <= losses["block_influence"]
+        return heldout_loss(pruned, heldout, 4)["loss"]
+
+    g = torch.Generator().manual_seed(0)
+    random_losses = [loss_without(sorted((torch.randperm(28, generator=g)[:10] + 1).tolist())) for _ in range(2)]
+    rows = ["| calibration | method | dropped layers (1-indexed) | held-out loss |", "|---|---|---|---|"]
+    for name, calib in (("windows 0-3", pool[:4]), ("windows 4-7", pool[4:])):
+        losses = {}
+        for method in ("block_influence", "lm_loss") + (("contiguous",) if name == "windows 0-3" else ()):
+            drop = layer_scores(model, spec, calib, 4, method, num_layers=20, progress=False)["drop"]
+            losses[method] = loss_without(drop)
+            rows.append(f"| {name} | {method} | {[i + 1 for i in drop]} | {losses[method]:.3f} |")
+        print("\n" + "\n".join(rows), "\nrandom layers:", random_losses)
+        assert losses["lm_loss"] < losses["block_influence"] - 0.1, (name, losses)
+        assert max(losses.values()) < min(random_losses) - 1.0, (name, losses, random_losses)
 
 
 def test_depth_callback_in_nemo_run(tiny_ckpt, tiny_data, tmp_path, dist_single):

@@ -8,19 +8,56 @@ from conftest import WORKERS, cli, torchrun
 pytestmark = pytest.mark.parallel
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_ckpt, tiny_windows, dist_single):
+def _reference(ckpt, windows):
     """TP=1 forward+backward in this process."""
     from nemo_minitron.checkpoint import nemo as ck
     from nemo_minitron.model import build
     from nemo_minitron.model.forward import lm_loss
     from nemo_minitron.model.shards import gather_full
 
-    spec = ck.read_spec(tiny_ckpt)
+    spec = ck.read_spec(ckpt)
     model = build(spec)
-    ck.load_weights(tiny_ckpt, model)
-    loss_sum, n = lm_loss(model, tiny_windows[0], micro_batch_size=2, forward_only=False)
+    ck.load_weights(ckpt, model)
+    loss_sum, n = lm_loss(model, windows, micro_batch_size=2, forward_only=False)
     return {"loss": loss_sum / n, "grads": gather_full(model, "grad"), "params": gather_full(model, "param")}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt, tiny_windows, dist_single):
+    return _reference(tiny_ckpt, tiny_windows[0])
+
+
+@pytest.fixture(scope="module")
+def padded(tmp_path_factory, tiny_windows, dist_single):
+    """A tiny model whose vocabulary (300) megatron pads to 384 rows at TP=1 and to 512 at TP=2, with random
+    (not zero) padding rows: the loss must not count them. Its checkpoint and TP=1 reference."""
+    from nemo_minitron.checkpoint import nemo as ck
+    from nemo_minitron.model import build, tiny_spec
+
+    spec = tiny_spec(vocab_size=300)
+    torch.manual_seed(2)
+    model = build(spec)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    assert model.output_layer.weight.shape[0] == 384
+    path = ck.save(tmp_path_factory.mktemp("padded") / "ckpt", model, spec)
+    return path, _reference(path, tiny_windows[0])
+
+
+def _check_padded(res, ref, out_ckpt, windows):
+    """The padded-vocabulary model at another layout: real rows identical, padding rows not in the loss."""
+    for k, v in ref["params"].items():
+        r = res["params"][k]
+        if k.endswith(("word_embeddings.weight", "output_layer.weight")):
+            assert r.shape[0] in (384, 512) and torch.equal(r[:300], v[:300]), k
+            torch.testing.assert_close(res["grads"][k][:300], ref["grads"][k][:300], rtol=1e-4, atol=1e-6, msg=k)
+            assert not res["grads"][k][300:].any() and not ref["grads"][k][300:].any(), k  # padding: no gradient
+        else:
+            assert torch.equal(r, v), k
+            torch.testing.assert_close(res["grads"][k], ref["grads"][k], rtol=1e-4, atol=1e-6, msg=k)
+    assert res["loss"] == pytest.approx(ref["loss"], rel=1e-6, abs=1e-6)
+    assert _eval_loss(out_ckpt, windows) == pytest.approx(ref["loss"], rel=1e-6)  # back at TP=1 (rows cut)
 
 
 def _eval_loss(ckpt, windows):
@@ -37,9 +74,11 @@ def _eval_loss(ckpt, windows):
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["TP2", "PP2"])
-def test_forward_backward_matches_tp1(tp, pp, reference, tiny_ckpt, tiny_windows, tmp_path):
+def test_forward_backward_matches_tp1(tp, pp, reference, padded, tiny_ckpt, tiny_windows, tmp_path):
     out, out_ckpt = tmp_path / "res.pt", tmp_path / f"ckpt_tp{tp}_pp{pp}"
-    torchrun([WORKERS / "fwd_bwd.py", tiny_ckpt, tiny_windows[1], out, out_ckpt, tp, pp])
+    pad_out, pad_ckpt = tmp_path / "pad.pt", tmp_path / f"pad_tp{tp}_pp{pp}"
+    torchrun([WORKERS / "fwd_bwd.py", tiny_ckpt, tiny_windows[1], out, out_ckpt, tp, pp, padded[0], pad_out, pad_ckpt])
+    _check_padded(torch.load(pad_out), padded[1], pad_ckpt, tiny_windows[0])
     res = torch.load(out)
     # the checkpoint saved at TP=1 loaded at this layout: identical weights, same loss and gradients
     assert res["params"].keys() == reference["params"].keys()

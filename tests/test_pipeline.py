@@ -147,3 +147,23 @@ def test_terminal_filter_keeps_megatrons_bucket_listing_in_the_log():
              "validation at step 20: student LM loss 5.2230\n"]
     show = TerminalFilter()
     assert [line for line in lines if show(line)] == [lines[32], lines[33], lines[35]]
+
+
+def test_stage_output_relay_draws_progress_bars_once_and_logs_everything():
+    """A stage's tqdm bar (redrawn with \\r: 100 states) is one line on a non-terminal, its last state;
+    Lightning's distributed banner stays in the log; the log keeps every byte."""
+    import io
+
+    from nemo_minitron.terminal import relay
+
+    bar = "".join(f"\rcalibration: {i:3d}%|{'#' * (i // 10):<10}| {i}/100" for i in range(101)) + "\n"
+    raw = ("importing ...\n" + bar + "Initializing distributed: GLOBAL_RANK: 0, MEMBER: 1/2\n"
+           "distributed_backend=gloo\nAll distributed processes registered. Starting with 2 processes\n"
+           "[NeMo I 2026-12-03 13:23:48 utils:707] Number of buckets: 1\n    \tdecoder.layers.0.mlp.linear_fc1.weight\n"
+           "step 1/80  loss 2.3147\r\n" + bar.replace("calibration", "scoring")[:-1])  # the last bar ends unfinished
+    log, out = io.StringIO(newline=""), io.StringIO()
+    tail = relay(io.BytesIO(raw.encode()), log, "[prune] ", out)
+    assert log.getvalue() == raw
+    assert out.getvalue().splitlines() == ["[prune] importing ...", "[prune] calibration: 100%|##########| 100/100",
+                                           "[prune] step 1/80  loss 2.3147", "[prune] scoring: 100%|##########| 100/100"]
+    assert "step 1/80  loss 2.3147\n" in tail and not any("distributed" in x for x in out.getvalue().splitlines())

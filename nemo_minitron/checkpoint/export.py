@@ -71,10 +71,11 @@ def export_hf(source, output, dtype: str = "bf16", overwrite: bool = False, max_
     model, spec, _ = load_model(path)
     sd = hf.mcore_to_hf(parallel.to_host(gather_full(model)), spec)  # host copies: they are written to files
     del model
-    vocab = spec.vocab_size
+    vocab = spec.vocab_size  # the rows megatron built past it are padding (ModelSpec.padded_vocab)
     if tokenizer is not None and len(tokenizer) < vocab and spec.get("make_vocab_size_divisible_by", 1) > 1:
-        vocab = len(tokenizer)  # drop megatron's padding rows
-        for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        vocab = len(tokenizer)  # a checkpoint whose vocab_size is itself a padded one
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        if k in sd:
             sd[k] = sd[k][:vocab]
     if spec.tied:  # the output layer is the embedding: written (and counted) once
         sd.pop("lm_head.weight")

@@ -360,6 +360,7 @@ def load_weights(path: Path, model, strict: bool = True) -> dict:
     # pre_mlp_layernorm to TE's fused linear_qkv.layer_norm_weight / linear_fc1.layer_norm_weight), and
     # TE's FP8 _extra_state lands in the local layers' extra state, which they ignore
     sharded = {"state_dict": model.sharded_state_dict(prefix="module.", metadata=CONTENT_METADATA)}
+    refit = _request_stored_vocab(path, sharded["state_dict"])
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -372,11 +373,51 @@ def load_weights(path: Path, model, strict: bool = True) -> dict:
         detail = str(e).strip().splitlines()[-1][:300]
         raise UserError(f"{path}: its weights do not load into the model its config describes ({detail})") from None
     state = {k.removeprefix("module."): v for k, v in loaded["state_dict"].items()}
+    if refit:
+        from megatron.core import parallel_state
+
+        from nemo_minitron.model.shards import fit_rows, to_shard
+
+        tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+        for k, rows in refit.items():
+            k = k.removeprefix("module.")
+            state[k] = to_shard(k, fit_rows(state[k], rows), rank, tp)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if strict and missing:
         raise UserError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     return state
+
+
+def _request_stored_vocab(path: Path, request: dict) -> dict:
+    """Where the checkpoint's vocabulary rows (padded for the layout it was written at) differ from the rows
+    this layout builds, ask for the whole stored tensor instead of this rank's shard (it is cut or padded and
+    sharded after loading). Changes ``request`` in place; returns {key: rows this layout builds}."""
+    import torch
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from nemo_minitron.model.shards import is_vocab
+
+    from megatron.core import parallel_state
+
+    wanted = {k: v for k, v in request.items() if isinstance(v, ShardedTensor) and is_vocab(k)}
+    if not wanted:
+        return {}
+    tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    with open(Path(path) / "weights" / ".metadata", "rb") as fh:
+        meta = pickle.load(fh).state_dict_metadata
+    refit = {}
+    for k, sh in wanted.items():
+        size = getattr(meta.get(sh.key), "size", None)
+        if size is None or tuple(size)[1:] != tuple(sh.global_shape)[1:] or size[0] == sh.global_shape[0]:
+            continue  # the same padding (or a mismatch the loader reports)
+        buf = torch.empty(tuple(size), dtype=sh.data.dtype, device=sh.data.device)
+        # every TP rank now reads the whole tensor: one main replica (all-zero id) per copy, as megatron checks
+        rid = sh.replica_id if isinstance(sh.replica_id, tuple) else (sh.replica_id,)
+        rid = (*rid[:-1], rid[-1] * tp + tp_rank)
+        request[k] = ShardedTensor.from_rank_offsets(sh.key, buf, replica_id=rid)
+        refit[k] = sh.global_shape[0]
+    return refit
 
 
 def check_tensors(path: Path, spec: ModelSpec) -> None:

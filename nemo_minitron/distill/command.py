@@ -331,7 +331,7 @@ def run(cfg) -> None:
     # ---- everything that can be refused is refused here ---------------------------------------------
     t_path, t_spec = _nemo_source(cfg.teacher, "teacher")
     s_path, s_spec = _nemo_source(cfg.student, "student")
-    check_pair_vocab(s_spec, t_spec, tp)
+    check_pair_vocab(s_spec, t_spec)
     check_tokenizers(s_path, t_path)
     for what, spec in (("teacher", t_spec), ("student", s_spec)):
         try:
@@ -391,7 +391,7 @@ def dry_run(cfg) -> None:
     from nemo_minitron.distill.pair import check_tokenizers, check_vocab as check_pair_vocab
 
     tp, pp = cfg.trainer.strategy.tensor_model_parallel_size, cfg.trainer.strategy.pipeline_model_parallel_size
-    check_pair_vocab(s_spec, t_spec, tp)
+    check_pair_vocab(s_spec, t_spec)
     check_tokenizers(cfg.student, cfg.teacher)
     settings_from(cfg)
     from nemo_minitron.model.precision import name as precision_name

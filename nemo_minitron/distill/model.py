@@ -174,8 +174,11 @@ class DistillationGPTModel(InitializedGPTModel):
         super().configure_model(vp_stage)
         from nemo_minitron.checkpoint import nemo as ck
         from nemo_minitron.model import build
+        from nemo_minitron.model.build import real_vocab
 
-        t_spec = ck.read_spec(self.teacher_ckpt)
+        # the teacher's vocabulary padded as the student's, so their vocab shards hold the same token ids
+        t_spec = ck.read_spec(self.teacher_ckpt).replace(
+            make_vocab_size_divisible_by=self.config.make_vocab_size_divisible_by)
         teacher = build(t_spec, self.config.tensor_model_parallel_size, self.config.pipeline_model_parallel_size,
                         initialize=False, **{"sequence_parallel": bool(self.config.sequence_parallel),
                                              **self.teacher_overrides})
@@ -192,7 +195,7 @@ class DistillationGPTModel(InitializedGPTModel):
                   f"{self.teacher_ckpt}; {precision.describe(teacher.config)}", flush=True)
         # outside the module tree: Lightning, DDP, the optimizer and checkpoints never see the teacher
         object.__setattr__(self, "teacher", teacher)
-        pair = DistillationPair(self.module, teacher, self.settings, self.config.vocab_size,
+        pair = DistillationPair(self.module, teacher, self.settings, real_vocab(self.config),
                                 self.config.num_layers, t_spec.num_layers)
         pair.make_projections()
         object.__setattr__(self, "pair", pair)

@@ -72,20 +72,13 @@ def padded_vocab(config) -> int:
     return ((config.vocab_size + div - 1) // div) * div
 
 
-def check_vocab(student_spec, teacher_spec, tp: int) -> None:
-    """Refuse teacher/student pairs whose vocabularies differ by more than padding (before any work)."""
+def check_vocab(student_spec, teacher_spec) -> None:
+    """Refuse teacher/student pairs whose vocabularies differ (before any work). Padding may differ: the
+    teacher is built with the student's ``make_vocab_size_divisible_by``, so their vocab shards line up."""
     vs, vt = student_spec.vocab_size, teacher_spec.vocab_size
     if vs != vt:
         raise UserError(f"teacher vocabulary ({vt} tokens) and student vocabulary ({vs} tokens) differ: "
                         "distillation needs the same tokenizer (padding differences are fine)")
-    ds = student_spec.get("make_vocab_size_divisible_by", 128)
-    dt = teacher_spec.get("make_vocab_size_divisible_by", 128)
-    if tp > 1 and ds != dt:
-        pad = lambda d: ((vs + d * tp - 1) // (d * tp)) * d * tp  # noqa: E731
-        if pad(ds) != pad(dt):
-            raise UserError(f"at TP={tp} the teacher's vocabulary is padded to {pad(dt)} and the student's to "
-                            f"{pad(ds)}: their vocab shards would not line up; re-import one of them with "
-                            f"make_vocab_size_divisible_by={dt if ds != dt else ds}")
 
 
 def check_tokenizers(student_source, teacher_source) -> None:
@@ -343,7 +336,7 @@ class DistillationPair:
 
     def _logit_terms(self, out: dict, labels, mask, terms: dict):
         """The KL and CE terms on materialized logits (``distill.fused_output=false``)."""
-        from megatron.core import tensor_parallel
+        from nemo_minitron.model.forward import vocab_cross_entropy
 
         st = self.settings
         s_logits, t_logits = out["student_logits"], out["teacher_logits"]
@@ -355,9 +348,8 @@ class DistillationPair:
             terms["kd_loss"] = (kl * mask).sum()
             total = total + st.kd_weight * terms["kd_loss"]
         if st.lm_weight > 0:
-            ce = tensor_parallel.vocab_parallel_cross_entropy(s_logits.float().transpose(0, 1).contiguous(),
-                                                              labels.transpose(0, 1).contiguous())
-            terms["lm_loss"] = (ce.transpose(0, 1) * mask).sum()
+            ce = vocab_cross_entropy(s_logits, labels, self.vocab_size)  # padding columns excluded
+            terms["lm_loss"] = (ce * mask).sum()
             total = total + st.lm_weight * terms["lm_loss"]
         return total
 

@@ -9,17 +9,27 @@ from nemo_minitron.model.spec import ModelSpec
 
 
 def instantiate(spec: ModelSpec, tp: int = 1, pp: int = 1, **extra):
-    """NeMo config object for ``spec`` at TP/PP, with the platform's settings (fusions off on CPU)."""
+    """NeMo config object for ``spec`` at TP/PP, with the platform's settings (fusions off on CPU).
+
+    ``vocab_size`` is the padded one (NeMo builds a preset ``vocab_size`` as is, and megatron's vocab-parallel
+    layers need a multiple of TP); the real one is ``unpadded_vocab_size`` (:func:`real_vocab`)."""
     cls = spec.config_cls()
     args = dict(spec.args)
-    args.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    args.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, vocab_size=spec.padded_vocab(tp))
     args.update(platform.config_overrides())
     args.update(extra)
     if "pipeline_dtype" not in args:
         args["pipeline_dtype"] = (
             torch.bfloat16 if args.get("bf16") else torch.float16 if args.get("fp16") else torch.float32
         )
-    return cls(**args)
+    config = cls(**args)
+    config.unpadded_vocab_size = spec.vocab_size
+    return config
+
+
+def real_vocab(config) -> int:
+    """The vocabulary without megatron's padding rows, for a config made by :func:`instantiate`."""
+    return getattr(config, "unpadded_vocab_size", None) or config.vocab_size
 
 
 def build(spec: ModelSpec, tp: int = 1, pp: int = 1, tokenizer=None, initialize: bool = True, **extra):

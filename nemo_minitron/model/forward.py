@@ -21,6 +21,30 @@ def split_window(window: torch.Tensor):
     return window[:, :-1].contiguous(), window[:, 1:].contiguous()
 
 
+def vocab_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Per-token cross-entropy of vocab-parallel ``logits`` ([..., V/TP], this TP rank's columns) against
+    ``labels`` ([...]), with megatron's padding columns (global index >= ``vocab_size``) excluded: the same
+    value at every TP size, whatever the padding rows of the output layer hold."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    v = logits.shape[-1]
+    keep = max(0, min(v, vocab_size - parallel_state.get_tensor_model_parallel_rank() * v))
+    logits = logits.float()
+    if keep < v:
+        pad = torch.arange(v, device=logits.device) >= keep
+        logits = logits.masked_fill(pad, torch.finfo(logits.dtype).min)
+    return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+
+
+def padding_of(model) -> int | None:
+    """The real vocabulary size when ``model`` (megatron GPTModel, possibly wrapped) has padding rows, else None."""
+    from nemo_minitron.model.build import real_vocab, unwrap
+
+    inner = unwrap(model)
+    real = real_vocab(inner.config)
+    return real if getattr(inner, "vocab_size", real) > real else None
+
+
 def lm_loss(model, windows: torch.Tensor, micro_batch_size: int, forward_only: bool = True):
     """Mean per-token LM loss of ``windows`` ([n, L+1] tokens). Returns (loss_sum, num_tokens) as floats.
 
@@ -50,9 +74,16 @@ def lm_loss(model, windows: torch.Tensor, micro_batch_size: int, forward_only: b
     total_tokens = float(n * (L1 - 1))
     micro = list(windows.to(dev).split(micro_batch_size))
 
+    real_vocab = padding_of(model)
+
     def forward_step(data_iterator, model):
         inputs, labels = split_window(next(data_iterator))
-        out = model(inputs, _position_ids(inputs), None, labels=labels)
+        if real_vocab is None:
+            out = model(inputs, _position_ids(inputs), None, labels=labels)
+        else:  # megatron's loss would count the padding columns: logits [b, s, V/TP], padding masked
+            out = model(inputs, _position_ids(inputs), None)
+            if parallel_state.is_pipeline_last_stage():
+                out = vocab_cross_entropy(out, labels, real_vocab)
 
         def loss_func(output_tensor):
             loss_sum = output_tensor.float().sum()

@@ -19,7 +19,7 @@ def split_kind(name: str) -> str:
     """How a parameter is split over tensor-parallel ranks: 'row', 'col', 'fc1' or 'none'."""
     if name.endswith("_extra_state") or "norm" in name.rsplit(".", 1)[-1] or "layernorm" in name:
         return "none"
-    if name.endswith(("word_embeddings.weight", "output_layer.weight")):
+    if is_vocab(name):
         return "row"
     if ".linear_qkv." in name:
         return "row"
@@ -28,6 +28,19 @@ def split_kind(name: str) -> str:
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
         return "col"
     return "none"
+
+
+def is_vocab(name: str) -> bool:
+    """The tensors whose rows are the vocabulary (padded by megatron to a multiple of TP)."""
+    return name.endswith(("word_embeddings.weight", "output_layer.weight"))
+
+
+def fit_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` with ``rows`` rows: padding rows cut, or zero rows appended (a zero output row's logit is masked
+    by every loss; no token id reaches an embedding padding row)."""
+    if t.shape[0] >= rows:
+        return t[:rows]
+    return torch.cat([t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))])
 
 
 def to_shard(name: str, full: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
@@ -82,15 +95,15 @@ def load_full_state_dict(model, full: dict) -> None:
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     off, here = layer_offset(model), len(model.decoder.layers)
+    own = model.state_dict()
     local = {}
     for name, tensor in full.items():
         ln = local_name(name, off, here)
-        if ln is not None:
-            local[ln] = to_shard(name, tensor, tp_rank, tp)
-    own = model.state_dict()
-    for k in list(local):
-        if k not in own:
-            local.pop(k)  # e.g. output_layer on a non-last stage, embedding on a non-first stage
+        if ln is None or ln not in own:
+            continue  # e.g. output_layer on a non-last stage, embedding on a non-first stage
+        if is_vocab(name):  # the vocabulary padded (or its padding cut) to the rows this layout builds
+            tensor = fit_rows(tensor, own[ln].shape[0] * tp)
+        local[ln] = to_shard(name, tensor, tp_rank, tp)
     missing, _ = model.load_state_dict(local, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing:

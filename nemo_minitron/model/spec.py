@@ -77,6 +77,13 @@ class ModelSpec:
     def tied(self) -> bool:
         return bool(self.args.get("share_embeddings_and_output_weights", False))
 
+    def padded_vocab(self, tp: int = 1) -> int:
+        """The vocabulary rows megatron builds at TP=``tp``: ``vocab_size`` rounded up to a multiple of
+        ``make_vocab_size_divisible_by * tp`` (Megatron-LM's ``_vocab_size_with_padding``). The rows past
+        ``vocab_size`` are padding: no token reaches them and every loss masks their logits."""
+        div = int(self.args.get("make_vocab_size_divisible_by", 128)) * tp
+        return -(-self.vocab_size // div) * div
+
     def replace(self, **changes) -> "ModelSpec":
         args = copy.deepcopy(self.args)
         args.update(changes)
@@ -99,8 +106,7 @@ class ModelSpec:
             ("num_attention_heads", h),
             ("num_query_groups", g),
             ("ffn_hidden_size", self.ffn_hidden_size),
-            ("vocab_size", self.vocab_size),
-        ):
+        ):  # the vocabulary is padded to a multiple of TP (padded_vocab), not refused
             if val % tp:
                 raise UserError(f"{name}={val} is not divisible by tensor_model_parallel_size={tp}")
         if self.num_layers % pp:
