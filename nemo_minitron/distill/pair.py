@@ -336,7 +336,7 @@ class DistillationPair:
 
     def _logit_terms(self, out: dict, labels, mask, terms: dict):
         """The KL and CE terms on materialized logits (``distill.fused_output=false``)."""
-        from nemo_minitron.model.forward import vocab_cross_entropy
+        from megatron.core import tensor_parallel
 
         st = self.settings
         s_logits, t_logits = out["student_logits"], out["teacher_logits"]
@@ -348,8 +348,10 @@ class DistillationPair:
             terms["kd_loss"] = (kl * mask).sum()
             total = total + st.kd_weight * terms["kd_loss"]
         if st.lm_weight > 0:
-            ce = vocab_cross_entropy(s_logits, labels, self.vocab_size)  # padding columns excluded
-            terms["lm_loss"] = (ce * mask).sum()
+            # megatron's cross-entropy over the whole (padded) shard, as the fused path computes it
+            ce = tensor_parallel.vocab_parallel_cross_entropy(s_logits.float().transpose(0, 1).contiguous(),
+                                                              labels.transpose(0, 1).contiguous())
+            terms["lm_loss"] = (ce.transpose(0, 1) * mask).sum()
             total = total + st.lm_weight * terms["lm_loss"]
         return total
 
