@@ -129,6 +129,28 @@ def tiny_ckpt(tmp_path_factory, tiny_spec, dist_single):
     return path
 
 
+# tiny random models of the families beyond Llama, from transformers: name -> (model_type, config overrides);
+# 4 layers, so that PP=2 splits them
+FAMILY_MODELS = {"qwen2": ("qwen2", dict(num_hidden_layers=4)),
+                 "qwen2-tied": ("qwen2", dict(num_hidden_layers=4, tie_word_embeddings=True)),
+                 "qwen3": ("qwen3", dict(num_hidden_layers=4))}
+
+
+@pytest.fixture(scope="session")
+def family_ckpts(tmp_path_factory, dist_single):
+    """{name: (HF directory, imported NeMo checkpoint)} for every tiny model of :data:`FAMILY_MODELS`."""
+    from hf_fixtures import make_hf_model
+
+    from nemo_minitron.checkpoint.importer import import_hf
+
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for name, (model_type, overrides) in FAMILY_MODELS.items():
+        src = make_hf_model(root / f"{name}-hf", model_type, **overrides)
+        out[name] = (src, import_hf(src, root / f"{name}-nemo"))
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_student(tmp_path_factory, dist_single):
     """A smaller tiny Llama (2 layers, hidden 48, ffn 96): a student that is not a slice of the teacher."""

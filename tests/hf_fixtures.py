@@ -1,4 +1,5 @@
-"""Tiny Hugging Face Llama checkpoints (config.json + safetensors + a trained byte-level BPE tokenizer)."""
+"""Tiny Hugging Face checkpoints of every supported family (Llama, Qwen2, Qwen3): config.json + safetensors + a
+trained byte-level BPE tokenizer, every weight (biases and q/k norms too) random, none at its init value."""
 
 from __future__ import annotations
 
@@ -29,15 +30,23 @@ def make_tokenizer(out: Path, vocab_size: int = 320) -> None:
 
 
 def make_hf_llama(out: Path, tokenizer: bool = True, seed: int = 0, **overrides) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    return make_hf_model(out, "llama", tokenizer, seed, **overrides)
+
+
+FAMILY_ARGS = {"llama": {}, "qwen2": dict(use_sliding_window=False), "qwen3": dict(head_dim=16)}
+
+
+def make_hf_model(out: Path, model_type: str = "llama", tokenizer: bool = True, seed: int = 0, **overrides) -> Path:
+    """A tiny random model of ``model_type`` (``llama``, ``qwen2``: q/k/v biases, ``qwen3``: q/k norms)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     out = Path(out)
     args = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                rope_theta=50000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+                rope_theta=50000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, **FAMILY_ARGS[model_type])
     args.update(overrides)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**args)).eval()
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **args)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import WORKERS, cli, torchrun
+from test_families import assert_logits_close
 
 TARGETS = {"hidden_size": 48, "ffn_hidden_size": 96, "num_attention_heads": 2}
 
@@ -112,10 +113,14 @@ def test_one_shot_refit_from_statistics_gathered_once(duplicated, tiny_windows):
 
 
 @pytest.mark.parallel
-def test_reconstruction_at_tp2_and_pp2_equals_one_process(tiny_ckpt, tiny_windows, tmp_path, dist_single):
+def test_reconstruction_at_tp2_and_pp2_equals_one_process(tiny_ckpt, family_ckpts, tiny_windows, tmp_path, dist_single):
     """Hidden, heads and neurons pruned, then proj / fc2 refitted layer by layer: TP=2 assembles each Gram
     matrix from the TP-gathered inputs, PP=2 refits each stage's layers; the weights equal one process's
-    (to 1e-5: TP splits the float32 matmuls, and the solve amplifies their rounding a little)."""
+    (to 1e-5: TP splits the float32 matmuls, and the solve amplifies their rounding a little). In the same
+    launch, the tiny Qwen2 (q/k/v biases, refitted as intercepts) and Qwen3 (q/k norms) from transformers: their
+    logits at TP=2 and PP=2 equal transformers' (1e-5), and their pruned, refitted weights equal one process's."""
+    from transformers import AutoModelForCausalLM
+
     from nemo_minitron.checkpoint.loader import load_model
     from nemo_minitron.prune.plan import random_scores
 
@@ -125,22 +130,37 @@ def test_reconstruction_at_tp2_and_pp2_equals_one_process(tiny_ckpt, tiny_window
     worker = importlib.util.module_from_spec(spec_)
     spec_.loader.exec_module(worker)
     windows, wpath = tiny_windows
-    scores = random_scores(load_model(tiny_ckpt)[1], 0)
-    torch.save(scores, tmp_path / "scores.pt")
-    ref = worker.run(tiny_ckpt, windows, scores, TARGETS)
+    ckpts = [tiny_ckpt, family_ckpts["qwen2"][1], family_ckpts["qwen3"][1]]
+    hf = {i: AutoModelForCausalLM.from_pretrained(str(family_ckpts[n][0]), dtype=torch.float64).eval()
+          for i, n in ((1, "qwen2"), (2, "qwen3"))}  # float64: the reference without its own rounding
+    refs, paths = [], []
+    for i, ckpt in enumerate(ckpts):
+        scores = random_scores(load_model(ckpt)[1], 0)
+        paths.append(tmp_path / f"scores{i}.pt")
+        torch.save(scores, paths[-1])
+        refs.append(worker.run(ckpt, windows, scores, TARGETS))
     out = tmp_path / "out.pt"
-    torchrun([WORKERS / "reconstruct.py", tiny_ckpt, wpath, tmp_path / "scores.pt", json.dumps(TARGETS), out,
-              "2x1,1x2"])
+    torchrun([WORKERS / "reconstruct.py", ",".join(map(str, ckpts)), wpath, ",".join(map(str, paths)),
+              json.dumps(TARGETS), out, "2x1,1x2"])
     got = torch.load(out)
-    for layout, res in got.items():
+    assert len(got) == 2 * len(ckpts)
+    for (layout, i), res in got.items():
+        ref = refs[i]
         assert res["weights"].keys() == ref["weights"].keys()
-        for k, v in ref["weights"].items():
-            torch.testing.assert_close(res["weights"][k], v, rtol=1e-4, atol=1e-5, msg=lambda m: f"{layout} {k}: {m}")
-        assert [r["layer"] for r in res["layers"]] == [1, 2, 3, 4]
+        for k, v in ref["weights"].items():  # vocab rows: the real ones (TP=2 pads 320 to 384)
+            torch.testing.assert_close(res["weights"][k][:len(v)], v, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"{layout} {i} {k}: {m}")
+        assert [r["layer"] for r in res["layers"]] == [r["layer"] for r in ref["layers"]]
         for r, q in zip(res["layers"], ref["layers"]):
             assert r["ffn"]["after"] == pytest.approx(q["ffn"]["after"], rel=1e-4), layout
+        if i in hf:  # a family beyond Llama: the logits at this layout against transformers
+            with torch.no_grad():
+                want = hf[i](windows[:, :-1]).logits
+            assert_logits_close(res["logits"], want, f"{layout} model {i} vs transformers")
+        torch.testing.assert_close(res["logits"], ref["logits"], rtol=1e-5, atol=1e-5)
     # and the refit did something: every layer's output error is lower than trimming's
-    assert all(r[k]["after"] < r[k]["before"] for r in ref["layers"] for k in ("heads", "ffn"))
+    assert all(r[k]["after"] < r[k]["before"] for ref in refs for r in ref["layers"] for k in ("heads", "ffn"))
+    assert any(k.endswith("linear_qkv.bias") for k in refs[1]["weights"])
 
 
 def test_prune_command_reports_the_refit(tiny_ckpt, tiny_data, tmp_path, capsys, dist_single):

@@ -1,5 +1,7 @@
 """``nemo-minitron export``: a NeMo 2 checkpoint (any TP/PP layout it was saved at, local or TE names)
--> a Hugging Face Llama directory that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
+-> a Hugging Face directory of the model's family (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
+``Qwen3ForCausalLM``: :mod:`~nemo_minitron.model.families`) that ``transformers.AutoModelForCausalLM.from_pretrained``
+loads without custom code.
 
 The config carries the real (pruned) shapes, with an explicit ``head_dim`` (heads x head_dim may differ
 from hidden after width pruning), the RoPE base and Llama-3.1 scaling, tied or untied embeddings, and
@@ -26,19 +28,21 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def hf_config(spec: ModelSpec, vocab_size: int, dtype: str, tokenizer=None) -> dict:
+    fam = spec.family
     cfg = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [fam.hf_architectures[0]], "model_type": fam.hf_model_type,
         "hidden_size": spec.hidden_size, "intermediate_size": spec.ffn_hidden_size,
         "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_attention_heads,
         "num_key_value_heads": spec.num_query_groups, "head_dim": spec.kv_channels,
         "vocab_size": vocab_size, "max_position_embeddings": spec.get("seq_length", 4096),
         "rms_norm_eps": spec.get("layernorm_epsilon", 1e-5), "rope_theta": float(spec.get("rotary_base", 10000.0)),
-        "tie_word_embeddings": spec.tied, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "tie_word_embeddings": spec.tied,
         "initializer_range": spec.get("init_method_std", 0.02), "torch_dtype": str(DTYPES[dtype]).split(".")[1],
-        "rope_scaling": None,
+        "rope_scaling": None, **fam.hf_fields,
     }
-    if spec.config_class == "Llama31Config":
-        cfg["rope_scaling"] = {"rope_type": "llama3", "factor": spec.get("scale_factor", 8.0),
+    scaled = {cls: kind for kind, cls in fam.rope_scaling.items()}  # Llama31Config: Llama-3.1's 'llama3'
+    if spec.config_class in scaled:
+        cfg["rope_scaling"] = {"rope_type": scaled[spec.config_class], "factor": spec.get("scale_factor", 8.0),
                                "low_freq_factor": spec.get("low_freq_factor", 1.0),
                                "high_freq_factor": spec.get("high_freq_factor", 4.0),
                                "original_max_position_embeddings": spec.get("old_context_len", 8192)}
@@ -50,7 +54,7 @@ def hf_config(spec: ModelSpec, vocab_size: int, dtype: str, tokenizer=None) -> d
 
 
 def export_hf(source, output, dtype: str = "bf16", overwrite: bool = False, max_shard_size: str = "5GB") -> Path:
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from nemo_minitron.checkpoint.loader import describe, load_model
     from nemo_minitron.model.shards import gather_full
@@ -94,7 +98,7 @@ def export_hf(source, output, dtype: str = "bf16", overwrite: bool = False, max_
     with nemo.writing(output, tmp):  # a failed write: one line, nothing left behind
         nemo.remove(tmp)  # a killed run's leftover
         with torch.device("meta"):
-            hf_model = LlamaForCausalLM(LlamaConfig(**cfg))
+            hf_model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
         hf_model.load_state_dict(sd, strict=not spec.tied, assign=True)
         if spec.tied:
             hf_model.tie_weights()

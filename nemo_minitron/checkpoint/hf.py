@@ -1,11 +1,13 @@
-"""Hugging Face Llama-family checkpoints <-> megatron-core GPT state dicts.
+"""Hugging Face checkpoints of every supported family (:mod:`~nemo_minitron.model.families`) <-> megatron-core
+GPT state dicts.
 
-Declared as small per-tensor mappings (as NeMo's ``io.state_transform``): plain renames, plus the two
-transforms that change layout: q/k/v are interleaved per query group into ``linear_qkv`` (megatron's
-order: the group's query heads, then its key head, then its value head), and gate/up are stacked into
-``linear_fc1`` ([gate; up]). Norm names differ between the local spec (``input_layernorm``,
-``pre_mlp_layernorm``) and the Transformer Engine spec, which fuses them into the next linear layer as
-``layer_norm_weight``.
+Declared as small per-tensor mappings (as NeMo's ``io.state_transform``): plain renames, plus the transforms
+that change layout: q/k/v are interleaved per query group into ``linear_qkv`` (megatron's order: the group's
+query heads, then its key head, then its value head), their biases likewise into ``linear_qkv.bias`` (Qwen2),
+and gate/up are stacked into ``linear_fc1`` ([gate; up]). Per-head q/k norms (Qwen3) are renames. Which of
+these apply is decided by the spec's features (``spec.qkv_bias``, ``spec.qk_norm``), not by family names.
+Norm names differ between the local spec (``input_layernorm``, ``pre_mlp_layernorm``) and the Transformer
+Engine spec, which fuses them into the next linear layer as ``layer_norm_weight``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,20 @@ _RENAMES = {  # per-layer HF suffix -> mcore suffix (local spec)
     "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
     "mlp.down_proj.weight": "mlp.linear_fc2.weight",
 }
+_QK_NORM_RENAMES = {  # spec.qk_norm: per-head RMSNorm weights [head_dim], the same in both layer specs
+    "self_attn.q_norm.weight": "self_attention.q_layernorm.weight",
+    "self_attn.k_norm.weight": "self_attention.k_layernorm.weight",
+}
+
+
+def _renames(spec: ModelSpec) -> dict:
+    return {**_RENAMES, **(_QK_NORM_RENAMES if spec.qk_norm else {})}
+
+
+def _qkv_names(spec: ModelSpec) -> tuple:
+    """(HF suffix, megatron suffix) of the q/k/v tensors merged into ``linear_qkv``: weights, and biases if any."""
+    return (("weight", "self_attention.linear_qkv.weight"),) + \
+        ((("bias", "self_attention.linear_qkv.bias"),) if spec.qkv_bias else ())
 
 
 def layer_key(i: int, suffix: str, te: bool = False) -> str:
@@ -40,23 +56,24 @@ def layer_key(i: int, suffix: str, te: bool = False) -> str:
 
 
 def qkv_merge(q, k, v, heads: int, groups: int, d: int):
-    """HF q/k/v projections -> megatron ``linear_qkv`` weight, interleaved per query group."""
-    hidden = q.shape[-1]
+    """HF q/k/v projections (weights [rows, hidden] or biases [rows]) -> megatron ``linear_qkv``, interleaved per
+    query group."""
+    rest = q.shape[1:]
     per = heads // groups
-    q = q.reshape(groups, per, d, hidden)
-    k = k.reshape(groups, 1, d, hidden)
-    v = v.reshape(groups, 1, d, hidden)
-    return torch.cat([q, k, v], dim=1).reshape(groups * (per + 2) * d, hidden)
+    q = q.reshape(groups, per, d, *rest)
+    k = k.reshape(groups, 1, d, *rest)
+    v = v.reshape(groups, 1, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(groups * (per + 2) * d, *rest)
 
 
 def qkv_split(qkv, heads: int, groups: int, d: int):
     """Inverse of :func:`qkv_merge`."""
-    hidden = qkv.shape[-1]
+    rest = qkv.shape[1:]
     per = heads // groups
-    x = qkv.reshape(groups, per + 2, d, hidden)
-    q = x[:, :per].reshape(heads * d, hidden)
-    k = x[:, per].reshape(groups * d, hidden)
-    v = x[:, per + 1].reshape(groups * d, hidden)
+    x = qkv.reshape(groups, per + 2, d, *rest)
+    q = x[:, :per].reshape(heads * d, *rest)
+    k = x[:, per].reshape(groups * d, *rest)
+    v = x[:, per + 1].reshape(groups * d, *rest)
     return q, k, v
 
 
@@ -66,12 +83,13 @@ def hf_to_mcore(sd: dict, spec: ModelSpec, te: bool = False) -> dict:
     out = {"embedding.word_embeddings.weight": sd["model.embed_tokens.weight"]}
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."
-        for hf_name, mc_name in _RENAMES.items():
+        for hf_name, mc_name in _renames(spec).items():
             out[layer_key(i, mc_name, te)] = sd[p + hf_name]
-        out[layer_key(i, "self_attention.linear_qkv.weight", te)] = qkv_merge(
-            sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"],
-            sd[p + "self_attn.v_proj.weight"], heads, groups, d,
-        )
+        for kind, mc_name in _qkv_names(spec):
+            out[layer_key(i, mc_name, te)] = qkv_merge(
+                sd[p + f"self_attn.q_proj.{kind}"], sd[p + f"self_attn.k_proj.{kind}"],
+                sd[p + f"self_attn.v_proj.{kind}"], heads, groups, d,
+            )
         out[layer_key(i, "mlp.linear_fc1.weight", te)] = torch.cat(
             [sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]], dim=0
         )
@@ -82,17 +100,18 @@ def hf_to_mcore(sd: dict, spec: ModelSpec, te: bool = False) -> dict:
 
 
 def mcore_to_hf(sd: dict, spec: ModelSpec) -> dict:
-    """Full megatron state dict (local or TE names) -> HF Llama state dict."""
+    """Full megatron state dict (local or TE names) -> the family's HF state dict."""
     heads, groups, d = spec.num_attention_heads, spec.num_query_groups, spec.kv_channels
     te = any(k.endswith("layer_norm_weight") for k in sd)
     out = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"]}
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."
-        for hf_name, mc_name in _RENAMES.items():
+        for hf_name, mc_name in _renames(spec).items():
             out[p + hf_name] = sd[layer_key(i, mc_name, te)]
-        q, k, v = qkv_split(sd[layer_key(i, "self_attention.linear_qkv.weight", te)], heads, groups, d)
-        out[p + "self_attn.q_proj.weight"], out[p + "self_attn.k_proj.weight"] = q, k
-        out[p + "self_attn.v_proj.weight"] = v
+        for kind, mc_name in _qkv_names(spec):
+            q, k, v = qkv_split(sd[layer_key(i, mc_name, te)], heads, groups, d)
+            out[p + f"self_attn.q_proj.{kind}"], out[p + f"self_attn.k_proj.{kind}"] = q, k
+            out[p + f"self_attn.v_proj.{kind}"] = v
         gate, up = sd[layer_key(i, "mlp.linear_fc1.weight", te)].chunk(2, dim=0)
         out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
     out["model.norm.weight"] = sd["decoder.final_layernorm.weight"]
@@ -191,6 +210,13 @@ def check_state_dict(sd: dict, spec: ModelSpec) -> None:
         need[p + "mlp.down_proj.weight"] = (h, spec.ffn_hidden_size)
         need[p + "input_layernorm.weight"] = (h,)
         need[p + "post_attention_layernorm.weight"] = (h,)
+        if spec.qkv_bias:
+            need[p + "self_attn.q_proj.bias"] = (spec.num_attention_heads * d,)
+            need[p + "self_attn.k_proj.bias"] = (spec.num_query_groups * d,)
+            need[p + "self_attn.v_proj.bias"] = (spec.num_query_groups * d,)
+        if spec.qk_norm:
+            need[p + "self_attn.q_norm.weight"] = (d,)
+            need[p + "self_attn.k_norm.weight"] = (d,)
     for k, shape in need.items():
         if k not in sd:
             raise UserError(f"weights lack {k!r} (checkpoint does not match its config.json)")

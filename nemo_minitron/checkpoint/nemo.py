@@ -253,9 +253,9 @@ def _stage_tokenizer(tokenizer_dir, workdir: Path):
 
 
 def write_context(path: Path, spec: ModelSpec, tokenizer_dir=None) -> None:
-    """Serialize NeMo's ``TrainerContext`` (LlamaModel + config + tokenizer) to ``path/context``."""
+    """Serialize NeMo's ``TrainerContext`` (the family's model class, e.g. ``LlamaModel`` or ``Qwen2Model``, + config
+    + tokenizer) to ``path/context``."""
     import fiddle as fdl
-    from nemo.collections.llm.gpt.model.llama import LlamaModel
     from nemo.lightning import Trainer
     from nemo.lightning.io.pl import TrainerContext
 
@@ -268,7 +268,7 @@ def write_context(path: Path, spec: ModelSpec, tokenizer_dir=None) -> None:
         tokenizer = None
         if tokenizer_dir is not None:
             tokenizer = AutoTokenizer(str(_stage_tokenizer(tokenizer_dir, work)), use_fast=True)
-        model = LlamaModel(config, tokenizer=tokenizer)
+        model = spec.model_cls()(config, tokenizer=tokenizer)
         model.__io__.config = fdl.Config(spec.config_cls(), **spec.args)
         trainer = Trainer(devices=1, accelerator="cpu", logger=False, enable_checkpointing=False)
         ctx = TrainerContext(model=model, trainer=trainer, extra={})
@@ -468,6 +468,11 @@ def _expected_shapes(spec: ModelSpec) -> dict:
               lay + "mlp.linear_fc1.weight": (L, (2 if gated else 1) * f, h),
               lay + "mlp.linear_fc1.layer_norm_weight": (L, h),
               lay + "mlp.linear_fc2.weight": (L, h, f)}
+    if spec.qkv_bias:
+        shapes[lay + "self_attention.linear_qkv.bias"] = (L, (heads + 2 * groups) * d)
+    if spec.qk_norm:
+        shapes[lay + "self_attention.q_layernorm.weight"] = (L, d)
+        shapes[lay + "self_attention.k_layernorm.weight"] = (L, d)
     if not spec.tied:
         shapes["module.output_layer.weight"] = (None, h)
     return shapes

@@ -60,5 +60,6 @@ def count_params(spec: ModelSpec) -> int:
     heads, groups, d = spec.num_attention_heads, spec.num_query_groups, spec.kv_channels
     v = spec.vocab_size
     per_layer = h * (heads + 2 * groups) * d + heads * d * h + 2 * h * f + f * h + 2 * h
+    per_layer += (heads + 2 * groups) * d * spec.qkv_bias + 2 * d * spec.qk_norm  # q/k/v biases, q/k norms
     emb = v * h * (1 if spec.tied else 2)
     return L * per_layer + emb + h

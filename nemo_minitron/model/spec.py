@@ -6,6 +6,7 @@ import copy
 from dataclasses import dataclass, field
 
 from nemo_minitron.errors import UserError
+from nemo_minitron.model import families
 
 # Fields that describe the run, not the model: never persisted, always set at build time.
 RUNTIME_FIELDS = {
@@ -32,12 +33,13 @@ RUNTIME_FIELDS = {
     "generation_config",
 }
 
-SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_HF_ARCHITECTURES = families.HF_ARCHITECTURES
 
 
 @dataclass
 class ModelSpec:
-    """NeMo config class name (``LlamaConfig`` or ``Llama31Config``) plus its portable arguments."""
+    """NeMo config class name (``LlamaConfig``, ``Llama31Config``, ``Qwen2Config``, ``Qwen3Config``: see
+    :mod:`~nemo_minitron.model.families`) plus its portable arguments."""
 
     config_class: str = "LlamaConfig"
     args: dict = field(default_factory=dict)
@@ -74,6 +76,20 @@ class ModelSpec:
         return self.args["vocab_size"]
 
     @property
+    def family(self) -> families.Family:
+        return families.of_config_class(self.config_class)
+
+    @property
+    def qkv_bias(self) -> bool:
+        """``linear_qkv`` has a bias (Qwen2): its rows are grouped and pruned like the weight's."""
+        return bool(self.args.get("add_qkv_bias", self.family.features["add_qkv_bias"]))
+
+    @property
+    def qk_norm(self) -> bool:
+        """Per-head RMSNorm of queries and keys (Qwen3): ``q_layernorm`` / ``k_layernorm`` of size head_dim."""
+        return bool(self.args.get("qk_layernorm", self.family.features["qk_layernorm"]))
+
+    @property
     def tied(self) -> bool:
         return bool(self.args.get("share_embeddings_and_output_weights", False))
 
@@ -90,12 +106,11 @@ class ModelSpec:
         return ModelSpec(self.config_class, args)
 
     def config_cls(self):
-        from nemo.collections.llm.gpt.model import llama
+        return self.family.nemo_class(self.config_class)
 
-        cls = getattr(llama, self.config_class, None)
-        if cls is None:
-            raise UserError(f"unknown model config class {self.config_class!r}")
-        return cls
+    def model_cls(self):
+        """NeMo's model class for this family (what a checkpoint's context names)."""
+        return self.family.nemo_class(self.family.nemo_model)
 
     def validate_layout(self, tp: int, pp: int) -> None:
         """Refuse a TP/PP layout this model cannot be split into (before any work)."""
@@ -116,24 +131,21 @@ class ModelSpec:
 
 
 def from_hf_config(hf: dict) -> ModelSpec:
-    """Translate a Hugging Face Llama-family ``config.json`` (as a dict) into a :class:`ModelSpec`.
+    """Translate a Hugging Face ``config.json`` (as a dict) of a supported family into a :class:`ModelSpec`.
 
-    Mirrors NeMo 2.7.3's ``HFLlamaImporter.config`` (Llama-3.1 RoPE scaling, explicit ``head_dim``,
-    tied embeddings) and refuses what it cannot represent, instead of converting it wrongly.
+    Mirrors NeMo 2.7.3's importers (``HFLlamaImporter.config``, ``HFQwen2Importer.config``,
+    ``HFQwen3Importer.config``) and goes further where they lose information (Qwen2's tied embeddings and
+    every family's explicit ``head_dim``); refuses what it cannot represent, naming the field, instead of
+    converting it wrongly.
     """
-    archs = hf.get("architectures") or []
-    if not any(a in SUPPORTED_HF_ARCHITECTURES for a in archs):
-        raise UserError(
-            f"not a supported causal LM checkpoint: architectures={archs or 'missing'} "
-            f"(supported: {', '.join(SUPPORTED_HF_ARCHITECTURES)})"
-        )
+    fam = families.of_hf_config(hf)
     if "rope_parameters" in hf and "rope_theta" not in hf:
         # transformers 5.x layout; transformers 4.57 would silently fall back to rope_theta=10000
         rp = hf["rope_parameters"]
         hf = dict(hf, rope_theta=rp.get("rope_theta"), rope_scaling=rp if rp.get("rope_type") != "default" else None)
     for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"):
         if key not in hf:
-            raise UserError(f"config.json lacks {key!r}: not a Llama-family causal LM config")
+            raise UserError(f"config.json lacks {key!r}: not a {fam.name}-family causal LM config")
     for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size",
                 "num_key_value_heads", "head_dim", "max_position_embeddings"):
         v = hf.get(key)
@@ -143,10 +155,12 @@ def from_hf_config(hf: dict) -> ModelSpec:
         v = hf.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
             raise UserError(f"config.json: {key}={v!r} is not a positive number")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise UserError("attention/MLP biases are not supported (Llama-family models have none)")
-    if hf.get("sliding_window"):
-        raise UserError("sliding-window attention is not supported")
+    for key, why in fam.refuse.items():
+        if hf.get(key):
+            raise UserError(f"config.json: {why}")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise UserError(f"config.json: hidden_act={act!r} is not supported (SwiGLU MLPs: 'silu')")
     args = dict(
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],
@@ -161,6 +175,7 @@ def from_hf_config(hf: dict) -> ModelSpec:
         share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
         vocab_size=hf["vocab_size"],
         make_vocab_size_divisible_by=_divisor(hf["vocab_size"]),
+        **fam.features,
     )
     dtype = str(hf.get("torch_dtype") or hf.get("dtype") or "float32")
     if "bfloat16" in dtype:
@@ -168,12 +183,14 @@ def from_hf_config(hf: dict) -> ModelSpec:
     elif "float16" in dtype:
         args.update(fp16=True)
     scaling = hf.get("rope_scaling") or None
-    cls = "LlamaConfig"
+    cls = fam.config_classes[0]
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))
-        if kind != "llama3":
-            raise UserError(f"rope_scaling type {kind!r} is not supported (only Llama-3.1 'llama3')")
-        cls = "Llama31Config"
+        if kind not in fam.rope_scaling:
+            allowed = ", ".join(repr(k) for k in fam.rope_scaling) or "none"
+            raise UserError(f"config.json: rope_scaling type {kind!r} is not supported for {fam.name} "
+                            f"(supported: {allowed})")
+        cls = fam.rope_scaling[kind]
         args.update(
             scale_factor=scaling.get("factor", 8.0),
             low_freq_factor=scaling.get("low_freq_factor", 1.0),

@@ -18,7 +18,9 @@ compensation (ZipLM, SlimGPT), solved in closed form per layer:
   residual stream) refitted so that the pruned channels' share of their input is predicted from the kept
   channels. The pruned model's stream has no pruned channels to measure, so these Gram matrices are the
   source model's (one pass per layer, before trimming); the change of each token's RMS norm over fewer
-  channels is not modelled. The output layer is not refitted (tied to the embedding in most small models).
+  channels is not modelled. A layer with a bias (Qwen2's ``linear_qkv``) is fitted with an intercept: its
+  input gets a constant channel whose weight is the bias (``[W | b]`` from ``[a_K | 1]``), so the bias absorbs
+  the pruned channels' mean contribution. The output layer is not refitted (tied to the embedding in most small models).
   The other refits then run, layer by layer, on the hidden-pruned model.
 
 Layers are refitted in order, each on the inputs produced by the already-refitted layers before it (errors do
@@ -90,8 +92,8 @@ class _Gram:
     ``linear_qkv`` / ``linear_fc1`` / output layer: the input is whole on every TP rank, or split along the
     sequence under sequence parallelism, then the matrices are summed over TP)."""
 
-    def __init__(self, module, split: str = "input", eps: float | None = None):
-        self.G, self.split, self.eps = None, split, eps
+    def __init__(self, module, split: str = "input", eps: float | None = None, intercept: bool = False):
+        self.G, self.split, self.eps, self.intercept = None, split, eps, intercept
         self.sp = split == "none" and getattr(module, "sequence_parallel", False)
         self.handle = module.register_forward_pre_hook(self)
 
@@ -109,6 +111,8 @@ class _Gram:
             parts = [torch.empty_like(x) for _ in range(tp)]
             dist.all_gather(parts, x.contiguous(), group=ps.get_tensor_model_parallel_group())
             x = torch.cat(parts, dim=1)
+        if self.intercept:  # a constant channel last: its Gram row holds the input's sum and the token count
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
         g = (x.T @ x).double()
         self.G = g if self.G is None else self.G.add_(g)
 
@@ -161,11 +165,18 @@ def _refit_module(module, gram: _Gram, kept: torch.Tensor, damping: float) -> di
     return err
 
 
+def bias_of(module):
+    """A linear layer's bias, or None (megatron's local layers hold None, Transformer Engine's an empty tensor)."""
+    b = getattr(module, "bias", None)
+    return b if isinstance(b, torch.Tensor) and b.numel() > 0 else None
+
+
 def _hidden_input_refits(model, spec: ModelSpec, kept: torch.Tensor, windows, micro_batch_size: int,
                          damping: float) -> dict:
     """Refitted kept columns of every layer's ``linear_qkv`` and ``linear_fc1`` (this rank's rows), fitted on
     the source model: the pruned embedding channels' share of their (normalized) input, predicted from the kept
-    channels. {local parameter name: [rows, len(kept)]}. One pass per layer, one h x h matrix per site."""
+    channels. {local parameter name: [rows, len(kept)]} (and {bias name: [rows]} for a layer with a bias, fitted
+    as an intercept). One pass per layer, one h x h matrix per site."""
     out = {}
     replay = PrefixReplay(model)
     layers = {replay.off + j: layer for j, layer in enumerate(model.decoder.layers)}
@@ -174,15 +185,21 @@ def _hidden_input_refits(model, spec: ModelSpec, kept: torch.Tensor, windows, mi
         grams = {}
         if layer is not None:
             eps = model.config.layernorm_epsilon
-            grams = {"self_attention.linear_qkv": _Gram(layer.self_attention.linear_qkv, "none", eps),
-                     "mlp.linear_fc1": _Gram(layer.mlp.linear_fc1, "none", eps)}
+            grams = {name: _Gram(layer.get_submodule(name), "none", eps, bias_of(layer.get_submodule(name)) is not None)
+                     for name in ("self_attention.linear_qkv", "mlp.linear_fc1")}
         with torch.no_grad(), replay.run(max(l - 1, 0), record=l - 1 if l > 0 else None, last=l,
                                          skip_output_layer=True):
             lm_loss(model, windows, micro_batch_size)
         for name, gram in grams.items():
-            module = layer.get_submodule(name)
-            out[f"decoder.layers.{l - replay.off}.{name}.weight"] = refit(module.weight.detach(), gram.result(), kept,
-                                                                         damping)
+            module, prefix = layer.get_submodule(name), f"decoder.layers.{l - replay.off}.{name}"
+            W, b = module.weight.detach(), bias_of(module)
+            if b is None:
+                out[f"{prefix}.weight"] = refit(W, gram.result(), kept, damping)
+                continue
+            n = W.shape[1]  # the constant channel is column n of [W | b]
+            fit = refit(torch.cat([W, b.detach()[:, None]], dim=1), gram.result(),
+                        torch.cat([kept, kept.new_tensor([n])]), damping)
+            out[f"{prefix}.weight"], out[f"{prefix}.bias"] = fit[:, :-1], fit[:, -1]
     return out
 
 

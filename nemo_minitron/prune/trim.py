@@ -2,9 +2,10 @@
 
 Works on whatever part of the model the dict holds (one pipeline stage's layers, with or without the
 embedding and output layer), so each stage trims its own layers. Trimmed tensors: embedding and output
-layer columns, every norm (also TE's fused ``layer_norm_weight``), ``linear_qkv`` rows (per kept group:
-its kept query heads, its key and value head) and columns, ``linear_proj`` rows and columns, the gate and
-up halves of ``linear_fc1``, ``linear_fc2``. ``_extra_state`` (TE FP8 scaling state) is dropped: it
+layer columns, every norm of the residual stream (also TE's fused ``layer_norm_weight``), ``linear_qkv`` rows
+(per kept group: its kept query heads, its key and value head) and columns, and its bias rows likewise (Qwen2),
+``linear_proj`` rows and columns, the gate and up halves of ``linear_fc1``, ``linear_fc2``. The per-head q/k
+norms (Qwen3) act on head_dim, which pruning keeps: they are copied unchanged. ``_extra_state`` (TE FP8 scaling state) is dropped: it
 describes the old shapes and is re-created on load.
 """
 
@@ -26,13 +27,15 @@ def new_spec(spec: ModelSpec, targets: dict) -> ModelSpec:
 
 
 def _qkv(w, spec, plan: WidthPlan, l: int):
+    """``linear_qkv`` weight [rows, hidden] or bias [rows]: the kept groups' kept query heads, key and value."""
     G, d = spec.num_query_groups, spec.kv_channels
     per = spec.num_attention_heads // G
-    x = w.reshape(G, per + 2, d, w.shape[-1])
+    rest = w.shape[1:]
+    x = w.reshape(G, per + 2, d, *rest)
     if plan.groups is None:
         return w
     blocks = [torch.cat([x[g, hk], x[g, per:per + 2]]) for g, hk in zip(plan.groups[l].tolist(), plan.heads[l])]
-    return torch.stack(blocks).reshape(-1, w.shape[-1])
+    return torch.stack(blocks).reshape(-1, *rest)
 
 
 def _proj(w, spec, plan: WidthPlan, l: int, merge: bool):
@@ -70,11 +73,15 @@ def trim(sd: dict, spec: ModelSpec, plan: WidthPlan, merge_pruned_heads: bool = 
             out[name] = w.clone()
             continue
         l, suffix = int(m.group(1)), m.group(2)
-        if suffix.endswith("layernorm.weight") or suffix.endswith("layer_norm_weight"):
+        if suffix in ("self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"):
+            pass  # per-head norms over head_dim (kept)
+        elif suffix.endswith("layernorm.weight") or suffix.endswith("layer_norm_weight"):
             w = w[hk] if hk is not None else w
         elif suffix == "self_attention.linear_qkv.weight":
             w = _qkv(w, spec, plan, l)
             w = w[:, hk] if hk is not None else w
+        elif suffix == "self_attention.linear_qkv.bias":
+            w = _qkv(w, spec, plan, l)
         elif suffix == "self_attention.linear_proj.weight":
             w = _proj(w, spec, plan, l, merge_pruned_heads)
             w = w[hk] if hk is not None else w
