@@ -95,6 +95,14 @@ def build_cases(root: Path, ckpt: Path, data: Path) -> tuple[dict, dict]:
                                      "num_hidden_layers='two' is not a positive integer"),
         "import_config_unsupported_arch": (_variant(hf, root / "gpt2", config=lambda d: d.update(architectures=["GPT2LMHeadModel"])),
                                            "GPT2LMHeadModel"),
+        # what the Qwen converter cannot represent: one line naming the field
+        "import_qwen2_sliding_window": (_variant(hf, root / "q2swa", config=lambda d: d.update(
+            architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=True)), "use_sliding_window"),
+        "import_qwen2_rope_yarn": (_variant(hf, root / "q2yarn", config=lambda d: d.update(
+            architectures=["Qwen2ForCausalLM"], model_type="qwen2",
+            rope_scaling={"rope_type": "yarn", "factor": 4.0})), "rope_scaling type 'yarn'"),
+        "import_qwen3_moe": (_variant(hf, root / "q3moe", config=lambda d: d.update(
+            architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe")), "Qwen3MoeForCausalLM"),
         "import_config_not_json": (_variant(hf, root / "notjson", lambda p: (p / "config.json").write_text("{hidden_size: 64,")),
                                    "config.json"),
         "import_missing_tensor": (_variant(hf, root / "missing", lambda p: _safetensors_edit(
@@ -256,7 +264,7 @@ CASE_IDS = [
     "import_config_wrong_type", "import_config_unsupported_arch", "import_config_not_json", "import_missing_tensor",
     "import_misshaped_tensor", "import_no_weights", "import_source_absent", "import_output_inside_input",
     "import_output_is_a_file", "import_unwritable_output", "import_nemo_not_a_tar", "import_nemo_is_a_zip",
-    "import_nemo_holds_a_nemo1_model",
+    "import_nemo_holds_a_nemo1_model", "import_qwen2_sliding_window", "import_qwen2_rope_yarn", "import_qwen3_moe",
     *[f"evaluate_{k}" for k in ("ckpt_missing_tensor", "ckpt_extra_tensor", "ckpt_misshaped_tensor", "ckpt_not_a_checkpoint",
                                 "ckpt_truncated_shard", "nemo_not_a_tar", "nemo_holds_another_archive")],
     "export_ckpt_misshaped_tensor", "export_nemo_not_a_tar", "export_ckpt_not_a_checkpoint", "export_bad_format",

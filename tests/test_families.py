@@ -241,3 +241,36 @@ def test_least_squares_refits_the_qkv_bias_as_an_intercept(family_ckpts, tiny_wi
            for k, w in err.items()}
     print("layer 0 linear_qkv relative output error:", err)
     assert err["intercept"] < err["weight_only"] < 0.9 * err["trimmed"]  # the fit with more freedom fits better
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3"])
+def test_search_ranking_refit_from_statistics(name, family_ckpts, tiny_windows):
+    """The search's one-shot ranking (calibration statistics gathered once, closed-form refits per candidate) on
+    the families' extra tensors: q/k/v bias rows sliced exactly as trimming slices them (the one-shot refit keeps
+    biases), q/k norms copied; and a first layer's refit equal to the sequential refit's."""
+    from nemo_minitron.checkpoint.loader import load_model
+    from nemo_minitron.model.shards import gather_full
+    from nemo_minitron.prune import stats as calstats
+    from nemo_minitron.prune.plan import make_plan, random_scores
+    from nemo_minitron.prune.reconstruct import reconstruct
+    from nemo_minitron.prune.width import prune_model
+
+    windows, _ = tiny_windows
+    model, spec, _ = load_model(family_ckpts[name][1])
+    _, stats = calstats.collect(model, windows, 2, tuple(calstats.SITES), {}, progress=False)
+    plan = make_plan(random_scores(spec, 2), spec, {"hidden_size": 48, "ffn_hidden_size": 96, "num_attention_heads": 2})
+    one, spec2 = calstats.one_shot(model, spec, plan, stats, damping=0.01)
+    trimmed, _ = prune_model(model, spec, plan)
+    a, b = gather_full(one), gather_full(trimmed)
+    extra = [k for k in b if k.endswith(("linear_qkv.bias", "q_layernorm.weight", "k_layernorm.weight"))]
+    assert len(extra) == 4 * (1 if name == "qwen2" else 2)
+    for k in extra:
+        assert torch.equal(a[k], b[k]), k
+    # layer 1's refit is the sequential one (its input is the source's in both): the solve reads these models'
+    # statistics right
+    plan = make_plan(random_scores(spec, 3), spec, {"ffn_hidden_size": 96})
+    one, _ = calstats.one_shot(model, spec, plan, stats, damping=0.01)
+    seq, _, _ = reconstruct(model, spec, plan, windows, 2, damping=0.01, progress=False)
+    fc2 = lambda m, l: m.decoder.layers[l].mlp.linear_fc2.weight  # noqa: E731
+    torch.testing.assert_close(fc2(one, 0), fc2(seq, 0), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(fc2(one, 0), fc2(prune_model(model, spec, plan)[0], 0), atol=1e-4)  # it refitted

