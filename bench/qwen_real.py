@@ -55,6 +55,9 @@ def heldout_losses(path, heldout, n, seq):
     out = {}
     for corpus, prefix in heldout.items():
         js = Path(path).parent / f"{Path(path).name}.{corpus}.json"
+        if js.exists():  # a re-run of the bench reuses what it measured
+            out[corpus] = json.loads(js.read_text())["loss"]
+            continue
         cli("evaluate", f"model={path}", f"data={prefix}", f"eval.num_samples={n}", f"eval.seq_length={seq}",
             f"output_json={js}")
         out[corpus] = json.loads(js.read_text())["loss"]
@@ -176,7 +179,10 @@ def main():
         f"data.train={prefixes[('python', 'calibration')]}", f"data.validation={heldout['python']}",
         "data.seq_length=128", "data.micro_batch_size=2", "data.global_batch_size=4", f"trainer.max_steps={a.steps}",
         "trainer.val_check_interval=1000", "checkpoint.every_n_steps=1000", "optim.lr=1e-4", "optim.min_lr=1e-5",
-        "optim.warmup_steps=1", log=work / "distill.log")
+        "optim.warmup_steps=1",
+        # on a 24 GiB machine: the distributed optimizer's fully reshardable save of 0.37B fp32 parameters and their
+        # Adam state peaked past the memory (RSS 18.8 GiB, killed) beside the 0.63B teacher; the plain optimizer saves
+        "optim.distributed_optimizer=false", "checkpoint.optim_fully_reshardable=false", log=work / "distill.log")
     after = heldout_losses(kd / "student", heldout, a.heldout, a.seq)
     before = table[corpora[0]]["least_squares"]
     stage("distill", after["python"] < before["python"], time.time() - t,
