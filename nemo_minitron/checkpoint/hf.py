@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from nemo_minitron.checkpoint import embedded
-from nemo_minitron.checkpoint.embedded import cache_dir  # noqa: F401  (hf.cache_dir: the project's cache)
 from nemo_minitron.errors import UserError
 from nemo_minitron.model.spec import ModelSpec
 

@@ -78,7 +78,7 @@ def _cache_file(tokenizer_dir):
     transformers and the tokenizer (~5 s) in every command. None when there are no tokenizer files."""
     import hashlib
 
-    from nemo_minitron.checkpoint import hf
+    from nemo_minitron.checkpoint.embedded import cache_dir
     from nemo_minitron.checkpoint.nemo import TOKENIZER_FILES
 
     h = hashlib.sha256()
@@ -88,7 +88,7 @@ def _cache_file(tokenizer_dir):
         if f.is_file():
             found = True
             h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
-    return hf.cache_dir() / "tokenizer_fingerprints" / f"{h.hexdigest()}.json" if found else None
+    return cache_dir() / "tokenizer_fingerprints" / f"{h.hexdigest()}.json" if found else None
 
 
 def _store(path, fp: dict) -> None:
