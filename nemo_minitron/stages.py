@@ -153,12 +153,18 @@ def finetune_args(model, output, train, batches: Batches, schedule: Schedule, tr
 
 
 def evaluate_args(models: list, outputs: list, data, num_samples: int, seq_length: int, training: Training,
-                  micro_batch_size: int | None = None) -> list[str]:
-    """``nemo-minitron evaluate`` of several models in one process."""
-    return [list_arg("model", [Path(m) for m in models]), f"data={data}", f"eval.num_samples={num_samples}",
+                  micro_batch_size: int | None = None, tasks=None) -> list[str]:
+    """``nemo-minitron evaluate`` of several models in one process; ``tasks``: an
+    :class:`nemo_minitron.evaluate.Downstream` (``eval.tasks`` and its settings) or None."""
+    args = [list_arg("model", [Path(m) for m in models]), f"data={data}", f"eval.num_samples={num_samples}",
             f"eval.seq_length={seq_length}",
             *([f"eval.micro_batch_size={micro_batch_size}"] if micro_batch_size is not None else []),
             list_arg("output_json", [Path(o) for o in outputs]), *training.layout_args()]
+    if tasks is not None and tasks.tasks:
+        args += [list_arg("eval.tasks", tasks.tasks), f"eval.limit={value(tasks.limit)}",
+                 f"eval.num_fewshot={value(tasks.num_fewshot)}", f"eval.seed={tasks.seed}",
+                 f"eval.batch_size={tasks.batch_size}", f"eval.batch_tokens={tasks.batch_tokens}"]
+    return args
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ def _args(run_dir, teacher, texts):
             "prune.hidden_size=48", "prune.ffn_hidden_size=96", "prune.calibration_samples=8", "prune.seq_length=32",
             "distill.max_steps=8", "distill.seq_length=32", "distill.micro_batch_size=2", "distill.global_batch_size=4",
             "distill.lr=3e-3", "distill.min_lr=3e-4", "distill.warmup_steps=1", "distill.val_check_interval=4",
-            "distill.checkpoint_every=2", "evaluate.num_samples=8", "evaluate.seq_length=32"]
+            "distill.checkpoint_every=2", "evaluate.num_samples=8", "evaluate.seq_length=32",
+            "evaluate.tasks=[piqa,arc_easy]", "evaluate.limit=4"]
 
 
 def test_pipeline_end_to_end_with_kill_and_resume(texts, tmp_path):
@@ -116,6 +117,19 @@ def test_pipeline_end_to_end_with_kill_and_resume(texts, tmp_path):
     assert rep["round1_distilled"]["heldout_loss"] < rep["round1_pruned"]["heldout_loss"]
     assert rep["teacher"]["params"] > rep["round1_distilled"]["params"] > rep["distilled"]["params"]
     assert "round1_distilled" in out and "| round1_pruned |" in md
+
+    # downstream accuracy: every model on the same requests, a table with the teacher's share, a plot
+    down = rep["downstream"]
+    assert down["tasks"] == ["piqa", "arc_easy"] and "downstream.png" in rep["plots"]
+    for name in ("teacher", "round1_pruned", "round1_distilled", "pruned", "distilled"):
+        ev = json.loads((run_dir / "eval" / f"{name}.json").read_text())
+        assert ev["tasks"]["piqa"]["n"] == 4 and ev["tasks"]["arc_easy"]["split"] == "validation"
+        assert down["models"][name]["piqa"]["value"] == ev["tasks"]["piqa"]["metrics"]["acc_norm"][0]
+        assert down["average"][name] == pytest.approx(
+            (down["models"][name]["piqa"]["value"] + down["models"][name]["arc_easy"]["value"]) / 2)
+    assert down["share_of_teacher"]["teacher"] == 1.0
+    assert "## Downstream accuracy" in md and "| piqa | acc_norm | 4 | 0 | validation |" in md
+    assert "downstream (piqa, arc_easy): average accuracy teacher" in out
 
 
 

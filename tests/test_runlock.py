@@ -251,7 +251,8 @@ def test_prune_search_and_pipeline_refuse_a_directory_in_use(tiny_ckpt, tiny_dat
 
     with pytest.raises(UserError, match=f"{run_dir} is in use by another run: pipeline pid {sleeper.pid}"):
         pipeline.run(config.load("pipeline", [f"run_dir={run_dir}", f"teacher={tiny_ckpt}", "overwrite=true",
-                                              "prune.hidden_size=48", "prune.ffn_hidden_size=96"]))
+                                              "prune.hidden_size=48", "prune.ffn_hidden_size=96",
+                                              "evaluate.tasks=[]"]))
     assert [p.name for p in run_dir.iterdir()] == [LOCK_NAME]
 
 

@@ -285,6 +285,9 @@ def test_search_refusals(search_inputs, tmp_path):
         (["search.baseline={hidden_size: 999}"], "larger than the source"),
         (["trainer.strategy.tensor_model_parallel_size=3"], "not divisible"),
         (["search.rank_refit=once"], "search.rank_refit"),
+        (["search.score=mmlu"], "search.score='mmlu'"),
+        (["search.score=downstream", "search.score_tasks=[no_such_task]"], "unknown lm-eval task"),
+        (["search.score=downstream", "search.score_tasks=[]"], "needs search.score_tasks"),
         ([f"search.stats={stats}"], "measured with calibration_samples=4, this search has 8"),
         ([f"search.stats={tmp_path}"], "no complete calibration statistics"),
     ]
@@ -315,3 +318,37 @@ def test_search_refusals(search_inputs, tmp_path):
     assert "candidates" in dry.stdout and "dry run: nothing was run" in dry.stdout
     assert "each finalist's distillation: 4 steps" in dry.stdout and "data: 16 samples x 33 tokens" in dry.stdout
     assert dry.stdout.count(" 50.0%  ") == 2 and "sample index: ~" in dry.stdout
+
+
+def test_search_ranks_finalists_by_downstream_accuracy(family_ckpts, tmp_path):
+    """search.score=downstream: the distilled finalists are scored on lm-eval tasks (the same seeded documents for
+    each) and ranked by their average accuracy, the loss shown beside it; a tiny Qwen2 with its tokenizer."""
+    from hf_fixtures import TEXT
+
+    hf_src, ckpt = family_ckpts["qwen2"]
+    (tmp_path / "text.txt").write_text(TEXT * 60)
+    cli("preprocess", f"input={tmp_path / 'text.txt'}", f"tokenizer={hf_src}", f"output_prefix={tmp_path / 'data'}")
+    data, out = tmp_path / "data", tmp_path / "s"
+    res = cli("search", f"model={ckpt}", f"output={out}", f"data.calibration={data}", f"data.train={data}",
+              f"data.validation={data}", "data.seq_length=32", "data.calibration_samples=8", "search.params=0.85",
+              "search.tolerance=0.1", "search.multiple=16", "search.max_candidates=3", "search.top_k=2",
+              "search.distill_steps=2", "search.eval_samples=4", "search.eval_seq_length=32", "search.rank_samples=4",
+              "search.depth_samples=4", "distill.seq_length=32", "distill.micro_batch_size=2",
+              "distill.global_batch_size=4", "search.score=downstream", "search.score_tasks=[piqa,arc_easy]",
+              "search.score_limit=8", timeout=1200)
+    table = json.loads((out / "search.json").read_text())
+    assert table["score"] == "downstream" and table["score_tasks"]["tasks"] == ["piqa", "arc_easy"]
+    fin = [r for r in table["finalists"] if r["in_top_k"]]
+    assert len(fin) == 2
+    for r in fin:
+        ev = json.loads((out / "eval" / f"{r['name']}.json").read_text())
+        assert ev["tasks"]["piqa"]["n"] == 8 and ev["tasks"]["arc_easy"]["n"] == 8
+        acc = (ev["tasks"]["piqa"]["metrics"]["acc_norm"][0] + ev["tasks"]["arc_easy"]["metrics"]["acc_norm"][0]) / 2
+        assert r["distilled_accuracy"] == pytest.approx(acc) and r["distilled_loss"] == ev["loss"]
+    ranked = sorted(fin, key=lambda r: (-r["distilled_accuracy"], r["distilled_loss"]))
+    assert [r["distilled_rank"] for r in ranked] == [1, 2] and table["winner"] == ranked[0]["name"]
+    assert table["loss_and_score_agree"] == (
+        [r["name"] for r in ranked] == [r["name"] for r in sorted(fin, key=lambda r: r["distilled_loss"])])
+    md = (out / "search.md").read_text()
+    assert "accuracy after distillation" in md and "Ranked by **downstream accuracy**" in md
+    assert res.stdout.strip().splitlines()[-1] == f"wrote search table: {out / 'search.md'}"

@@ -113,3 +113,119 @@ def lm_loss(model, windows: torch.Tensor, micro_batch_size: int, forward_only: b
     if split:
         parallel.data_parallel_all_reduce(loss_sum)
     return float(loss_sum.item()), float(n_all * (L1 - 1))
+
+
+@torch.no_grad()
+def score_tokens(model, inputs: list, queries: list, micro_batch_size: int = 8, progress=None,
+                 max_tokens: int | None = None) -> torch.Tensor:
+    """Log-probabilities of chosen next tokens, for downstream tasks (lm-eval's log-likelihood requests).
+
+    ``inputs``: token lists (any lengths); ``queries[i]``: ``(position, token)`` pairs of ``inputs[i]``, each asking
+    for log p(token | inputs[i][:position + 1]). Returns a float64 tensor [num queries, 2] on the compute device,
+    in query order (``inputs[0]``'s first), of (log-probability, 1.0 if the token is the argmax else 0.0), the
+    same on every rank of this model-parallel group.
+
+    The sequences are run in the order given, ``micro_batch_size`` at a time and at most ``max_tokens`` padded
+    tokens per micro-batch (a 3,000-token 5-shot MMLU prompt runs alone or in twos, where 16 of them would hold
+    16 x heads x 3000^2 attention scores) -- right-padded to the longest of each micro-batch (a causal model's
+    earlier positions do not see the padding); one schedule call per micro-batch,
+    so every PP stage exchanges activations of one shape. Only the queried positions reach the output layer
+    (a forward pre-hook selects them), so the [tokens, vocabulary] logits of context positions are never formed.
+    At TP > 1 the vocab-parallel log-softmax is reduced over the tensor-parallel group; megatron's padding
+    columns are excluded. No data parallelism here: the caller gives each DP rank its share.
+    ``progress(sequences done)`` is called after each micro-batch.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from nemo_minitron.model.build import real_vocab as real_vocab_of
+    from nemo_minitron.model.build import unwrap
+
+    dev = platform.device()
+    inner = unwrap(model)
+    vocab = real_vocab_of(inner.config)
+    last = parallel_state.is_pipeline_last_stage()
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    fwd_bwd = get_forward_backward_func()
+    n_q = sum(len(q) for q in queries)
+    out = torch.zeros(n_q, 2, dtype=torch.float64, device=dev)
+    done, start = 0, 0
+    while start < len(inputs):
+        end, L = start + 1, len(inputs[start])
+        while end < len(inputs) and end - start < micro_batch_size and (
+                max_tokens is None or (end - start + 1) * max(L, len(inputs[end])) <= max_tokens):
+            L = max(L, len(inputs[end]))
+            end += 1
+        seqs, qs = inputs[start:end], queries[start:end]
+        tokens = torch.zeros(len(seqs), L, dtype=torch.long, device=dev)
+        for i, s in enumerate(seqs):
+            tokens[i, :len(s)] = torch.as_tensor(s, dtype=torch.long, device=dev)
+        # the distinct (row, position) pairs the output layer computes, and each query's pair + token
+        pairs, where, toks = {}, [], []
+        for i, q in enumerate(qs):
+            for pos, tok in q:
+                where.append(pairs.setdefault((i, int(pos)), len(pairs)))
+                toks.append(int(tok))
+        rows = torch.as_tensor([p[0] for p in pairs], dtype=torch.long, device=dev)
+        cols = torch.as_tensor([p[1] for p in pairs], dtype=torch.long, device=dev)
+        where_t = torch.as_tensor(where, dtype=torch.long, device=dev)
+        toks_t = torch.as_tensor(toks, dtype=torch.long, device=dev)
+        n = len(toks)
+        hook = None
+        if last:  # hidden [s, b, h] -> the queried positions only, as [k, 1, h]
+            hook = inner.output_layer.register_forward_pre_hook(
+                lambda _m, args: (args[0][cols, rows].unsqueeze(1), *args[1:]))
+
+        def forward_step(data_iterator, model):
+            x = next(data_iterator)
+            y = model(x, _position_ids(x), None)
+
+            def loss_func(logits):
+                res = _select_logprobs(logits[0], where_t, toks_t, vocab, tp_group, tp_rank)
+                return res.new_zeros(()), {"scores": res}
+
+            return y, loss_func
+
+        try:
+            data = fwd_bwd(forward_step_func=forward_step, data_iterator=iter([tokens]), model=[model],
+                           num_microbatches=1, seq_length=L, micro_batch_size=len(seqs), forward_only=True)
+        finally:
+            if hook is not None:
+                hook.remove()
+        chunk = data[0]["scores"] if last else torch.zeros(n, 2, dtype=torch.float64, device=dev)
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(chunk, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                           group=parallel_state.get_pipeline_model_parallel_group())
+        out[done:done + n] = chunk
+        done += n
+        if progress is not None:
+            progress(end)
+        start = end
+    return out
+
+
+def _select_logprobs(logits: torch.Tensor, where: torch.Tensor, toks: torch.Tensor, vocab: int, tp_group,
+                     tp_rank: int) -> torch.Tensor:
+    """[k, V/TP] vocab-parallel logits of k positions -> [n, 2] (log p(toks[j] | position where[j]), greedy),
+    computed in fp32 (fp64 for an fp64 model)."""
+    logits = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    v = logits.shape[-1]
+    keep = max(0, min(v, vocab - tp_rank * v))
+    if keep < v:
+        logits = logits.masked_fill(torch.arange(v, device=logits.device) >= keep, float("-inf"))
+    tp = dist.get_world_size(tp_group) if dist.is_initialized() else 1
+    top = logits.max(dim=-1).values
+    if tp > 1:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=tp_group)
+    sum_exp = (logits - top.unsqueeze(-1)).exp().sum(dim=-1)
+    local = toks - tp_rank * v
+    mine = (local >= 0) & (local < v)
+    picked = torch.where(mine, logits[where, local.clamp(0, v - 1)], torch.zeros((), device=logits.device))
+    if tp > 1:
+        dist.all_reduce(sum_exp, group=tp_group)
+        dist.all_reduce(picked, group=tp_group)
+    lse = top + sum_exp.log()
+    logprob = picked - lse[where]
+    greedy = (picked >= top[where]).to(logprob.dtype)
+    return torch.stack([logprob, greedy], dim=-1).double()

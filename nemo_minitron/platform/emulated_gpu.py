@@ -234,7 +234,10 @@ class _FactoryMode(torch.overrides.TorchFunctionMode):
             args = (tree_map(lambda x: x.data_ if _is_dev(x) else x, args[0]), *args[1:])
         if name in _FROM_DATA and _is_emulated(kwargs.get("device")):
             rg = kwargs.get("requires_grad", False)
-            out = func(*args, **{**kwargs, "device": _HOST, "requires_grad": False})
+            host = {**kwargs, "device": _HOST}
+            if name != "as_tensor":  # as_tensor takes no requires_grad
+                host["requires_grad"] = False
+            out = func(*args, **host)
             out = out.to(device())
             return out.requires_grad_(True) if rg else out
         return func(*args, **kwargs)

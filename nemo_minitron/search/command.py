@@ -27,6 +27,7 @@ from nemo_minitron.data import blend
 from nemo_minitron.errors import UserError
 
 PHASES = ("all", "rank", "distill", "report")
+SCORES = ("val_loss", "downstream")
 RANK_REFITS = ("one_shot", "sequential")
 
 
@@ -75,6 +76,7 @@ def _settings(cfg, dry: bool = False):
     check_reconstruction(s.reconstruction, s.reconstruction_damping, section="search")
     if s.rank_refit not in RANK_REFITS:
         raise UserError(f"search.rank_refit={s.rank_refit!r}: one of {', '.join(RANK_REFITS)}")
+    _score_tasks(cfg, build=not dry)
     if isinstance(s.stats_max_gib, bool) or not isinstance(s.stats_max_gib, (int, float)) or s.stats_max_gib < 0:
         raise UserError(f"search.stats_max_gib={s.stats_max_gib!r} must be a number of GiB >= 0")
     space_cfg = {k: (list(v) if v is not None else None) for k, v in s.space.items()}
@@ -331,17 +333,47 @@ def run_distill(cfg, out: Path, index: int | None = None, runner=None, evaluate:
         _evaluate_stage(cfg, out, r, [c], f"evaluate_{c['name']}")
 
 
+def _score_tasks(cfg, build: bool = False):
+    """``search.score``'s tasks as evaluate settings (None for val_loss); ``build``: every task built now, so an
+    unknown or data-less one is refused before any work."""
+    from nemo_minitron.evaluate import Downstream
+
+    s = cfg.search
+    score = s.get("score", "val_loss")
+    if score not in SCORES:
+        raise UserError(f"search.score={score!r}: one of {', '.join(SCORES)}")
+    if score == "val_loss":
+        return None
+    tasks = Downstream.of({"tasks": s.get("score_tasks"), "limit": s.get("score_limit"),
+                           "num_fewshot": s.get("score_num_fewshot"), "seed": s.get("score_seed", 1234)})
+    if not tasks.tasks:
+        raise UserError("search.score=downstream needs search.score_tasks=[..] (e.g. [mmlu], ModelOpt's default)")
+    if build:
+        prep = tasks.prepare()
+        if prep.unavailable:
+            raise UserError("search.score_tasks: " + "; ".join(f"{t}: {w}" for t, w in prep.unavailable.items()))
+    return tasks
+
+
 def _evaluate_stage(cfg, out: Path, r, finalists: list, name: str) -> None:
-    """The distilled finalists' held-out loss, every one not evaluated yet in one evaluate process."""
+    """The distilled finalists' held-out loss (and, with search.score=downstream, their accuracy on
+    search.score_tasks, every finalist on the same requests), every one not evaluated yet in one evaluate
+    process."""
     d, s = cfg.data, cfg.search
+    tasks = _score_tasks(cfg)
     evs = {c["name"]: out / "eval" / f"{c['name']}.json" for c in finalists}
     (out / "eval").mkdir(exist_ok=True)
-    todo = [c["name"] for c in finalists if not evs[c["name"]].is_file()]
+
+    def evaluated(n):
+        return evs[n].is_file() and (tasks is None or set(tasks.tasks) <= set(
+            json.loads(evs[n].read_text()).get("tasks", {})))
+
+    todo = [c["name"] for c in finalists if not evaluated(c["name"])]
     r.stage(name, "evaluate",
             stages.evaluate_args([out / "distill" / n / "student" for n in todo], [evs[n] for n in todo],
                                  d.validation, s.eval_samples, s.eval_seq_length, _training(cfg),
-                                 micro_batch_size=d.micro_batch_size),
-            lambda: all(ev.is_file() for ev in evs.values()))
+                                 micro_batch_size=d.micro_batch_size, tasks=tasks),
+            lambda: all(evaluated(c["name"]) for c in finalists))
 
 
 def _read_candidates(out: Path) -> dict:
@@ -372,26 +404,46 @@ def run_report(cfg, out: Path) -> dict:
         raise UserError(f"finalists not distilled and evaluated yet: {', '.join(missing)} "
                         f"(run search.phase=distill for them, or search.phase=all)")
     base = doc.get("baseline")
+    tasks = _score_tasks(cfg)
     rows = []
     for c in fin:
         ev = json.loads((out / "eval" / f"{c['name']}.json").read_text())
-        rows.append({**c, "distilled_loss": ev["loss"], "checkpoint": str(out / "distill" / c["name"] / "student"),
-                     "pruned_checkpoint": str(out / "candidates" / c["name"]),
-                     "is_baseline": bool(base and c["name"] == base["name"]),
-                     "in_top_k": c["name"] in doc["finalists"][: cfg.search.top_k]})
+        row = {**c, "distilled_loss": ev["loss"], "checkpoint": str(out / "distill" / c["name"] / "student"),
+               "pruned_checkpoint": str(out / "candidates" / c["name"]),
+               "is_baseline": bool(base and c["name"] == base["name"]),
+               "in_top_k": c["name"] in doc["finalists"][: cfg.search.top_k]}
+        if tasks is not None:
+            from nemo_minitron.downstream import headline
+
+            missing = [t for t in tasks.tasks if t not in ev.get("tasks", {})]
+            if missing:
+                raise UserError(f"finalist {c['name']} was evaluated without {', '.join(missing)}: run "
+                                "search.phase=distill for it again (its distillation is kept)")
+            accs = {t: headline(ev["tasks"][t]) for t in tasks.tasks}
+            row["distilled_tasks"] = {t: {"metric": k, "value": v, "stderr": e} for t, (k, v, e) in accs.items()}
+            row["distilled_accuracy"] = sum(v for _, v, _ in accs.values()) / len(accs)
+        rows.append(row)
     ranked_k = [r for r in rows if r["in_top_k"]]
+    # the chosen score ranks (lower loss, or higher average accuracy; ties: the lower loss)
+    key = (lambda r: r["distilled_loss"]) if tasks is None else (lambda r: (-r["distilled_accuracy"], r["distilled_loss"]))
     by_pruned = [r["name"] for r in sorted(ranked_k, key=lambda r: r["pruned_loss"])]
-    by_distilled = [r["name"] for r in sorted(ranked_k, key=lambda r: r["distilled_loss"])]
+    by_distilled = [r["name"] for r in sorted(ranked_k, key=key)]
+    by_loss = [r["name"] for r in sorted(ranked_k, key=lambda r: r["distilled_loss"])]
     for r in rows:
         r["distilled_rank"] = (by_distilled.index(r["name"]) + 1) if r["name"] in by_distilled else None
+        r["loss_rank"] = (by_loss.index(r["name"]) + 1) if r["name"] in by_loss else None
         r["pruned_rank_among_finalists"] = (by_pruned.index(r["name"]) + 1) if r["name"] in by_pruned else None
-    winner = min(ranked_k, key=lambda r: r["distilled_loss"])
+    winner = min(ranked_k, key=key)
     result = {
         "source": doc["source"], "source_params": doc["source_params"], "source_loss": doc["source_loss"],
         "budget": doc["budget"], "tolerance": doc["tolerance"], "eval": doc["eval"],
         "distill_steps": cfg.search.distill_steps,
         "distill_tokens": cfg.search.distill_steps * cfg.distill.global_batch_size * cfg.distill.seq_length,
         "ranking_changed": by_pruned != by_distilled, "kendall_tau": _kendall_tau(by_pruned, by_distilled),
+        "score": "val_loss" if tasks is None else "downstream",
+        "score_tasks": None if tasks is None else {"tasks": list(tasks.tasks), "limit": tasks.limit,
+                                                   "num_fewshot": tasks.num_fewshot, "seed": tasks.seed},
+        "loss_and_score_agree": by_loss == by_distilled,
         "winner": winner["name"], "finalists": rows,
         "candidates": doc["candidates"], "stats": doc["stats"], "depth_method": doc["depth_method"],
         "rank": doc.get("rank")}
@@ -420,14 +472,23 @@ def _markdown(res: dict) -> str:
              "", f"## Finalists after a short distillation ({res['distill_steps']} steps, "
                  f"{res['distill_tokens']:,} tokens each)", "",
              "| rank after distillation | rank after pruning | candidate | params | layers | hidden | ffn | "
-             "heads / groups | loss after pruning | loss after distillation |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    fin = sorted(res["finalists"], key=lambda r: r["distilled_loss"])
+             "heads / groups | loss after pruning | loss after distillation |"
+             + (" accuracy after distillation |" if res.get("score") == "downstream" else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if res.get("score") == "downstream" else "")]
+    fin = sorted(res["finalists"], key=lambda r: (r["distilled_rank"] or 1 << 30, r["distilled_loss"]))
     for r in fin:
         tag = " (baseline)" if r["is_baseline"] else ""
+        acc = f" {r['distilled_accuracy']:.4f} |" if "distilled_accuracy" in r else ""
         lines.append(f"| {r['distilled_rank'] or '-'} | {r.get('pruned_rank') or '-'} | {r['name']}{tag} | "
                      f"{r['params'] / 1e6:.2f}M | {_shape_cols(r)} | {r['pruned_loss']:.4f} | "
-                     f"{r['distilled_loss']:.4f} |")
+                     f"{r['distilled_loss']:.4f} |{acc}")
+    if res.get("score") == "downstream":
+        st = res["score_tasks"]
+        lines += ["", f"Ranked by **downstream accuracy** (search.score=downstream): the average of "
+                      f"{', '.join(st['tasks'])} (acc_norm where lm-eval reports it; "
+                      f"limit {st['limit']}, {st['num_fewshot'] if st['num_fewshot'] is not None else 'default'}-shot), "
+                      f"higher first. The validation-loss ranking "
+                      f"{'agrees' if res['loss_and_score_agree'] else 'differs'}."]
     rank = res.get("rank") or {}
     if rank.get("refit") == "one_shot":
         lines += ["", f"Ranked on {rank['num_samples']} validation windows with each candidate refitted in closed form "
