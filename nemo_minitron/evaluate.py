@@ -137,7 +137,7 @@ def downstream_scores(model, path, spec, prep, tasks: Downstream) -> dict:
     res = downstream.score(prep, lm)
     st = lm.stats
     if parallel.is_rank0():
-        print(f"  downstream: {st['requests']} requests as {st['sequences']} sequences ({st['tokens']} tokens) "
+        print(f"downstream: {st['requests']} requests as {st['sequences']} sequences ({st['tokens']} tokens) "
               f"in {time.time() - t0:.1f}s", flush=True)
     return res
 

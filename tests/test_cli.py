@@ -33,8 +33,8 @@ def test_overrides_typed_and_checked():
         config.load("evaluate", ["model=m", "data=d", "eval.nope=1"])
     with pytest.raises(UserError, match="wrong type"):
         config.load("evaluate", ["model=m", "data=d", "eval.seq_length=long"])
-    with pytest.raises(UserError, match="missing required config value.*data"):
-        config.load("evaluate", ["model=m"])
+    with pytest.raises(UserError, match="missing required config value.*model"):
+        config.load("evaluate", ["data=d"])  # data is optional (eval.tasks alone); model is not
     with pytest.raises(UserError, match="not key=value"):
         config.load("evaluate", ["model"])
 

@@ -166,5 +166,5 @@ class _Progress:
     def __call__(self, done: int) -> None:
         if done >= self.next or done == self.total:
             rate = done / max(time.time() - self.t0, 1e-9)
-            self.log(f"  scored {done}/{self.total} sequences ({rate:.1f}/s)")
+            self.log(f"downstream: scored {done}/{self.total} sequences ({rate:.1f}/s)")
             self.next = done + max(self.total // 10, 1)
