@@ -64,6 +64,18 @@ class Downstream:
                             f"{self.batch_tokens})")
         return downstream.prepare(list(self.tasks), self.num_fewshot, self.limit, self.seed, self.include_path)
 
+    def check(self, key: str) -> None:
+        """Every task built now, before a pipeline's or search's work: an unknown, generative or data-less one
+        is refused, naming ``key`` (the stage that scores them builds the same requests again)."""
+        if self.tasks:
+            prep = self.prepare()
+            if prep.unavailable:
+                raise UserError(f"{key}: " + "; ".join(f"{t}: {w}" for t, w in prep.unavailable.items()))
+
+    def covered_by(self, out_json: Path) -> bool:
+        """``out_json`` (an evaluate output) exists and holds every one of these tasks."""
+        return out_json.is_file() and set(self.tasks) <= set(json.loads(out_json.read_text()).get("tasks", {}))
+
 
 def run(cfg) -> None:
     """One model, or a list of them (``model=[A,B,..]``, ``output_json=[a.json,b.json,..]``): every one is

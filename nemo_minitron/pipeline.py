@@ -207,15 +207,11 @@ def _prune_distill(r, tag: str, teacher: Path, pruned: Path, kd: Path, p, k, pre
 def _check_tasks(e):
     """evaluate.tasks, resolved and built once here (unknown, generative or data-less tasks refused before
     any work); the evaluate stage builds the same requests again."""
-    from nemo_minitron.errors import UserError
     from nemo_minitron.evaluate import Downstream
 
     tasks = Downstream.of({"tasks": e.get("tasks"), "limit": e.get("limit"), "num_fewshot": e.get("num_fewshot"),
                            "seed": e.get("seed", 1234)})
-    if tasks.tasks:
-        prep = tasks.prepare()
-        if prep.unavailable:
-            raise UserError("evaluate.tasks: " + "; ".join(f"{t}: {w}" for t, w in prep.unavailable.items()))
+    tasks.check("evaluate.tasks")
     return tasks
 
 
@@ -328,14 +324,11 @@ def _run(cfg, run_dir: Path, training: stages.Training, rounds: list, given: dic
     outs = {name: run_dir / "eval" / f"{name}.json" for name in models}
     (run_dir / "eval").mkdir(exist_ok=True)
 
-    def evaluated(name):
-        return outs[name].is_file() and set(tasks.tasks) <= set(json.loads(outs[name].read_text()).get("tasks", {}))
-
-    todo = [name for name in models if not evaluated(name)]
+    todo = [name for name in models if not tasks.covered_by(outs[name])]
     r.stage("evaluate", "evaluate",
             stages.evaluate_args([models[n] for n in todo], [outs[n] for n in todo], prefixes["heldout"],
                                  e.num_samples, e.seq_length, training, tasks=tasks),
-            lambda: all(evaluated(n) for n in models))
+            lambda: all(tasks.covered_by(outs[n]) for n in models))
 
     # 7. export
     exports = {}

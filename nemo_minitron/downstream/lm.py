@@ -54,7 +54,7 @@ class MegatronLM(TemplateLM):
         self.batch_tokens = int(batch_tokens) if batch_tokens else None
         self.add_bos_token = add_bos_token
         self.log = log
-        self.stats = {"requests": 0, "sequences": 0, "tokens": 0, "seconds": 0.0}
+        self.stats = {"requests": 0, "sequences": 0, "tokens": 0}
 
     # ---- tokenization: the hf model's rules --------------------------------------------------------------
     @property
@@ -88,7 +88,6 @@ class MegatronLM(TemplateLM):
         return super().loglikelihood(requests, disable_tqdm=True)  # no tokenizing bar: progress is logged
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        t0 = time.time()
         seqs, index, queries, asks = [], {}, [], []
         for _, ctx, cont in requests:
             full = (list(ctx) + list(cont))[-(self.max_length + 1):]
@@ -111,7 +110,6 @@ class MegatronLM(TemplateLM):
         self.stats["requests"] += len(requests)
         self.stats["sequences"] += len(seqs)
         self.stats["tokens"] += sum(len(s) for s in seqs)
-        self.stats["seconds"] += time.time() - t0
         return out
 
     def _score(self, seqs: list, queries: list) -> list:

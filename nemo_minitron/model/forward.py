@@ -27,13 +27,20 @@ def vocab_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: 
     value at every TP size, whatever the padding rows of the output layer hold."""
     from megatron.core import parallel_state, tensor_parallel
 
-    v = logits.shape[-1]
-    keep = max(0, min(v, vocab_size - parallel_state.get_tensor_model_parallel_rank() * v))
     logits = logits.float()
-    if keep < v:
-        pad = torch.arange(v, device=logits.device) >= keep
-        logits = logits.masked_fill(pad, torch.finfo(logits.dtype).min)
+    logits = mask_vocab_padding(logits, vocab_size, parallel_state.get_tensor_model_parallel_rank(),
+                                torch.finfo(logits.dtype).min)
     return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+
+
+def mask_vocab_padding(logits: torch.Tensor, vocab_size: int, tp_rank: int, fill: float) -> torch.Tensor:
+    """This TP rank's vocab-parallel ``logits`` ([..., V/TP]) with megatron's padding columns (global index
+    >= ``vocab_size``) set to ``fill``."""
+    v = logits.shape[-1]
+    keep = max(0, min(v, vocab_size - tp_rank * v))
+    if keep < v:
+        logits = logits.masked_fill(torch.arange(v, device=logits.device) >= keep, fill)
+    return logits
 
 
 def padding_of(model) -> int | None:
@@ -210,10 +217,8 @@ def _select_logprobs(logits: torch.Tensor, where: torch.Tensor, toks: torch.Tens
     """[k, V/TP] vocab-parallel logits of k positions -> [n, 2] (log p(toks[j] | position where[j]), greedy),
     computed in fp32 (fp64 for an fp64 model)."""
     logits = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    logits = mask_vocab_padding(logits, vocab, tp_rank, float("-inf"))
     v = logits.shape[-1]
-    keep = max(0, min(v, vocab - tp_rank * v))
-    if keep < v:
-        logits = logits.masked_fill(torch.arange(v, device=logits.device) >= keep, float("-inf"))
     tp = dist.get_world_size(tp_group) if dist.is_initialized() else 1
     top = logits.max(dim=-1).values
     if tp > 1:

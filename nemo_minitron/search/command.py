@@ -349,9 +349,7 @@ def _score_tasks(cfg, build: bool = False):
     if not tasks.tasks:
         raise UserError("search.score=downstream needs search.score_tasks=[..] (e.g. [mmlu], ModelOpt's default)")
     if build:
-        prep = tasks.prepare()
-        if prep.unavailable:
-            raise UserError("search.score_tasks: " + "; ".join(f"{t}: {w}" for t, w in prep.unavailable.items()))
+        tasks.check("search.score_tasks")
     return tasks
 
 
@@ -365,8 +363,7 @@ def _evaluate_stage(cfg, out: Path, r, finalists: list, name: str) -> None:
     (out / "eval").mkdir(exist_ok=True)
 
     def evaluated(n):
-        return evs[n].is_file() and (tasks is None or set(tasks.tasks) <= set(
-            json.loads(evs[n].read_text()).get("tasks", {})))
+        return evs[n].is_file() if tasks is None else tasks.covered_by(evs[n])
 
     todo = [c["name"] for c in finalists if not evaluated(c["name"])]
     r.stage(name, "evaluate",
