@@ -30,7 +30,7 @@ system-deps:
 	  else echo "note: slurm-wlm missing and cannot be installed here (not root): SLURM tests will be skipped"; fi; }
 
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q -rs --timeout=1800 --durations=15 -n 2 --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -q -rs --timeout=1800 --durations=40 -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

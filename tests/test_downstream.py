@@ -93,6 +93,8 @@ def test_smollm2_matches_lm_eval_hf(smol, dist_single):
             assert stats["sequences"] * 4 == stats["requests"]
         else:
             assert ours["arc_easy"]["split"] == "validation" and ours["piqa"]["n"] == 8
+            # each question's context computed once: its choices are branches of one sequence
+            assert stats["sequences"] == 3 * 8 and stats["requests"] >= 8 * (2 + 4 + 3)
     print(f"SmolLM2 vs lm-eval hf, max |log-likelihood diff| (requests): {diffs}")
 
 

@@ -6,8 +6,10 @@ lm-eval drives every task (prompts, few-shot, metrics); this class answers its l
 * tokenization is lm-eval's ``TemplateLM`` pair encoding with the ``hf`` model's ``tok_encode`` rules, and a
   request's input is truncated on the left to the model's length as the ``hf`` model does, so the numbers are
   the ``hf`` model's (tests/test_downstream.py checks 1e-4);
-* requests with the same input tokens (a multiple-choice question's one-token answers: MMLU's " A".." D") are
-  one sequence, run once, and only the positions a request asks about reach the output layer;
+* each context is computed once: requests with the same input tokens (a multiple-choice question's one-token
+  answers: MMLU's " A".." D") are one sequence, and the choices of one context (PIQA's two solutions,
+  HellaSwag's four endings) are branches of one sequence after it, each seeing the context and itself only
+  (:func:`_pack`); only the positions a request asks about reach the output layer;
 * the distinct sequences, longest first, are dealt round-robin to the data-parallel ranks (every rank of a
   DP group runs the same share: TP and PP split each forward); the scores are all-gathered, so every rank
   holds every answer and lm-eval runs unchanged (it is told rank 0 of 1) on every rank.
@@ -88,51 +90,43 @@ class MegatronLM(TemplateLM):
         return super().loglikelihood(requests, disable_tqdm=True)  # no tokenizing bar: progress is logged
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        seqs, index, queries, asks = [], {}, [], []
-        for _, ctx, cont in requests:
-            full = (list(ctx) + list(cont))[-(self.max_length + 1):]
-            inp, n = tuple(full[:-1]), len(cont)
-            s = index.get(inp)
-            if s is None:
-                s = index[inp] = len(seqs)
-                seqs.append(inp)
-                queries.append({})
-            q = queries[s]
-            first = len(inp) - n
-            asks.append((s, [q.setdefault((first + j, int(t)), len(q)) for j, t in enumerate(cont)]))
-        scores = self._score(seqs, [list(q) for q in queries])
+        from nemo_minitron.model.forward import shares_contexts
+
+        units, asks = _pack(requests, self.max_length, shares_contexts(self.model))
+        scores = self._score(units)
         out = []
-        for (s, qs), req in zip(asks, requests):
-            lp = float(sum(scores[s][j][0] for j in qs))
-            greedy = all(scores[s][j][1] > 0.5 for j in qs)
+        for (u, qs), req in zip(asks, requests):
+            lp = float(sum(scores[u][j][0] for j in qs))
+            greedy = all(scores[u][j][1] > 0.5 for j in qs)
             out.append((lp, greedy))
             self.cache_hook.add_partial("loglikelihood", req[0], (lp, greedy))
         self.stats["requests"] += len(requests)
-        self.stats["sequences"] += len(seqs)
-        self.stats["tokens"] += sum(len(s) for s in seqs)
+        self.stats["sequences"] += len(units)
+        self.stats["tokens"] += sum(len(u.tokens) for u in units)
         return out
 
-    def _score(self, seqs: list, queries: list) -> list:
-        """Per sequence, its queries' [(logprob, greedy)], with the sequences shared out over the DP ranks."""
+    def _score(self, units: list) -> list:
+        """Per unit, its queries' [(logprob, greedy)], with the units shared out over the DP ranks."""
         from megatron.core import parallel_state
 
         from nemo_minitron.model.forward import score_tokens
 
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # longest first: least padding
+        order = sorted(range(len(units)), key=lambda i: -len(units[i].tokens))  # longest first: least padding
         dp = parallel.data_parallel_size()
         r = parallel_state.get_data_parallel_rank() if dp > 1 else 0
-        mine = order[r::dp]
+        mine = [units[i] for i in order[r::dp]]
         report = _Progress(self.log, len(mine), self.batch_size) if parallel.is_rank0() else None
-        flat = score_tokens(self.model, [list(seqs[i]) for i in mine], [queries[i] for i in mine],
-                            self.batch_size, progress=report, max_tokens=self.batch_tokens)
+        flat = score_tokens(self.model, [u.tokens for u in mine], [list(u.queries) for u in mine],
+                            self.batch_size, progress=report, max_tokens=self.batch_tokens,
+                            layouts=[u.layout() for u in mine])
         parts = [flat] if dp == 1 else parallel.all_gather_tensors(flat, group=parallel_state.get_data_parallel_group())
-        result = [None] * len(seqs)
+        result = [None] * len(units)
         for rank, part in enumerate(parts):
             rows = parallel.to_host(part).tolist()
             k = 0
             for i in order[rank::dp]:
-                result[i] = rows[k:k + len(queries[i])]
-                k += len(queries[i])
+                result[i] = rows[k:k + len(units[i].queries)]
+                k += len(units[i].queries)
         return result
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -153,6 +147,70 @@ class MegatronLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False):
         raise NotImplementedError("nemo_minitron scores log-likelihood tasks (multiple choice, perplexity); "
                                   "generative tasks are not supported")
+
+
+class _Unit:
+    """One sequence the model runs: ``tokens``; ``queries`` {(position, token): index}; for a shared context,
+    ``branch[i]`` (0: the context, k: the k-th continuation) and ``positions[i]`` (the token's position in its own
+    request), else None (one plain causal sequence)."""
+
+    __slots__ = ("tokens", "queries", "branch", "positions", "branches")
+
+    def __init__(self, tokens):
+        self.tokens, self.queries, self.branch, self.positions, self.branches = list(tokens), {}, None, None, None
+
+    def ask(self, position: int, token: int) -> int:
+        return self.queries.setdefault((position, int(token)), len(self.queries))
+
+    def layout(self):
+        return None if self.branch is None else (self.positions, self.branch)
+
+
+def _pack(requests, max_length: int, share: bool):
+    """lm-eval's (context, continuation) token requests -> (units to run, per request (unit, its query indices)).
+
+    A request's input is ``(context + continuation)[:-1]``, cut on the left to ``max_length`` tokens (the ``hf``
+    model's rule). Requests with the same input are one unit (MMLU's one-token answers). With ``share`` (a model
+    whose attention takes a mask and whose positions follow ``position_ids``: :func:`shares_contexts`), the
+    requests of one context (a multiple-choice question's choices) are one unit: the context once, then each
+    distinct continuation as a branch that sees the context and itself only, at the positions it has in its own
+    request; a request cut on the left keeps a unit of its own."""
+    units, asks, by_input, by_context = [], [], {}, {}
+    for _, ctx, cont in requests:
+        ctx, cont = list(ctx), list(cont)
+        full = (ctx + cont)[-(max_length + 1):]
+        inp, n = tuple(full[:-1]), len(cont)
+        if share and len(ctx) + n <= max_length + 1 and len(ctx) > 0:
+            u = by_context.get(tuple(ctx))
+            if u is None:
+                u = by_context[tuple(ctx)] = len(units)
+                units.append(_Unit(ctx))
+                units[u].branch, units[u].positions = [0] * len(ctx), list(range(len(ctx)))
+                units[u].branches = {}
+            unit = units[u]
+            qs = [unit.ask(len(ctx) - 1, cont[0])]
+            if n > 1:  # the continuation's own tokens (all but its last) as a branch
+                key = tuple(cont[:-1])
+                start = unit.branches.get(key)
+                if start is None:
+                    start = unit.branches[key] = len(unit.tokens)
+                    k = len(unit.branches)
+                    unit.tokens += key
+                    unit.branch += [k] * len(key)
+                    unit.positions += range(len(ctx), len(ctx) + len(key))
+                qs += [unit.ask(start + j, cont[j + 1]) for j in range(n - 1)]
+            asks.append((u, qs))
+            continue
+        u = by_input.get(inp)
+        if u is None:
+            u = by_input[inp] = len(units)
+            units.append(_Unit(inp))
+        first = len(inp) - n
+        asks.append((u, [units[u].ask(first + j, t) for j, t in enumerate(cont)]))
+    for unit in units:  # a context with one branch (or none) runs as a plain sequence
+        if unit.branch is not None and max(unit.branch) <= 1:
+            unit.branch = unit.positions = None
+    return units, asks
 
 
 class _Progress:

@@ -122,9 +122,47 @@ def lm_loss(model, windows: torch.Tensor, micro_batch_size: int, forward_only: b
     return float(loss_sum.item()), float(n_all * (L1 - 1))
 
 
+def shares_contexts(model) -> bool:
+    """Whether ``model`` can run a shared-context sequence (:func:`score_tokens`' ``layouts``): its core attention
+    applies the attention mask it is given (megatron's ``DotProductAttention``; TE's fused attention is built
+    causal and ignores one), and its positions are the ``position_ids`` it is given (rotary embeddings applied
+    unfused, or learned absolute positions)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from nemo_minitron.model.build import unwrap
+
+    inner = unwrap(model)
+    cfg = inner.config
+    if getattr(inner, "position_embedding_type", None) not in ("rope", "learned_absolute", "none") or \
+            cfg.apply_rope_fusion or getattr(cfg, "multi_latent_attention", False) or cfg.window_size is not None:
+        return False
+    if inner.position_embedding_type == "rope" and not hasattr(inner, "rotary_pos_emb"):
+        return False
+    return all(type(layer.self_attention.core_attention) is DotProductAttention for layer in inner.decoder.layers)
+
+
+def _layout_tensors(layouts: list, L: int, dev):
+    """Per row (``None``: plain causal) -> (position ids [b, L], attention mask [b, 1, L, L], True = not seen).
+    A token sees the earlier tokens of the shared context (branch 0) and of its own branch; padding is causal."""
+    b = len(layouts)
+    pos = torch.arange(L, device=dev).unsqueeze(0).repeat(b, 1)
+    branch = torch.full((b, L), -1, dtype=torch.long, device=dev)
+    for i, lay in enumerate(layouts):
+        if lay is not None:
+            p, br = lay
+            pos[i, :len(p)] = torch.as_tensor(p, dtype=torch.long, device=dev)
+            branch[i, :len(br)] = torch.as_tensor(br, dtype=torch.long, device=dev)
+        else:
+            branch[i] = 0
+    causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+    q, k = branch.unsqueeze(2), branch.unsqueeze(1)  # [b, L, 1], [b, 1, L]
+    seen = causal & ((k == 0) | (k == q) | (q == -1))
+    return pos, (~seen).unsqueeze(1)
+
+
 @torch.no_grad()
 def score_tokens(model, inputs: list, queries: list, micro_batch_size: int = 8, progress=None,
-                 max_tokens: int | None = None) -> torch.Tensor:
+                 max_tokens: int | None = None, layouts: list | None = None) -> torch.Tensor:
     """Log-probabilities of chosen next tokens, for downstream tasks (lm-eval's log-likelihood requests).
 
     ``inputs``: token lists (any lengths); ``queries[i]``: ``(position, token)`` pairs of ``inputs[i]``, each asking
@@ -132,15 +170,21 @@ def score_tokens(model, inputs: list, queries: list, micro_batch_size: int = 8, 
     in query order (``inputs[0]``'s first), of (log-probability, 1.0 if the token is the argmax else 0.0), the
     same on every rank of this model-parallel group.
 
-    The sequences are run in the order given, ``micro_batch_size`` at a time and at most ``max_tokens`` padded
-    tokens per micro-batch (a 3,000-token 5-shot MMLU prompt runs alone or in twos, where 16 of them would hold
-    16 x heads x 3000^2 attention scores) -- right-padded to the longest of each micro-batch (a causal model's
-    earlier positions do not see the padding); one schedule call per micro-batch,
+    The sequences are run in the order given, in consecutive micro-batches of at most ``micro_batch_size``
+    sequences and ``max_tokens`` padded tokens (a 3,000-token 5-shot MMLU prompt runs alone or in twos, where 16
+    of them would hold 16 x heads x 3000^2 attention scores), split where padding would cost more than a
+    micro-batch more (:func:`micro_batches`) -- right-padded to the longest of each micro-batch (a causal
+    model's earlier positions do not see the padding); one schedule call per micro-batch,
     so every PP stage exchanges activations of one shape. Only the queried positions reach the output layer
     (a forward pre-hook selects them), so the [tokens, vocabulary] logits of context positions are never formed.
     At TP > 1 the vocab-parallel log-softmax is reduced over the tensor-parallel group; megatron's padding
     columns are excluded. No data parallelism here: the caller gives each DP rank its share.
     ``progress(sequences done)`` is called after each micro-batch.
+
+    ``layouts[i]`` (only where :func:`shares_contexts`): ``None`` for a plain causal sequence, or ``(positions,
+    branches)`` per token of ``inputs[i]``: a context (branch 0) followed by continuations (branches 1, 2, ...),
+    each continuation seeing the context and itself only, at its own positions -- the context of a
+    multiple-choice question computed once for all its choices.
     """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -157,13 +201,9 @@ def score_tokens(model, inputs: list, queries: list, micro_batch_size: int = 8, 
     fwd_bwd = get_forward_backward_func()
     n_q = sum(len(q) for q in queries)
     out = torch.zeros(n_q, 2, dtype=torch.float64, device=dev)
-    done, start = 0, 0
-    while start < len(inputs):
-        end, L = start + 1, len(inputs[start])
-        while end < len(inputs) and end - start < micro_batch_size and (
-                max_tokens is None or (end - start + 1) * max(L, len(inputs[end])) <= max_tokens):
-            L = max(L, len(inputs[end]))
-            end += 1
+    done = 0
+    for start, end in micro_batches([len(x) for x in inputs], micro_batch_size, max_tokens):
+        L = max(len(x) for x in inputs[start:end])
         seqs, qs = inputs[start:end], queries[start:end]
         tokens = torch.zeros(len(seqs), L, dtype=torch.long, device=dev)
         for i, s in enumerate(seqs):
@@ -179,14 +219,22 @@ def score_tokens(model, inputs: list, queries: list, micro_batch_size: int = 8, 
         where_t = torch.as_tensor(where, dtype=torch.long, device=dev)
         toks_t = torch.as_tensor(toks, dtype=torch.long, device=dev)
         n = len(toks)
-        hook = None
+        hooks = []
         if last:  # hidden [s, b, h] -> the queried positions only, as [k, 1, h]
-            hook = inner.output_layer.register_forward_pre_hook(
-                lambda _m, args: (args[0][cols, rows].unsqueeze(1), *args[1:]))
+            hooks.append(inner.output_layer.register_forward_pre_hook(
+                lambda _m, args: (args[0][cols, rows].unsqueeze(1), *args[1:])))
+        lays = layouts[start:end] if layouts is not None else None
+        if lays is not None and any(lay is not None for lay in lays):
+            pos, mask = _layout_tensors(lays, L, dev)
+            if getattr(inner, "rotary_pos_emb", None) is not None:  # rotary [L', 1, 1, d] -> each row's [L, b, 1, d]
+                hooks.append(inner.rotary_pos_emb.register_forward_hook(
+                    lambda _m, _a, emb: emb[pos.t()].squeeze(2)))
+        else:
+            pos, mask = _position_ids(tokens), None
 
         def forward_step(data_iterator, model):
             x = next(data_iterator)
-            y = model(x, _position_ids(x), None)
+            y = model(x, pos, mask)
 
             def loss_func(logits):
                 res = _select_logprobs(logits[0], where_t, toks_t, vocab, tp_group, tp_rank)
@@ -198,8 +246,8 @@ def score_tokens(model, inputs: list, queries: list, micro_batch_size: int = 8, 
             data = fwd_bwd(forward_step_func=forward_step, data_iterator=iter([tokens]), model=[model],
                            num_microbatches=1, seq_length=L, micro_batch_size=len(seqs), forward_only=True)
         finally:
-            if hook is not None:
-                hook.remove()
+            for h in hooks:
+                h.remove()
         chunk = data[0]["scores"] if last else torch.zeros(n, 2, dtype=torch.float64, device=dev)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(chunk, src=parallel_state.get_pipeline_model_parallel_last_rank(),
@@ -208,8 +256,31 @@ def score_tokens(model, inputs: list, queries: list, micro_batch_size: int = 8, 
         done += n
         if progress is not None:
             progress(end)
-        start = end
     return out
+
+
+def micro_batches(lengths: list, size: int, max_tokens: int | None = None, overhead: int = 64) -> list:
+    """Consecutive ``(start, end)`` micro-batches of sequences of ``lengths`` (in the order given, usually longest
+    first), at most ``size`` sequences and ``max_tokens`` padded tokens each (a longer sequence alone), with the
+    least padded tokens + ``overhead`` tokens per micro-batch (dynamic programming over the split points): a
+    471-token question among 200-token ones runs in a smaller micro-batch instead of padding 15 others to 471."""
+    n = len(lengths)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sequences
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        L = 0
+        for i in range(j - 1, max(j - size, 0) - 1, -1):  # the last micro-batch is [i, j)
+            L = max(L, lengths[i])
+            if i < j - 1 and max_tokens is not None and (j - i) * L > max_tokens:
+                break
+            c = best[i] + (j - i) * L + overhead
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    out, j = [], n
+    while j > 0:
+        out.append((cut[j], j))
+        j = cut[j]
+    return out[::-1]
 
 
 def _select_logprobs(logits: torch.Tensor, where: torch.Tensor, toks: torch.Tensor, vocab: int, tp_group,
@@ -221,16 +292,18 @@ def _select_logprobs(logits: torch.Tensor, where: torch.Tensor, toks: torch.Tens
     v = logits.shape[-1]
     tp = dist.get_world_size(tp_group) if dist.is_initialized() else 1
     top = logits.max(dim=-1).values
-    if tp > 1:
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=tp_group)
-    sum_exp = (logits - top.unsqueeze(-1)).exp().sum(dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)  # this rank's columns; fused (one pass, no [k, V/TP] temporaries)
     local = toks - tp_rank * v
     mine = (local >= 0) & (local < v)
     picked = torch.where(mine, logits[where, local.clamp(0, v - 1)], torch.zeros((), device=logits.device))
-    if tp > 1:
+    if tp > 1:  # log sum_r exp(lse_r), stable: around the largest lse_r
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=tp_group)
+        m = lse.clone()
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
+        sum_exp = (lse - m).exp()
         dist.all_reduce(sum_exp, group=tp_group)
         dist.all_reduce(picked, group=tp_group)
-    lse = top + sum_exp.log()
+        lse = m + sum_exp.log()
     logprob = picked - lse[where]
     greedy = (picked >= top[where]).to(logprob.dtype)
     return torch.stack([logprob, greedy], dim=-1).double()

@@ -41,6 +41,14 @@ What is changed, in one list:
    TE/CUDA (every fusion, ``gradient_accumulation_fusion``); the model builder applies them. With CUDA it
    only turns off the fusions whose kernels are not installed (a CUDA machine without Transformer Engine or
    apex: :func:`missing_kernel_overrides`); that is the one thing this module does where CUDA is present.
+9. Attention: megatron's local ``DotProductAttention`` (the only core attention without TE) forms the
+   [batch x heads, s, s] scores with ``baddbmm`` and a separate masked softmax; on a CPU that is the
+   slowest part of a long sequence (a 2,000-token 5-shot MMLU prompt: 1.7x the time of torch's fused
+   kernel). Where its result is plain softmax attention -- causal, or under a boolean mask (the downstream
+   scorer's shared contexts) -- with no window, softmax offset, query-key layer scaling or attention dropout
+   at work, it is computed by ``torch.nn.functional.scaled_dot_product_attention`` (same scale,
+   grouped-query heads, gradients); anything else takes megatron's own path. With CUDA, TE's fused
+   attention is the core attention instead.
 """
 
 from __future__ import annotations
@@ -400,6 +408,41 @@ def _patch_norm_for_sequence_parallel() -> None:
     torch_norm.WrappedTorchNorm.__new__ = staticmethod(__new__)
 
 
+def _patch_attention() -> None:
+    from megatron.core.transformer import dot_product_attention as dpa
+    from megatron.core.transformer.enums import AttnMaskType
+
+    orig_forward = dpa.DotProductAttention.forward
+    if getattr(orig_forward, "_nemo_minitron_sdpa", False):
+        return
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        sm = self.scale_mask_softmax
+        if ((attention_mask is not None and attention_mask.dtype != torch.bool) or attention_bias is not None or packed_seq_params is not None
+                or self.attn_mask_type != AttnMaskType.causal or (attn_mask_type not in (None, AttnMaskType.causal))
+                or sm.window_size is not None or sm.scale is not None or self.softmax_offset is not None
+                or query.shape[0] != key.shape[0]
+                or (self.training and self.attention_dropout.p > 0 and torch.is_grad_enabled())):
+            return orig_forward(self, query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+        # [s, b, n, d] -> [b, n, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        if attention_mask is None:
+            ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        else:  # megatron's mask: True = not attended; SDPA's: True = attended
+            ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask,
+                                                                   scale=self.softmax_scale)
+        # [b, n, s, d] -> [s, b, n * d]
+        return ctx.permute(2, 0, 1, 3).reshape(ctx.shape[2], ctx.shape[0], self.hidden_size_per_partition)
+
+    forward._nemo_minitron_sdpa = True
+    dpa.DotProductAttention.forward = forward
+
+
 def activate() -> bool:
     """Install the CPU accommodations once per process. Returns True when they are active.
 
@@ -419,6 +462,7 @@ def activate() -> bool:
         _patch_megatron()
         _patch_gloo_collectives()
         _patch_norm_for_sequence_parallel()
+        _patch_attention()
         _CudaToCpuMode().__enter__()  # stays pushed for the life of the process
         _ACTIVE = True
     return True
