@@ -6,7 +6,8 @@
 The tasks (piqa, arc_easy, hellaswag, 0-shot; 5-shot mmlu with one document per subject) are built once; each
 round scores them with ours, then with ``hf`` (float32 both, batch size 4 both, CPU or one GPU), alternating so
 that a shared machine's noise falls on both. Requests/s is of the fastest round of each. Also printed: how many
-distinct sequences ours ran (requests with the same input share one) and the largest log-likelihood difference.
+sequences ours ran (each context once: a question's choices are branches of one sequence) and the largest
+log-likelihood difference.
 Last line: ``downstream_speed_ratio: RATIO`` (our requests/s over hf's; target >= 1.0).
 """
 
@@ -75,7 +76,7 @@ def main():
     n = len(mine)
     diff = max(abs(x[0] - y[0]) for x, y in zip(mine, ref))
     st = ours.stats
-    print(f"ours ran {st['sequences'] // a.rounds} distinct sequences for {st['requests'] // a.rounds} requests "
+    print(f"ours ran {st['sequences'] // a.rounds} sequences for {st['requests'] // a.rounds} requests "
           f"({st['tokens'] // a.rounds} tokens); max |log-likelihood diff| vs hf {diff:.2e} (float32)")
     print(f"requests/s: ours {n / best['ours']:.2f}, hf {n / best['hf']:.2f}")
     print(f"downstream_speed_ratio: {best['hf'] / best['ours']:.3f}")

@@ -169,6 +169,13 @@ def build_cases(root: Path, ckpt: Path, data: Path) -> tuple[dict, dict]:
     c["data_prefix_is_a_directory"] = (ev(root / "d3" / "prefix"), "directory")
     c["data_prefix_absent"] = (ev(root / "d4" / "nothing"), "nothing")
     c["evaluate_zero_samples"] = (ev(data) + ["eval.num_samples=0"], "num_samples")
+    # downstream tasks: named before any model is loaded
+    et = lambda *extra: ["evaluate", f"model={ckpt}", f"output_json={out('et')}", *extra]  # noqa: E731
+    c["evaluate_task_without_data"] = (et("eval.tasks=[lambada_openai]"), "no requested task can run: lambada_openai")
+    c["evaluate_task_unknown"] = (et("eval.tasks=[no_such_task]"), "unknown lm-eval task(s): no_such_task")
+    c["evaluate_task_generative"] = (et("eval.tasks=[gsm8k]"), "task gsm8k is generative")
+    c["evaluate_task_limit_zero"] = (et("eval.tasks=[piqa]", "eval.limit=0"), "eval.limit=0")
+    c["evaluate_nothing"] = (et(), "nothing to evaluate")
 
     # ---- preprocess: text ----------------------------------------------------------------------------------
     txt = root / "text"
@@ -270,7 +277,8 @@ CASE_IDS = [
     "export_ckpt_misshaped_tensor", "export_nemo_not_a_tar", "export_ckpt_not_a_checkpoint", "export_bad_format",
     "export_output_inside_input", "convert_bad_impl",
     "data_idx_without_bin", "data_bin_truncated", "data_prefix_is_a_directory", "data_prefix_absent",
-    "evaluate_zero_samples",
+    "evaluate_zero_samples", "evaluate_task_without_data", "evaluate_task_unknown", "evaluate_task_generative",
+    "evaluate_task_limit_zero", "evaluate_nothing",
     "preprocess_binary_text", "preprocess_empty_text", "preprocess_jsonl_bad_line", "preprocess_jsonl_without_text",
     "preprocess_output_prefix_is_a_directory", "preprocess_tokenizer_absent",
     "prune_target_zero", "prune_target_negative", "prune_target_larger_than_source", "prune_target_not_integer",

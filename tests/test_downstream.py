@@ -83,7 +83,8 @@ def test_smollm2_matches_lm_eval_hf(smol, dist_single):
         prep = downstream.prepare(tasks, num_fewshot=shots, limit=limit)
         ours, lls, stats = _ours(smol / "ckpt", prep, dtype)
         # hf holds a batch's full [batch, tokens, 49152] log-softmax: 5-shot MMLU prompts reach ~3,000 tokens
-        theirs, hf_lls = _hf(hf_dir("smollm2-135m"), prep, str(dtype).split(".")[1], batch_size=16 if shots is None else 4)
+        # (one at a time: 83 s vs 91 s in fours)
+        theirs, hf_lls = _hf(hf_dir("smollm2-135m"), prep, str(dtype).split(".")[1], batch_size=16 if shots is None else 1)
         assert _metrics(ours) == _metrics(theirs)
         diffs[tasks[0]] = (_compare(lls, hf_lls, 1e-4), len(lls))
         if tasks == ["mmlu"]:
@@ -131,8 +132,8 @@ def test_layouts_and_hf_on_tiny_qwen2(family_ckpts, tmp_path, dist_single):
 
 def test_evaluate_command_tasks(tmp_path, family_ckpts):
     """``evaluate eval.tasks=[..]``: scores written to output_json with the split, few-shot and documents; a
-    user's own task on local files runs beside the packaged ones; data-less, unknown and generative tasks are
-    named before any model is loaded."""
+    user's own task on local files runs beside the packaged ones, and one without data is named and skipped
+    (the refusals: tests/test_bad_input.py)."""
     hf_src, ckpt = family_ckpts["qwen2"]
     rows = [{"question": f"To be, or not to {w}", "choices": ["be", "sea", "die"], "label": 0}
             for w in ("", "-", "...")]
@@ -160,11 +161,19 @@ def test_evaluate_command_tasks(tmp_path, family_ckpts):
     assert 0.0 <= res["tasks"]["winogrande"]["metrics"]["acc"][0] <= 1.0
     assert "lambada_openai" in res["tasks_unavailable"]
 
-    for args, msg in ((["eval.tasks=[lambada_openai]"], "no requested task can run: lambada_openai"),
-                      (["eval.tasks=[no_such_task]"], "unknown lm-eval task(s): no_such_task"),
-                      (["eval.tasks=[gsm8k]"], "task gsm8k is generative"),
-                      (["eval.tasks=[piqa]", "eval.limit=0"], "eval.limit=0"),
-                      ([], "nothing to evaluate")):
-        p = cli("evaluate", *base, *args, check=False, env=env)
-        assert p.returncode == 2 and msg in p.stderr, (args, p.stderr[-2000:])
-        assert "Traceback" not in p.stderr
+
+
+def test_micro_batches_split_by_padding():
+    """The scorer's micro-batches: consecutive, within the sequence and token limits, and an outlier runs apart
+    instead of padding the sequences after it."""
+    from nemo_minitron.model.forward import micro_batches
+
+    lengths = [471, 257, 248, 236, 234, 232, 224, 222, 217, 212, 208, 208, 208, 203, 199, 197] + [100] * 30 + [20] * 5
+    got = micro_batches(lengths, 16, 8192)
+    assert [s for s, _ in got] == [0] + [e for _, e in got[:-1]] and got[-1][1] == len(lengths)
+    assert all(e - s <= 16 and (e - s) * max(lengths[s:e]) <= 8192 for s, e in got)
+    assert got[0] == (0, 1)  # 471 alone: 15 x 214 tokens of padding saved
+    padded = sum((e - s) * max(lengths[s:e]) for s, e in got)
+    assert padded < 1.1 * sum(lengths)
+    assert micro_batches([3000, 2900, 10], 16, 4096) == [(0, 1), (1, 2), (2, 3)]  # over the token limit: alone
+    assert micro_batches([], 16) == []

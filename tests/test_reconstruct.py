@@ -157,7 +157,8 @@ def test_reconstruction_at_tp2_and_pp2_equals_one_process(tiny_ckpt, family_ckpt
             with torch.no_grad():
                 want = hf[i](windows[:, :-1]).logits
             assert_logits_close(res["logits"], want, f"{layout} model {i} vs transformers")
-        torch.testing.assert_close(res["logits"], ref["logits"], rtol=1e-5, atol=1e-5)
+        # against one process: 1e-5 of the logits' scale (TP splits the float32 matmuls and the attention's heads)
+        assert_logits_close(res["logits"], ref["logits"], f"{layout} model {i} vs one process")
     # and the refit did something: every layer's output error is lower than trimming's
     assert all(r[k]["after"] < r[k]["before"] for ref in refs for r in ref["layers"] for k in ("heads", "ffn"))
     assert any(k.endswith("linear_qkv.bias") for k in refs[1]["weights"])
