@@ -28,7 +28,7 @@ LONGEST_FIRST = ("test_cluster.py",      # ~1100
                  "test_search.py",       # ~550
                  "test_downstream.py",   # ~400
                  "test_gpu_path.py",     # ~270
-                 "test_smollm2_distill.py", "test_smollm2_prune.py",  # ~230, ~210
+                 "test_smollm2_prune.py",  # ~350
                  "test_depth.py", "test_export.py", "test_distill.py", "test_prune.py")
 
 

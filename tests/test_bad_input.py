@@ -170,7 +170,7 @@ def build_cases(root: Path, ckpt: Path, data: Path) -> tuple[dict, dict]:
     c["data_prefix_absent"] = (ev(root / "d4" / "nothing"), "nothing")
     c["evaluate_zero_samples"] = (ev(data) + ["eval.num_samples=0"], "num_samples")
     # downstream tasks: named before any model is loaded
-    et = lambda *extra: ["evaluate", f"model={ckpt}", f"output_json={out('et')}", *extra]  # noqa: E731
+    et = lambda *extra: ["evaluate", f"model={ckpt}", f"output_json={root / OUT}", *extra]  # noqa: E731
     c["evaluate_task_without_data"] = (et("eval.tasks=[lambada_openai]"), "no requested task can run: lambada_openai")
     c["evaluate_task_unknown"] = (et("eval.tasks=[no_such_task]"), "unknown lm-eval task(s): no_such_task")
     c["evaluate_task_generative"] = (et("eval.tasks=[gsm8k]"), "task gsm8k is generative")
