@@ -419,11 +419,12 @@ def _patch_attention() -> None:
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         sm = self.scale_mask_softmax
-        if ((attention_mask is not None and attention_mask.dtype != torch.bool) or attention_bias is not None or packed_seq_params is not None
-                or self.attn_mask_type != AttnMaskType.causal or (attn_mask_type not in (None, AttnMaskType.causal))
+        if ((attention_mask is not None and attention_mask.dtype != torch.bool) or attention_bias is not None
+                or packed_seq_params is not None or self.attn_mask_type != AttnMaskType.causal
+                or attn_mask_type not in (None, AttnMaskType.causal)
                 or sm.window_size is not None or sm.scale is not None or self.softmax_offset is not None
                 or query.shape[0] != key.shape[0]
-                or (self.training and self.attention_dropout.p > 0 and torch.is_grad_enabled())):
+                or (self.training and self.attention_dropout.p > 0)):  # dropout applies in training mode, grad or not
             return orig_forward(self, query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                                 attention_bias=attention_bias, packed_seq_params=packed_seq_params)
         # [s, b, n, d] -> [b, n, s, d]
