@@ -21,7 +21,7 @@ from nemo_minitron.errors import UserError
 
 # command -> (module with run(cfg), one-line description)
 COMMANDS = {
-    "import": ("nemo_minitron.checkpoint.importer", "Hugging Face Llama-family checkpoint -> NeMo 2 checkpoint"),
+    "import": ("nemo_minitron.checkpoint.importer", "Hugging Face checkpoint (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE) or .nemo -> NeMo 2 checkpoint"),
     "preprocess": ("nemo_minitron.data.preprocess", "text / jsonl -> Megatron indexed dataset (PREFIX.bin/.idx)"),
     "evaluate": ("nemo_minitron.evaluate", "held-out LM loss and perplexity of a NeMo or HF checkpoint"),
     "export": ("nemo_minitron.checkpoint.export", "NeMo checkpoint -> Hugging Face directory (transformers-loadable)"),

@@ -136,6 +136,8 @@ def _check_rounds(cfg, tp: int, pp: int) -> tuple[list, list | None]:
             raise UserError(f"teacher={cfg.teacher}: {e}") from None
         archive.check(cfg.teacher)  # a .nemo teacher: the import stage unpacks it
         spec = None
+    if spec is not None:
+        spec.require_dense("pipeline")
     shapes = [spec] if spec is not None else None
     for i, step in enumerate(steps, 1):
         where = f"round {i}" if i <= len(rounds) else "prune"

@@ -33,11 +33,13 @@ def make_hf_llama(out: Path, tokenizer: bool = True, seed: int = 0, **overrides)
     return make_hf_model(out, "llama", tokenizer, seed, **overrides)
 
 
-FAMILY_ARGS = {"llama": {}, "qwen2": dict(use_sliding_window=False), "qwen3": dict(head_dim=16)}
+FAMILY_ARGS = {"llama": {}, "qwen2": dict(use_sliding_window=False), "qwen3": dict(head_dim=16), "mixtral": {},
+               "qwen3_moe": dict(head_dim=16)}
 
 
 def make_hf_model(out: Path, model_type: str = "llama", tokenizer: bool = True, seed: int = 0, **overrides) -> Path:
-    """A tiny random model of ``model_type`` (``llama``, ``qwen2``: q/k/v biases, ``qwen3``: q/k norms)."""
+    """A tiny random model of ``model_type`` (``llama``, ``qwen2``: q/k/v biases, ``qwen3``: q/k norms, ``mixtral``,
+    ``qwen3_moe``: experts)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     out = Path(out)

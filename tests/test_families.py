@@ -49,7 +49,7 @@ def test_family_declarations_match_nemo():
 
     from nemo_minitron.model import families
 
-    assert {f.name for f in families.FAMILIES} == {"llama", "qwen2", "qwen3"}
+    assert {f.name for f in families.FAMILIES} == {"llama", "qwen2", "qwen3", "mixtral", "qwen3_moe"}
     for fam in families.FAMILIES:
         assert issubclass(fam.nemo_class(fam.nemo_model), GPTModel)
         for name in fam.config_classes:

@@ -40,6 +40,15 @@ def hf_config(spec: ModelSpec, vocab_size: int, dtype: str, tokenizer=None) -> d
         "initializer_range": spec.get("init_method_std", 0.02), "torch_dtype": str(DTYPES[dtype]).split(".")[1],
         "rope_scaling": None, **fam.hf_fields,
     }
+    if fam.moe is not None:  # a mixture of experts: the expert count, width, top-k and routing rule
+        cfg.update({fam.moe.num_experts: spec.num_moe_experts, fam.moe.expert_width: spec.moe_ffn_hidden_size,
+                    "num_experts_per_tok": spec.moe_router_topk, "output_router_logits": False,
+                    "router_aux_loss_coef": float(spec.get("moe_aux_loss_coeff", 0.001)), **fam.moe.hf_fields})
+        if fam.moe.norm_topk_prob is not None:
+            cfg[fam.moe.norm_topk_prob] = not spec.get("moe_router_pre_softmax", False)
+        elif spec.get("moe_router_pre_softmax", False):
+            raise UserError(f"{fam.hf_architectures[0]} always renormalizes its top-k routing probabilities; this "
+                            "model does not (moe_router_pre_softmax=true): it cannot be exported as that class")
     scaled = {cls: kind for kind, cls in fam.rope_scaling.items()}  # Llama31Config: Llama-3.1's 'llama3'
     if spec.config_class in scaled:
         cfg["rope_scaling"] = {"rope_type": scaled[spec.config_class], "factor": spec.get("scale_factor", 8.0),

@@ -5,9 +5,15 @@ Declared as small per-tensor mappings (as NeMo's ``io.state_transform``): plain 
 that change layout: q/k/v are interleaved per query group into ``linear_qkv`` (megatron's order: the group's
 query heads, then its key head, then its value head), their biases likewise into ``linear_qkv.bias`` (Qwen2),
 and gate/up are stacked into ``linear_fc1`` ([gate; up]). Per-head q/k norms (Qwen3) are renames. Which of
-these apply is decided by the spec's features (``spec.qkv_bias``, ``spec.qk_norm``), not by family names.
-Norm names differ between the local spec (``input_layernorm``, ``pre_mlp_layernorm``) and the Transformer
-Engine spec, which fuses them into the next linear layer as ``layer_norm_weight``.
+these apply is decided by the spec's features (``spec.qkv_bias``, ``spec.qk_norm``, ``spec.moe``), not by
+family names. Norm names differ between the local spec (``input_layernorm``, ``pre_mlp_layernorm``) and the
+Transformer Engine spec, which fuses them into the next linear layer as ``layer_norm_weight``.
+
+Mixture-of-experts layers (``spec.moe``; the family's :class:`~nemo_minitron.model.families.MoE` names the
+HF tensors): the router is ``mlp.router.weight`` [experts, hidden], expert ``j`` is
+``mlp.experts.local_experts.{j}.linear_fc1`` ([gate; up]) / ``linear_fc2`` (megatron's ``SequentialMLP``; TE's
+grouped experts name them ``mlp.experts.linear_fc1.weight{j}``, read as well), and ``pre_mlp_layernorm`` stays
+its own module under both specs (the router, not a linear layer, follows it).
 """
 
 from __future__ import annotations
@@ -31,8 +37,8 @@ _RENAMES = {  # per-layer HF suffix -> mcore suffix (local spec)
     "input_layernorm.weight": "input_layernorm.weight",
     "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
     "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
-    "mlp.down_proj.weight": "mlp.linear_fc2.weight",
 }
+_DENSE_RENAMES = {"mlp.down_proj.weight": "mlp.linear_fc2.weight"}
 _QK_NORM_RENAMES = {  # spec.qk_norm: per-head RMSNorm weights [head_dim], the same in both layer specs
     "self_attn.q_norm.weight": "self_attention.q_layernorm.weight",
     "self_attn.k_norm.weight": "self_attention.k_layernorm.weight",
@@ -40,7 +46,7 @@ _QK_NORM_RENAMES = {  # spec.qk_norm: per-head RMSNorm weights [head_dim], the s
 
 
 def _renames(spec: ModelSpec) -> dict:
-    return {**_RENAMES, **(_QK_NORM_RENAMES if spec.qk_norm else {})}
+    return {**_RENAMES, **(_QK_NORM_RENAMES if spec.qk_norm else {}), **({} if spec.moe else _DENSE_RENAMES)}
 
 
 def _qkv_names(spec: ModelSpec) -> tuple:
@@ -49,10 +55,42 @@ def _qkv_names(spec: ModelSpec) -> tuple:
         ((("bias", "self_attention.linear_qkv.bias"),) if spec.qkv_bias else ())
 
 
-def layer_key(i: int, suffix: str, te: bool = False) -> str:
-    if te and suffix in TE_NORM_NAMES:
+def layer_key(i: int, suffix: str, te: bool = False, moe: bool = False) -> str:
+    if te and suffix in TE_NORM_NAMES and not (moe and suffix == "pre_mlp_layernorm.weight"):
         suffix = TE_NORM_NAMES[suffix]
     return f"decoder.layers.{i}.{suffix}"
+
+
+ROUTER = "mlp.router.weight"
+
+
+def expert_key(i: int, j: int, linear: str) -> str:
+    """megatron name of expert ``j``'s ``linear`` (``linear_fc1`` / ``linear_fc2``) weight in layer ``i``."""
+    return f"decoder.layers.{i}.mlp.experts.local_experts.{j}.{linear}.weight"
+
+
+def _expert_tensor(sd: dict, i: int, j: int, linear: str):
+    """Expert ``j``'s weight under megatron's sequential or TE's grouped-GEMM name."""
+    key = expert_key(i, j, linear)
+    return sd[key] if key in sd else sd[f"decoder.layers.{i}.mlp.experts.{linear}.weight{j}"]
+
+
+def _moe_to_mcore(sd: dict, spec: ModelSpec, i: int, out: dict) -> None:
+    names, p = spec.family.moe, f"model.layers.{i}."
+    out[layer_key(i, ROUTER)] = sd[p + names.router]
+    for j in range(spec.num_moe_experts):
+        e = p + names.expert.format(j=j)
+        out[expert_key(i, j, "linear_fc1")] = torch.cat([sd[e + f"{names.gate}.weight"], sd[e + f"{names.up}.weight"]])
+        out[expert_key(i, j, "linear_fc2")] = sd[e + f"{names.down}.weight"]
+
+
+def _moe_to_hf(sd: dict, spec: ModelSpec, i: int, out: dict) -> None:
+    names, p = spec.family.moe, f"model.layers.{i}."
+    out[p + names.router] = sd[layer_key(i, ROUTER)]
+    for j in range(spec.num_moe_experts):
+        e = p + names.expert.format(j=j)
+        out[e + f"{names.gate}.weight"], out[e + f"{names.up}.weight"] = _expert_tensor(sd, i, j, "linear_fc1").chunk(2)
+        out[e + f"{names.down}.weight"] = _expert_tensor(sd, i, j, "linear_fc2")
 
 
 def qkv_merge(q, k, v, heads: int, groups: int, d: int):
@@ -84,12 +122,15 @@ def hf_to_mcore(sd: dict, spec: ModelSpec, te: bool = False) -> dict:
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."
         for hf_name, mc_name in _renames(spec).items():
-            out[layer_key(i, mc_name, te)] = sd[p + hf_name]
+            out[layer_key(i, mc_name, te, spec.moe)] = sd[p + hf_name]
         for kind, mc_name in _qkv_names(spec):
             out[layer_key(i, mc_name, te)] = qkv_merge(
                 sd[p + f"self_attn.q_proj.{kind}"], sd[p + f"self_attn.k_proj.{kind}"],
                 sd[p + f"self_attn.v_proj.{kind}"], heads, groups, d,
             )
+        if spec.moe:
+            _moe_to_mcore(sd, spec, i, out)
+            continue
         out[layer_key(i, "mlp.linear_fc1.weight", te)] = torch.cat(
             [sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]], dim=0
         )
@@ -107,11 +148,14 @@ def mcore_to_hf(sd: dict, spec: ModelSpec) -> dict:
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."
         for hf_name, mc_name in _renames(spec).items():
-            out[p + hf_name] = sd[layer_key(i, mc_name, te)]
+            out[p + hf_name] = sd[layer_key(i, mc_name, te, spec.moe)]
         for kind, mc_name in _qkv_names(spec):
             q, k, v = qkv_split(sd[layer_key(i, mc_name, te)], heads, groups, d)
             out[p + f"self_attn.q_proj.{kind}"], out[p + f"self_attn.k_proj.{kind}"] = q, k
             out[p + f"self_attn.v_proj.{kind}"] = v
+        if spec.moe:
+            _moe_to_hf(sd, spec, i, out)
+            continue
         gate, up = sd[layer_key(i, "mlp.linear_fc1.weight", te)].chunk(2, dim=0)
         out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
     out["model.norm.weight"] = sd["decoder.final_layernorm.weight"]
@@ -205,9 +249,17 @@ def check_state_dict(sd: dict, spec: ModelSpec) -> None:
         need[p + "self_attn.k_proj.weight"] = (spec.num_query_groups * d, h)
         need[p + "self_attn.v_proj.weight"] = (spec.num_query_groups * d, h)
         need[p + "self_attn.o_proj.weight"] = (h, spec.num_attention_heads * d)
-        need[p + "mlp.gate_proj.weight"] = (spec.ffn_hidden_size, h)
-        need[p + "mlp.up_proj.weight"] = (spec.ffn_hidden_size, h)
-        need[p + "mlp.down_proj.weight"] = (h, spec.ffn_hidden_size)
+        if spec.moe:
+            names, f = spec.family.moe, spec.moe_ffn_hidden_size
+            need[p + names.router] = (spec.num_moe_experts, h)
+            for j in range(spec.num_moe_experts):
+                e = p + names.expert.format(j=j)
+                need[e + f"{names.gate}.weight"] = need[e + f"{names.up}.weight"] = (f, h)
+                need[e + f"{names.down}.weight"] = (h, f)
+        else:
+            need[p + "mlp.gate_proj.weight"] = (spec.ffn_hidden_size, h)
+            need[p + "mlp.up_proj.weight"] = (spec.ffn_hidden_size, h)
+            need[p + "mlp.down_proj.weight"] = (h, spec.ffn_hidden_size)
         need[p + "input_layernorm.weight"] = (h,)
         need[p + "post_attention_layernorm.weight"] = (h,)
         if spec.qkv_bias:

@@ -1,4 +1,5 @@
-"""``nemo-minitron import``: Hugging Face Llama-family checkpoint -> NeMo 2 checkpoint."""
+"""``nemo-minitron import``: a Hugging Face checkpoint of a supported family (Llama/Mistral, Qwen2, Qwen3,
+Mixtral, Qwen3-MoE: :mod:`~nemo_minitron.model.families`) or a ``.nemo`` archive -> a NeMo 2 checkpoint."""
 
 from __future__ import annotations
 
@@ -36,12 +37,15 @@ def import_hf(source, output, overwrite: bool = False) -> Path:
     if missing or unexpected:
         raise RuntimeError(f"conversion mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
     meta = {"source": str(source), "source_path": str(src), "params": count_params(spec),
+            **({"active_params": count_params(spec, active=True)} if spec.moe else {}),
             "config_class": spec.config_class, "rotary_base": spec.get("rotary_base")}
     # written beside the weights before the rename, so a kill never leaves a checkpoint without it
     nemo.save(output, model, spec, tokenizer_dir=src, overwrite=overwrite,
               extra=lambda tmp: (tmp / "nemo_minitron.json").write_text(json.dumps(meta, indent=2)))
+    experts = (f"{spec.num_moe_experts} experts of ffn {spec.moe_ffn_hidden_size}, top-{spec.moe_router_topk} "
+               f"({count_params(spec, active=True) / 1e6:.1f}M active), " if spec.moe else "")
     print(f"imported {spec.config_class}: {spec.num_layers} layers, hidden {spec.hidden_size}, "
-          f"ffn {spec.ffn_hidden_size}, heads {spec.num_attention_heads}/{spec.num_query_groups} groups, "
+          f"{experts or f'ffn {spec.ffn_hidden_size}, '}heads {spec.num_attention_heads}/{spec.num_query_groups} groups, "
           f"head_dim {spec.kv_channels}, vocab {spec.vocab_size}, rope base {spec.get('rotary_base')}, "
           f"{count_params(spec) / 1e6:.1f}M params ({time.time() - t0:.1f}s)")
     return output

@@ -468,6 +468,13 @@ def _expected_shapes(spec: ModelSpec) -> dict:
               lay + "mlp.linear_fc1.weight": (L, (2 if gated else 1) * f, h),
               lay + "mlp.linear_fc1.layer_norm_weight": (L, h),
               lay + "mlp.linear_fc2.weight": (L, h, f)}
+    if spec.moe:  # experts stacked after the layers: [layers, experts, ...] (SequentialMLP and TE's grouped GEMM)
+        f, E = spec.moe_ffn_hidden_size, spec.num_moe_experts
+        for k in ("mlp.linear_fc1.weight", "mlp.linear_fc2.weight"):
+            del shapes[lay + k]
+        shapes.update({lay + "mlp.router.weight": (L, E, h),
+                       lay + "mlp.experts.experts.linear_fc1.weight": (L, E, (2 if gated else 1) * f, h),
+                       lay + "mlp.experts.experts.linear_fc2.weight": (L, E, h, f)})
     if spec.qkv_bias:
         shapes[lay + "self_attention.linear_qkv.bias"] = (L, (heads + 2 * groups) * d)
     if spec.qk_norm:

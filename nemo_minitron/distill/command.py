@@ -35,6 +35,7 @@ def _nemo_source(source, what: str):
     if kind != "nemo":
         raise UserError(f"{what}={source} is a Hugging Face directory: import it first "
                         "(nemo-minitron import source=... output=CKPT)")
+    spec.require_dense(f"{what}={source}: distill / finetune")
     return path, spec
 
 

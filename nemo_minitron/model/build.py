@@ -54,12 +54,18 @@ def unwrap(model):
     return model
 
 
-def count_params(spec: ModelSpec) -> int:
-    """Parameter count of the whole (unsharded) model, from its shapes alone."""
+def count_params(spec: ModelSpec, active: bool = False) -> int:
+    """Parameter count of the whole (unsharded) model, from its shapes alone. For a mixture of experts
+    ``active=True`` counts the parameters one token runs through (its top-k experts, the whole router)."""
     h, f, L = spec.hidden_size, spec.ffn_hidden_size, spec.num_layers
     heads, groups, d = spec.num_attention_heads, spec.num_query_groups, spec.kv_channels
     v = spec.vocab_size
-    per_layer = h * (heads + 2 * groups) * d + heads * d * h + 2 * h * f + f * h + 2 * h
+    if spec.moe:
+        experts = spec.moe_router_topk if active else spec.num_moe_experts
+        mlp = experts * 3 * h * spec.moe_ffn_hidden_size + spec.num_moe_experts * h  # experts + router
+    else:
+        mlp = 3 * h * f
+    per_layer = h * (heads + 2 * groups) * d + heads * d * h + mlp + 2 * h
     per_layer += (heads + 2 * groups) * d * spec.qkv_bias + 2 * d * spec.qk_norm  # q/k/v biases, q/k norms
     emb = v * h * (1 if spec.tied else 2)
     return L * per_layer + emb + h

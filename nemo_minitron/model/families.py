@@ -12,6 +12,12 @@ other module asks the :class:`~nemo_minitron.model.spec.ModelSpec` for a *featur
             (Mistral without sliding window)       (LlamaModel)
     qwen2   Qwen2ForCausalLM (Qwen2, Qwen2.5)      Qwen2Config (Qwen2Model)         q/k/v biases
     qwen3   Qwen3ForCausalLM                       Qwen3Config (Qwen3Model)         q/k RMSNorm per head
+    mixtral MixtralForCausalLM                     MixtralConfig (MixtralModel)     MoE: every layer's MLP is
+                                                                                    top-k routed SwiGLU experts
+    qwen3_moe Qwen3MoeForCausalLM                  Qwen3MoEConfig (Qwen3Model)      q/k RMSNorm, MoE layers
+
+A mixture-of-experts family also declares its :class:`MoE` names: where the router and the experts sit in a
+Hugging Face layer and which ``config.json`` keys hold the expert count, width, top-k and routing rule.
 
 ``features`` are megatron ``TransformerConfig`` fields; every imported spec stores them explicitly (a NeMo
 checkpoint's context lists them), and the values here are the NeMo config classes' own defaults, for specs
@@ -29,6 +35,25 @@ FEATURES = ("add_qkv_bias", "qk_layernorm")
 
 
 @dataclass(frozen=True)
+class MoE:
+    """A mixture-of-experts family's Hugging Face names. Every decoder layer's MLP is ``num_experts`` SwiGLU
+    experts behind a linear router (softmax scores, top-k); megatron builds it as ``MoELayer`` (router +
+    ``SequentialMLP`` on the local spec, ``TEGroupedMLP`` with Transformer Engine)."""
+
+    router: str                     # per-layer HF suffix of the router weight [experts, hidden]
+    expert: str                     # per-layer HF prefix of expert ``{j}``
+    gate: str                       # the expert's projections under that prefix (SwiGLU: down(silu(gate) * up))
+    up: str
+    down: str
+    num_experts: str                # config.json keys
+    expert_width: str
+    norm_topk_prob: str | None = None   # the key saying whether the top-k probabilities are renormalized
+    #                                     (None: always renormalized, as Mixtral)
+    norm_topk_default: bool = True      # its transformers default when config.json omits it
+    hf_fields: dict = field(default_factory=dict)  # constant MoE config fields export writes
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     hf_architectures: tuple          # read by import; export writes the first
@@ -40,6 +65,7 @@ class Family:
     rope_scaling: dict = field(default_factory=dict)  # HF rope_type -> NeMo config class (others refused)
     refuse: dict = field(default_factory=dict)         # HF config key -> why a truthy value cannot be converted
     hf_fields: dict = field(default_factory=dict)      # constant HF config fields export writes
+    moe: MoE | None = None                             # a mixture-of-experts family's expert names
 
     def nemo_class(self, name: str):
         return getattr(importlib.import_module(self.nemo_module), name)
@@ -65,6 +91,23 @@ FAMILIES = (
                    "attention_bias": "attention biases on Qwen3 (attention_bias: q/k/v and output projection) "
                                      "are not supported"},
            hf_fields={"use_sliding_window": False, "attention_bias": False, "hidden_act": "silu"}),
+    Family("mixtral", ("MixtralForCausalLM",), "mixtral", "nemo.collections.llm.gpt.model.mixtral", "MixtralModel",
+           ("MixtralConfig",), {"add_qkv_bias": False, "qk_layernorm": False},
+           refuse={"sliding_window": f"{_NO_SWA} (sliding_window)",
+                   "router_jitter_noise": "router input jitter (router_jitter_noise) is not supported"},
+           hf_fields={"sliding_window": None, "hidden_act": "silu", "router_jitter_noise": 0.0},
+           moe=MoE("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{j}.", "w1", "w3", "w2",
+                   "num_local_experts", "intermediate_size")),
+    Family("qwen3_moe", ("Qwen3MoeForCausalLM",), "qwen3_moe", "nemo.collections.llm.gpt.model.qwen3", "Qwen3Model",
+           ("Qwen3MoEConfig",), {"add_qkv_bias": False, "qk_layernorm": True},
+           refuse={"use_sliding_window": f"{_NO_SWA} (use_sliding_window)",
+                   "attention_bias": "attention biases on Qwen3 (attention_bias: q/k/v and output projection) "
+                                     "are not supported",
+                   "mlp_only_layers": "dense MLP layers between the MoE layers (mlp_only_layers) are not supported"},
+           hf_fields={"use_sliding_window": False, "attention_bias": False, "hidden_act": "silu"},
+           moe=MoE("mlp.gate.weight", "mlp.experts.{j}.", "gate_proj", "up_proj", "down_proj",
+                   "num_experts", "moe_intermediate_size", norm_topk_prob="norm_topk_prob", norm_topk_default=False,
+                   hf_fields={"decoder_sparse_step": 1, "mlp_only_layers": []})),
 )
 
 HF_ARCHITECTURES = tuple(a for f in FAMILIES for a in f.hf_architectures)

@@ -90,6 +90,24 @@ class ModelSpec:
         return bool(self.args.get("qk_layernorm", self.family.features["qk_layernorm"]))
 
     @property
+    def moe(self) -> bool:
+        """Every decoder layer's MLP is a mixture of experts (``num_moe_experts`` routed SwiGLU experts)."""
+        return bool(self.args.get("num_moe_experts"))
+
+    @property
+    def num_moe_experts(self) -> int:
+        return int(self.args.get("num_moe_experts") or 0)
+
+    @property
+    def moe_ffn_hidden_size(self) -> int:
+        """One expert's MLP width (megatron's default: ``ffn_hidden_size``)."""
+        return int(self.args.get("moe_ffn_hidden_size") or self.ffn_hidden_size)
+
+    @property
+    def moe_router_topk(self) -> int:
+        return int(self.args.get("moe_router_topk") or 2)
+
+    @property
     def tied(self) -> bool:
         return bool(self.args.get("share_embeddings_and_output_weights", False))
 
@@ -112,6 +130,13 @@ class ModelSpec:
         """NeMo's model class for this family (what a checkpoint's context names)."""
         return self.family.nemo_class(self.family.nemo_model)
 
+    def require_dense(self, what: str) -> None:
+        """Refuse ``what`` (a command or stage) for a mixture-of-experts model, where it is not built yet."""
+        if self.moe:
+            raise UserError(f"{what} does not support mixture-of-experts models yet ({self.config_class}, "
+                            f"{self.num_moe_experts} experts, top-{self.moe_router_topk}): import, export, convert "
+                            "and evaluate do")
+
     def validate_layout(self, tp: int, pp: int) -> None:
         """Refuse a TP/PP layout this model cannot be split into (before any work)."""
         h, g = self.num_attention_heads, self.num_query_groups
@@ -120,7 +145,7 @@ class ModelSpec:
         for name, val in (
             ("num_attention_heads", h),
             ("num_query_groups", g),
-            ("ffn_hidden_size", self.ffn_hidden_size),
+            ("moe_ffn_hidden_size", self.moe_ffn_hidden_size) if self.moe else ("ffn_hidden_size", self.ffn_hidden_size),
         ):  # the vocabulary is padded to a multiple of TP (padded_vocab), not refused
             if val % tp:
                 raise UserError(f"{name}={val} is not divisible by tensor_model_parallel_size={tp}")
@@ -184,6 +209,8 @@ def from_hf_config(hf: dict) -> ModelSpec:
         args.update(fp16=True)
     scaling = hf.get("rope_scaling") or None
     cls = fam.config_classes[0]
+    if fam.moe is not None:
+        args.update(_moe_args(hf, fam.moe))
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))
         if kind not in fam.rope_scaling:
@@ -198,6 +225,32 @@ def from_hf_config(hf: dict) -> ModelSpec:
             old_context_len=scaling.get("original_max_position_embeddings", 8192),
         )
     return ModelSpec(cls, args)
+
+
+def _moe_args(hf: dict, moe: families.MoE) -> dict:
+    """megatron's MoE fields for a Hugging Face MoE config. The routing is kept exactly: softmax scores and top-k
+    in both; transformers renormalizes the top-k probabilities when ``norm_topk_prob`` (Mixtral always), which is
+    megatron's softmax over the top-k logits (``moe_router_pre_softmax=False``); without it the probabilities are
+    the full softmax's (``moe_router_pre_softmax=True``)."""
+    for key in (moe.num_experts, "num_experts_per_tok", moe.expert_width):
+        v = hf.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UserError(f"config.json: {key}={v!r} is not a positive integer")
+    experts, topk = hf[moe.num_experts], hf["num_experts_per_tok"]
+    if topk > experts:
+        raise UserError(f"config.json: num_experts_per_tok={topk} is more than the {experts} experts "
+                        f"({moe.num_experts})")
+    step = hf.get("decoder_sparse_step", 1)
+    if step != 1:
+        raise UserError(f"config.json: decoder_sparse_step={step!r}: only models whose every layer is a mixture of "
+                        "experts are supported (decoder_sparse_step=1)")
+    if hf.get("num_shared_experts") or hf.get("shared_expert_intermediate_size"):
+        raise UserError("config.json: shared experts are not supported for this family")
+    renorm = True if moe.norm_topk_prob is None else bool(hf.get(moe.norm_topk_prob, moe.norm_topk_default))
+    return dict(num_moe_experts=experts, moe_router_topk=topk, moe_ffn_hidden_size=hf[moe.expert_width],
+                moe_router_pre_softmax=not renorm, moe_router_score_function="softmax",
+                moe_router_load_balancing_type="aux_loss",
+                moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.001)))
 
 
 def _divisor(vocab: int) -> int:

@@ -18,7 +18,9 @@ What is changed, in one list:
    precision and distributed optimizers dispatch on ``"torch.cuda.BFloat16Tensor"`` and the like).
 2. ``torch.cuda.current_device`` returns the CPU device, ``torch.cuda.synchronize`` /
    ``torch.cuda.set_device`` / ``torch.cuda.empty_cache`` are no-ops, and ``torch.cuda.Stream`` /
-   ``torch.cuda.stream`` are inert stand-ins (NeMo's ``MegatronParallel`` uses a side stream).
+   ``torch.cuda.stream`` are inert stand-ins (NeMo's ``MegatronParallel`` uses a side stream; megatron's MoE
+   all-to-all dispatcher records an event on one and synchronizes on it). megatron's MoE router tests
+   ``moe_utils.te_general_gemm``, a name bound only when Transformer Engine imports: it is bound to None.
 3. The CUDA RNG used by megatron's ``CudaRNGStatesTracker`` is mapped to the CPU generator, so
    ``model_parallel_cuda_manual_seed`` and dropout forks work and stay reproducible; a fork of a state
    nobody added (NeMo seeds only on CUDA) seeds it by megatron's rule instead of failing.
@@ -38,7 +40,8 @@ What is changed, in one list:
    when they carry the ``sequence_parallel`` attribute. So the norm is built as usual and its parameters
    are marked, which is what Apex's ``FusedLayerNorm`` and TE's norms do.
 8. :func:`config_overrides` names the megatron ``TransformerConfig`` fields that must be off without
-   TE/CUDA (every fusion, ``gradient_accumulation_fusion``); the model builder applies them. With CUDA it
+   TE/CUDA (every fusion, ``gradient_accumulation_fusion``, MoE's grouped GEMM and fused permutation and
+   router); the model builder applies them. With CUDA it
    only turns off the fusions whose kernels are not installed (a CUDA machine without Transformer Engine or
    apex: :func:`missing_kernel_overrides`); that is the one thing this module does where CUDA is present.
 9. Attention: megatron's local ``DotProductAttention`` (the only core attention without TE) forms the
@@ -122,6 +125,9 @@ def missing_kernel_overrides() -> dict:
     over = {}
     if not has_transformer_engine():
         over["apply_rope_fusion"] = False  # TE's fused RoPE
+        # MoE: TE's grouped GEMM experts and its fused token permutation / router kernels (NeMo's Qwen3-MoE
+        # configs turn the first two on); without them megatron's SequentialMLP and torch permutation run
+        over.update(moe_grouped_gemm=False, moe_permute_fusion=False, moe_router_fusion=False)
     if not _importable("apex"):
         over["persist_layer_norm"] = False  # apex's persistent LayerNorm (the local spec's norm is torch's then)
     if not _importable("scaled_upper_triang_masked_softmax_cuda"):
@@ -145,6 +151,9 @@ def config_overrides() -> dict:
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
         fp16=False,
         bf16=False,
         params_dtype=torch.float32,
@@ -199,6 +208,26 @@ class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _NullEvent:
+    """Stand-in for torch.cuda.Event: CPU work is complete when issued (megatron's MoE all-to-all dispatcher
+    records one on its device-to-host stream and synchronizes on it)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
 class _NullStream:
     """Stand-in for torch.cuda.Stream: usable as a context and in wait/record calls."""
 
@@ -212,7 +241,7 @@ class _NullStream:
         pass
 
     def record_event(self, *args, **kwargs):
-        return None
+        return _NullEvent()
 
     def synchronize(self):
         pass
@@ -253,6 +282,13 @@ def _patch_megatron() -> None:
 
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+    # MoE routers: moe_utils imports te_general_gemm inside its Transformer Engine try-block and tests
+    # ``te_general_gemm is not None`` in every router forward; without TE the name is never bound (NameError)
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
     # NeMo's strategy seeds the model-parallel RNG only on CUDA; seed a missing state on first use
     # (megatron's own rule: seed + 2718 + tensor-parallel rank), instead of failing in dropout forks.

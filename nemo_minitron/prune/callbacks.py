@@ -38,6 +38,7 @@ class PruningCallback(pl.Callback):
 
         # validate now, before the trainer starts: the error names the problem, nothing runs
         _, self._path, self.spec = describe(source)
+        self.spec.require_dense("pruning")
         self.targets = validate_targets(self.spec, dict(targets or {}))
         self.drop = validate_depth(self.spec, num_layers, drop_layers, 1, depth_method)
         self.num_layers, self.depth_method = num_layers, depth_method

@@ -28,6 +28,7 @@ def run(cfg) -> None:
     # ---- everything that can be refused is refused here, before any model is built -------------------
     layout = parallel.Layout.resolve(parallel.world_size_from_env(), tp, pp, sequence_parallel=False)
     kind, src_path, spec = describe(cfg.model)
+    spec.require_dense("prune")
     spec.validate_layout(tp, pp)
     explicit_drop = validate_depth(spec, p.num_layers, p.drop_layers, pp, p.depth_method)
     depth = bool(explicit_drop) or (p.num_layers is not None and p.num_layers != spec.num_layers)

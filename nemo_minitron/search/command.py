@@ -53,6 +53,7 @@ def _settings(cfg, dry: bool = False):
     if kind != "nemo":
         raise UserError(f"model={cfg.model} is a Hugging Face directory: import it first (nemo-minitron import "
                         f"source=... output=CKPT); it is the teacher of the short distillations")
+    spec.require_dense("search")
     spec.validate_layout(tp, pp)
     source_params = count_params(spec)
     budget = space.parse_budget(s.params, source_params)
