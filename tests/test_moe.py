@@ -12,9 +12,42 @@ from hf_fixtures import TEXT
 
 MOE_MODELS = {  # name -> (model_type, config overrides)
     "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=96)),
-    "qwen3_moe": ("qwen3_moe", dict(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=48,
+    "qwen3_moe": ("qwen3_moe", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
                                     intermediate_size=160, head_dim=16, norm_topk_prob=False)),
 }
+
+
+def _experts_like_trained(src) -> None:
+    """Give the random model two traits of trained mixtures of experts that pruning exploits, so that the tests
+    below can tell a good choice from a bad one (with i.i.d. random experts every choice is alike): experts of
+    unequal strength (each layer's experts scaled by 0.15 .. 1.5, in a random order per layer) and redundant neurons
+    (each expert's second half of neurons near copies of its first half, as correlated activations make them in a
+    trained model)."""
+    import re
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    sd = model.state_dict()
+    g = torch.Generator().manual_seed(5)
+    experts = {}
+    for k in sd:
+        m = re.match(r"model\.layers\.(\d+)\..*experts\.(\d+)\.(w1|w3|gate_proj|up_proj)\.weight$", k)
+        if m:
+            experts.setdefault((int(m.group(1)), int(m.group(2))), []).append(k)
+    n = 1 + max(j for _, j in experts)
+    with torch.no_grad():
+        for layer in {l for l, _ in experts}:
+            scales = torch.linspace(0.15, 1.5, n)[torch.randperm(n, generator=g)]
+            for j in range(n):
+                for k in experts[(layer, j)]:  # gate and up rows: neuron f + F/2 ~ neuron f
+                    w = sd[k]
+                    half = w.shape[0] // 2
+                    w[half:2 * half] = w[:half] + 0.05 * torch.randn(half, w.shape[1], generator=g)
+                down = experts[(layer, j)][0].replace("w1", "w2").replace("w3", "w2")
+                down = down.replace("gate_proj", "down_proj").replace("up_proj", "down_proj")
+                sd[down] *= scales[j]
+    model.save_pretrained(str(src))
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +60,7 @@ def moe_ckpts(tmp_path_factory, dist_single):
     out = {}
     for name, (model_type, overrides) in MOE_MODELS.items():
         src = make_hf_model(root / f"{name}-hf", model_type, **overrides)
+        _experts_like_trained(src)
         out[name] = (src, import_hf(src, root / f"{name}-nemo"))
     return out
 
@@ -96,7 +130,7 @@ def test_moe_import_and_export_match_transformers(name, moe_ckpts, tmp_path):
         _close(_hf(out).double()(ids).logits.float(), ref, f"{name} HF export")
 
 
-def test_moe_refusals(moe_ckpts, tmp_path, capsys):
+def test_moe_refusals(moe_ckpts, tmp_path, capsys, monkeypatch):
     """What the converter cannot represent is named before any weight is read; commands that do not handle experts
     yet refuse in one line (no traceback)."""
     from nemo_minitron import cli as cli_mod
@@ -105,7 +139,7 @@ def test_moe_refusals(moe_ckpts, tmp_path, capsys):
 
     src, ckpt = moe_ckpts["qwen3_moe"]
     base = json.loads((src / "config.json").read_text())
-    for change, words in ((dict(num_experts_per_tok=7), "more than the 6 experts"),
+    for change, words in ((dict(num_experts_per_tok=9), "more than the 8 experts"),
                           (dict(decoder_sparse_step=2), "decoder_sparse_step=2"),
                           (dict(mlp_only_layers=[1]), "mlp_only_layers"),
                           (dict(num_experts=0), "num_experts=0")):
@@ -116,10 +150,206 @@ def test_moe_refusals(moe_ckpts, tmp_path, capsys):
         from_hf_config({**mixtral, "router_jitter_noise": 0.1})
 
     capsys.readouterr()
-    assert cli_mod.main(["prune", f"model={ckpt}", f"output={tmp_path / 'p'}", "prune.hidden_size=32",
-                         f"data.calibration={tmp_path / 'none'}"]) == 2
+    prune = ["prune", f"model={ckpt}", f"output={tmp_path / 'p'}", f"data.calibration={tmp_path / 'none'}"]
+    for args, words in ((["prune.num_moe_experts=1"], "fewer than the 2 experts each token is routed to"),
+                        (["prune.ffn_hidden_size=32"], "has no dense MLP"),
+                        (["prune.moe_ffn_hidden_size=0"], "must be a positive integer"),
+                        (["prune.num_moe_experts=4", "prune.expert_importance=bogus"], "expert_importance"),
+                        (["prune.num_moe_experts=4", "trainer.strategy.tensor_model_parallel_size=2"],
+                         "tensor and pipeline parallel size 1")):
+        with monkeypatch.context() as m:
+            m.setenv("WORLD_SIZE", "2")  # as torchrun sets it: the layout itself is valid, the refusal is MoE's
+            assert cli_mod.main(prune + args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], (args, err)
+    assert cli_mod.main(["prune", f"model={moe_ckpts['mixtral'][1]}", f"output={tmp_path / 'p'}",
+                         "prune.num_moe_experts=3", f"data.calibration={tmp_path / 'none'}"]) == 2
+    assert "experts" not in capsys.readouterr().err  # Mixtral: 4 experts, top-2: 3 is allowed (the data is not)
     assert cli_mod.main(["distill", f"teacher={ckpt}", f"student={ckpt}", f"output={tmp_path / 'd'}",
                          f"data.train={tmp_path / 'none'}", f"data.validation={tmp_path / 'none'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all("mixture-of-experts" in e for e in err), err
+    assert len(err) == 1 and "mixture-of-experts" in err[0], err
     assert not (tmp_path / "p").exists() and not (tmp_path / "d").exists()
+
+
+def test_prune_command_on_moe(moe_ckpts, moe_samples, tmp_path):
+    """``nemo-minitron prune`` on Qwen3-MoE: experts, expert width, embedding channels and one layer, with the
+    default least-squares refit; the report counts total and active parameters; the HF export loads in
+    transformers with the pruned shapes and its logits equal the pruned checkpoint's."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    from nemo_minitron import cli as cli_mod
+    from nemo_minitron.checkpoint import nemo as ck
+    from nemo_minitron.checkpoint.loader import load_model
+    from nemo_minitron.model import count_params
+
+    src, ckpt = moe_ckpts["qwen3_moe"]
+    builder = IndexedDatasetBuilder(str(tmp_path / "samples.bin"), dtype=DType.optimal_dtype(320))
+    for row in moe_samples["qwen3_moe"]:
+        builder.add_document(row, [len(row)])
+    builder.finalize(str(tmp_path / "samples.idx"))
+    out = tmp_path / "pruned"
+    assert cli_mod.main(["prune", f"model={ckpt}", f"output={out}", f"data.calibration={tmp_path / 'samples'}",
+                         "data.calibration_samples=32", "data.seq_length=32", "prune.depth_samples=8",
+                         "prune.num_moe_experts=5", "prune.moe_ffn_hidden_size=32", "prune.hidden_size=48",
+                         "prune.num_layers=2"]) == 0
+    spec = ck.read_spec(out)
+    assert (spec.num_layers, spec.num_moe_experts, spec.moe_ffn_hidden_size, spec.hidden_size) == (2, 5, 32, 48)
+    rep = json.loads((out / "pruning" / "report.json").read_text())
+    assert rep["params"]["pruned"] == count_params(spec) and rep["params"]["pruned_active"] == count_params(spec, True)
+    assert rep["shapes"]["num_moe_experts"] == {"source": 8, "pruned": 5}
+    assert rep["reconstruction"] == "least_squares" and rep["expert_importance"] == "router_mass"
+    assert len(rep["plan"]["experts_kept"]) == 2 and all(len(e) == 5 for e in rep["plan"]["experts_kept"])
+
+    hf = tmp_path / "hf"
+    assert cli_mod.main(["export", f"model={out}", "format=hf", f"output={hf}", "export.dtype=fp32"]) == 0
+    cfg = json.loads((hf / "config.json").read_text())
+    assert (cfg["num_experts"], cfg["moe_intermediate_size"], cfg["hidden_size"], cfg["num_hidden_layers"]) == \
+        (5, 32, 48, 2)
+    ids = _ids(src)
+    with torch.no_grad():
+        ref = _hf(hf).double()(ids).logits.float()
+    _close(_logits(load_model(out)[0], ids), ref, "pruned Qwen3-MoE checkpoint vs its HF export")
+
+
+def _prune_by_hand(sd: dict, cfg: dict, plan, hidden) -> tuple[dict, dict]:
+    """The same experts, expert neurons and hidden channels removed from the Hugging Face model's tensors."""
+    names = {"mixtral": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{j}.", "w1", "w3", "w2"),
+             "qwen3_moe": ("mlp.gate.weight", "mlp.experts.{j}.", "gate_proj", "up_proj", "down_proj")}
+    router, expert, gate, up, down = names[cfg["model_type"]]
+    out = {}
+    for k, w in sd.items():
+        if ".experts." in k or k.endswith(router):
+            continue
+        if hidden is not None:
+            if k.endswith(("norm.weight",)) and "q_norm" not in k and "k_norm" not in k:
+                w = w[hidden]
+            elif k.endswith(("o_proj.weight",)):
+                w = w[hidden]
+            elif k.endswith(("embed_tokens.weight", "lm_head.weight", "q_proj.weight", "k_proj.weight",
+                             "v_proj.weight")):
+                w = w[:, hidden]
+        out[k] = w
+    for l in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{l}."
+        kept = plan.experts[l].tolist()
+        r = sd[p + router][kept]
+        out[p + router] = r[:, hidden] if hidden is not None else r
+        for new, j in enumerate(kept):
+            neurons = plan.expert_ffn[l][j]
+            src, dst = p + expert.format(j=j), p + expert.format(j=new)
+            for name in (gate, up):
+                w = sd[src + f"{name}.weight"][neurons]
+                out[dst + f"{name}.weight"] = w[:, hidden] if hidden is not None else w
+            w = sd[src + f"{down}.weight"][:, neurons]
+            out[dst + f"{down}.weight"] = w[hidden] if hidden is not None else w
+    cfg = dict(cfg)
+    cfg["num_local_experts" if cfg["model_type"] == "mixtral" else "num_experts"] = len(plan.experts[0])
+    cfg["intermediate_size" if cfg["model_type"] == "mixtral" else "moe_intermediate_size"] = \
+        len(plan.expert_ffn[0][plan.experts[0][0].item()])
+    if hidden is not None:
+        cfg.update(hidden_size=len(hidden), head_dim=cfg.get("head_dim") or 16)  # head_dim is kept
+    return out, cfg
+
+
+@pytest.mark.parametrize("name", list(MOE_MODELS))
+def test_moe_pruning_equals_removal_by_hand(name, moe_ckpts, tmp_path):
+    """Experts (with their router rows), each kept expert's neurons and the embedding channels, ranked by the
+    calibration's importance and removed from the megatron model, give the logits of transformers' model with
+    the same units removed by hand (1e-5); the pruned checkpoint exports as the family's class with those shapes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from nemo_minitron import cli as cli_mod
+    from nemo_minitron.checkpoint import nemo as ck
+    from nemo_minitron.checkpoint.loader import load_model
+    from nemo_minitron.prune.plan import make_plan, validate_targets
+    from nemo_minitron.prune.width import calibrate, prune_model
+
+    src, ckpt = moe_ckpts[name]
+    model, spec, _ = load_model(ckpt)
+    g = torch.Generator().manual_seed(3)
+    scores = calibrate(model, torch.randint(0, 320, (8, 33), generator=g), 4, progress=False)
+    E, F = spec.num_moe_experts, spec.moe_ffn_hidden_size
+    assert scores["experts"].shape == (spec.num_layers, E) and scores["expert_ffn"].shape == (spec.num_layers, E, F)
+    assert (scores["experts"] > 0).all() and "ffn" not in scores
+    targets = validate_targets(spec, {"num_moe_experts": E - 2 if E > 4 else E - 1,
+                                      "moe_ffn_hidden_size": F * 2 // 3, "hidden_size": 48})
+    plan = make_plan(scores, spec, targets)
+    assert any(e.tolist() != list(range(len(e))) for e in plan.experts), "the plan drops only the last experts"
+    pruned, spec2 = prune_model(model, spec, plan)
+    assert (spec2.num_moe_experts, spec2.moe_ffn_hidden_size, spec2.hidden_size) == \
+        (targets["num_moe_experts"], targets["moe_ffn_hidden_size"], 48)
+
+    hf_cfg = json.loads((src / "config.json").read_text())
+    sd = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).state_dict()
+    sd2, cfg2 = _prune_by_hand(sd, hf_cfg, plan, plan.hidden)
+    cfg2.pop("architectures"), cfg2.pop("transformers_version", None)
+    hf2 = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg2)).eval()
+    hf2.load_state_dict(sd2, strict=True)
+    ids = _ids(src)
+    with torch.no_grad():
+        ref = hf2.double()(ids).logits.float()
+    _close(_logits(pruned, ids), ref, f"{name} pruned vs transformers pruned by hand")
+
+    ck.save(tmp_path / "pruned", pruned, spec2, tokenizer_dir=src)
+    out = tmp_path / "hf"
+    assert cli_mod.main(["export", f"model={tmp_path / 'pruned'}", "format=hf", f"output={out}",
+                         "export.dtype=fp32"]) == 0
+    with torch.no_grad():
+        _close(_hf(out).double()(ids).logits.float(), ref, f"{name} pruned, HF export")
+
+
+@pytest.fixture(scope="module")
+def moe_samples(moe_ckpts):
+    """{name: [48, 65] token sequences sampled from the tiny model itself}: text it predicts well, so that a held-out
+    loss measures what pruning costs (a random model's loss on random tokens would not)."""
+    out = {}
+    for name, (src, _) in moe_ckpts.items():
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out[name] = _hf(src).generate(torch.randint(0, 320, (48, 1)), do_sample=True, top_k=0, max_new_tokens=64,
+                                          min_new_tokens=64, pad_token_id=0)
+    return out
+
+
+@pytest.mark.parametrize("name", list(MOE_MODELS))
+def test_expert_importance_beats_random_and_refit_beats_trim(name, moe_ckpts, moe_samples):
+    """Held-out loss (on the model's own samples) after removing half the experts: the least important ones by
+    calibration beat random choices (4 seeds); after halving every expert's width, the least-squares refit of each
+    kept expert's linear_fc2 on its routed tokens beats trimming."""
+    from nemo_minitron.checkpoint.loader import load_model
+    from nemo_minitron.evaluate import heldout_loss
+    from nemo_minitron.prune.plan import make_plan, random_scores, validate_targets
+    from nemo_minitron.prune.reconstruct import reconstruct
+    from nemo_minitron.prune.width import calibrate, prune_model
+
+    model, spec, _ = load_model(moe_ckpts[name][1])
+    windows = moe_samples[name].unfold(1, 33, 32).reshape(-1, 33)  # [96, 33]
+    cal, held = windows[:64], windows[64:]
+    scores = calibrate(model, cal, 4, progress=False)
+
+    def loss(m):
+        return heldout_loss(m, held, 4)["loss"]
+
+    rows = [f"{name}: unpruned {loss(model):.4f}"]
+    experts = validate_targets(spec, {"num_moe_experts": spec.num_moe_experts // 2})
+    ours = loss(prune_model(model, spec, make_plan(scores, spec, experts))[0])  # router_mass, the default
+    norm = loss(prune_model(model, spec, make_plan(dict(scores, experts=scores["expert_output_norm"]), spec,
+                                                   experts))[0])
+    rand = [loss(prune_model(model, spec, make_plan(random_scores(spec, s), spec, experts))[0]) for s in range(4)]
+    fitted, spec2, _ = reconstruct(model, spec, make_plan(scores, spec, experts), cal, 4, progress=False)
+    assert spec2.num_moe_experts == spec.num_moe_experts // 2
+    assert loss(fitted) == pytest.approx(ours, abs=1e-6)  # experts dropped whole: nothing to refit
+    rows.append(f"experts {spec.num_moe_experts} -> {spec2.num_moe_experts}: router mass {ours:.4f}, output norm "
+                f"{norm:.4f}, random {', '.join(f'{r:.4f}' for r in rand)}")
+
+    width = validate_targets(spec, {"moe_ffn_hidden_size": spec.moe_ffn_hidden_size // 2})
+    plan = make_plan(scores, spec, width)
+    trimmed = loss(prune_model(model, spec, plan)[0])
+    refit = loss(reconstruct(model, spec, plan, cal, 4, progress=False)[0])
+    rows.append(f"expert width {spec.moe_ffn_hidden_size} -> {width['moe_ffn_hidden_size']}: trimmed {trimmed:.4f}, "
+                f"least squares {refit:.4f}")
+    print("\n" + "\n".join(rows))
+    assert ours < min(rand), (ours, rand)
+    assert ours < sum(rand) / len(rand) - 0.02, (ours, rand)  # clearly lower, not a tie
+    assert refit < trimmed, (refit, trimmed)

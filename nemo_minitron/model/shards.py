@@ -149,10 +149,12 @@ def gather_full(model, which: str = "param", across_pp: bool = True) -> dict:
     return full
 
 
-def transform_into(src, dst, transform) -> None:
+def transform_into(src, dst, transform, rename=None) -> None:
     """Fill ``dst`` (a model chunk at the same TP/PP layout) from ``src``, one tensor at a time: each of
     ``src``'s parameters is gathered over TP, passed through ``transform(global_name, full) -> full'`` and
-    ``dst``'s shard of the result is copied in. Peak memory: one full tensor (not the whole model)."""
+    ``dst``'s shard of the result is copied in. Peak memory: one full tensor (not the whole model).
+    ``rename(local_name) -> local name in dst, or None`` maps parameters whose names change (pruned experts
+    renumbered) or that ``dst`` no longer has (None: not copied)."""
     from megatron.core import parallel_state
 
     tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -163,11 +165,14 @@ def transform_into(src, dst, transform) -> None:
     filled = set()
     with torch.no_grad():
         for name, p in src.named_parameters():
-            if name not in own:
-                raise KeyError(f"the new model has no parameter {name}")
+            new = rename(name) if rename is not None else name
+            if new is None:
+                continue  # the same decision on every rank: no TP gather is left unmatched
+            if new not in own:
+                raise KeyError(f"the new model has no parameter {new}")
             full = transform(global_name(name, off), _gather_tp(name, p, tp, tp_group))
-            own[name].copy_(to_shard(name, full, tp_rank, tp))
-            filled.add(name)
+            own[new].copy_(to_shard(name, full, tp_rank, tp))
+            filled.add(new)
     missing = sorted(set(own) - filled)
     if missing:
         raise KeyError(f"parameters of the new model not filled: {missing[:5]}")

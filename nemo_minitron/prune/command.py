@@ -16,8 +16,8 @@ from nemo_minitron.errors import UserError
 from nemo_minitron.model import count_params
 from nemo_minitron.prune import report
 from nemo_minitron.prune.depth import validate_depth
-from nemo_minitron.prune.importance import BATCH_AGGS, HEAD_IMPORTANCE, SEQ_AGGS
-from nemo_minitron.prune.plan import WIDTH_DIMS, validate_targets
+from nemo_minitron.prune.importance import BATCH_AGGS, EXPERT_IMPORTANCE, HEAD_IMPORTANCE, SEQ_AGGS
+from nemo_minitron.prune.plan import MOE_DIMS, WIDTH_DIMS, validate_targets
 from nemo_minitron.prune.stage import REPORT_DIR, check_reconstruction, inputs, prune
 from nemo_minitron.runlock import RunLock
 
@@ -28,11 +28,13 @@ def run(cfg) -> None:
     # ---- everything that can be refused is refused here, before any model is built -------------------
     layout = parallel.Layout.resolve(parallel.world_size_from_env(), tp, pp, sequence_parallel=False)
     kind, src_path, spec = describe(cfg.model)
-    spec.require_dense("prune")
     spec.validate_layout(tp, pp)
+    if spec.moe and (tp > 1 or pp > 1):
+        raise UserError(f"pruning a mixture-of-experts model runs at tensor and pipeline parallel size 1 for now "
+                        f"(got TP={tp}, PP={pp})")
     explicit_drop = validate_depth(spec, p.num_layers, p.drop_layers, pp, p.depth_method)
     depth = bool(explicit_drop) or (p.num_layers is not None and p.num_layers != spec.num_layers)
-    targets = validate_targets(spec, {k: p[k] for k in WIDTH_DIMS}, tp)
+    targets = validate_targets(spec, {k: p.get(k) for k in WIDTH_DIMS + MOE_DIMS}, tp)
     if p.fp8_shapes:
         from nemo_minitron.model.precision import check_fp8_shapes
 
@@ -46,6 +48,9 @@ def run(cfg) -> None:
         raise UserError(f"prune.seq_agg must be one of {SEQ_AGGS}, prune.batch_agg one of {BATCH_AGGS}")
     if p.head_importance not in HEAD_IMPORTANCE:
         raise UserError(f"prune.head_importance must be one of {HEAD_IMPORTANCE}")
+    expert_importance = p.get("expert_importance", "router_mass")
+    if expert_importance not in EXPERT_IMPORTANCE:
+        raise UserError(f"prune.expert_importance must be one of {EXPERT_IMPORTANCE}")
     check_reconstruction(p.reconstruction, p.reconstruction_damping, p.merge_pruned_heads)
     ck.check_output(Path(cfg.output), cfg.overwrite)
     from nemo_minitron.data import blend
@@ -79,7 +84,8 @@ def run(cfg) -> None:
         model, spec, _ = load_model(src_path, tp, pp)
         src_spec = spec
         meta = {"source": str(src_path), "seq_agg": p.seq_agg, "batch_agg": p.batch_agg,
-                "head_importance": p.head_importance, "merge_pruned_heads": bool(p.merge_pruned_heads),
+                "head_importance": p.head_importance, **({"expert_importance": expert_importance} if spec.moe else {}),
+                "merge_pruned_heads": bool(p.merge_pruned_heads),
                 "reconstruction": p.reconstruction, "order": "depth, then width"}
         if depth and not explicit_drop:
             meta["depth_samples"] = p.depth_samples
@@ -94,7 +100,8 @@ def run(cfg) -> None:
             depth_windows=None if windows is None else windows[: p.depth_samples],
             windows=None if windows is None else windows[: d.calibration_samples], scores=scores,
             micro_batch_size=d.micro_batch_size, tp=tp, pp=pp, seq_agg=p.seq_agg, batch_agg=p.batch_agg,
-            head_importance=p.head_importance, merge_pruned_heads=p.merge_pruned_heads,
+            head_importance=p.head_importance, expert_importance=expert_importance,
+            merge_pruned_heads=p.merge_pruned_heads,
             reconstruction=p.reconstruction, reconstruction_damping=float(p.reconstruction_damping),
             validation=validation)
         if scores is not None and "calibration_loss" in scores:
@@ -104,7 +111,7 @@ def run(cfg) -> None:
                       extra=lambda tmp: report.write(tmp / REPORT_DIR, src_spec, spec, scores, plan, meta,
                                                      depth=depth_info, reconstruction=recon))
         if parallel.is_rank0():
-            dims = ("num_layers", *WIDTH_DIMS)
+            dims = ("num_layers", *WIDTH_DIMS, *(MOE_DIMS if spec.moe else ()))
             shape = ", ".join(f"{k} {getattr(src_spec, k)}->{getattr(spec, k)}" for k in dims
                               if getattr(src_spec, k) != getattr(spec, k))
             if depth_info:

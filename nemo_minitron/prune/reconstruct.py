@@ -23,6 +23,11 @@ compensation (ZipLM, SlimGPT), solved in closed form per layer:
   the pruned channels' mean contribution. The output layer is not refitted (tied to the embedding in most small models).
   The other refits then run, layer by layer, on the hidden-pruned model.
 
+Mixture-of-experts layers: each kept expert's ``linear_fc2`` is refitted from its kept neurons on the tokens
+routed to it (its input is the router-weighted activation, so the fit is of what the expert adds to the stream);
+for embedding channels, the router and each expert's ``linear_fc1`` are the consumers refitted beside
+``linear_qkv`` (each expert on its own routed tokens).
+
 Layers are refitted in order, each on the inputs produced by the already-refitted layers before it (errors do
 not compound), with one layer's Gram matrix in memory at a time (``ffn x ffn`` in float64: Llama-3.1-8B's
 14,336 is 1.6 GB). Each pass runs only the layers it needs (:class:`~nemo_minitron.prune.replay.PrefixReplay`:
@@ -171,6 +176,18 @@ def bias_of(module):
     return b if isinstance(b, torch.Tensor) and b.numel() > 0 else None
 
 
+def _hidden_consumers(layer) -> list:
+    """The modules of a layer whose input is the normalized residual stream (every one holds ``weight`` [out, h])."""
+    if not hasattr(layer.mlp, "router"):
+        return ["self_attention.linear_qkv", "mlp.linear_fc1"]
+    return ["self_attention.linear_qkv", "mlp.router"] + \
+        [f"mlp.experts.local_experts.{j}.linear_fc1" for j in range(len(layer.mlp.experts.local_experts))]
+
+
+def _expert_fc2s(layer) -> list:
+    return [] if layer is None else [e.linear_fc2 for e in layer.mlp.experts.local_experts]
+
+
 def _hidden_input_refits(model, spec: ModelSpec, kept: torch.Tensor, windows, micro_batch_size: int,
                          damping: float) -> dict:
     """Refitted kept columns of every layer's ``linear_qkv`` and ``linear_fc1`` (this rank's rows), fitted on
@@ -186,7 +203,7 @@ def _hidden_input_refits(model, spec: ModelSpec, kept: torch.Tensor, windows, mi
         if layer is not None:
             eps = model.config.layernorm_epsilon
             grams = {name: _Gram(layer.get_submodule(name), "none", eps, bias_of(layer.get_submodule(name)) is not None)
-                     for name in ("self_attention.linear_qkv", "mlp.linear_fc1")}
+                     for name in _hidden_consumers(layer)}
         with torch.no_grad(), replay.run(max(l - 1, 0), record=l - 1 if l > 0 else None, last=l,
                                          skip_output_layer=True):
             lm_loss(model, windows, micro_batch_size)
@@ -223,7 +240,7 @@ def reconstruct(model, spec: ModelSpec, plan: WidthPlan, windows: torch.Tensor, 
 
     t0 = time.time()
     heads = plan.groups is not None
-    ffn = plan.ffn is not None
+    ffn = plan.ffn is not None or (plan.expert_ffn is not None and "moe_ffn_hidden_size" in plan.targets)
     # 1) the embedding channels first (not refitted); heads and neurons stay, to be masked layer by layer
     hidden_plan = WidthPlan(hidden=plan.hidden, targets={k: v for k, v in plan.targets.items() if k == "hidden_size"})
     hidden_refits, layer_cost = {}, 0.0
@@ -237,10 +254,12 @@ def reconstruct(model, spec: ModelSpec, plan: WidthPlan, windows: torch.Tensor, 
             for name, w in hidden_refits.items():
                 params[name].copy_(w.to(params[name].dtype))
     rest = WidthPlan(ffn=plan.ffn, groups=plan.groups, heads=plan.heads, pruned_heads=plan.pruned_heads,
-                     kept_by_score=plan.kept_by_score,
+                     kept_by_score=plan.kept_by_score, experts=plan.experts, expert_ffn=plan.expert_ffn,
                      targets={k: v for k, v in plan.targets.items() if k != "hidden_size"})
     info = {"damping": damping, "layers": [], "passes": 0, "hidden_inputs_refitted": bool(hidden_refits)}
     if not (heads or ffn):
+        if plan.experts is not None:  # experts dropped, none of their neurons: nothing left to refit
+            work, wspec = prune_model(work, wspec, rest, tp, pp)
         info["forward_equivalents"] = round(forward_equivalents(spec, layer_cost) - forward_equivalents(spec, 0), 2)
         info["seconds"] = round(time.time() - t0, 1)
         return work, wspec, info
@@ -253,10 +272,15 @@ def reconstruct(model, spec: ModelSpec, plan: WidthPlan, windows: torch.Tensor, 
         first = True
         for kind in (["heads"] if heads else []) + (["ffn"] if ffn else []):
             layer = layers.get(l)
-            gram = None
-            if layer is not None:
-                module = layer.self_attention.linear_proj if kind == "heads" else layer.mlp.linear_fc2
-                gram = _Gram(module)
+            grams = {}  # module -> its input's Gram; a mixture of experts: every kept expert's linear_fc2
+            if layer is not None and kind == "heads":
+                grams[layer.self_attention.linear_proj] = (_Gram(layer.self_attention.linear_proj),
+                                                           kept_head_columns(plan, spec, l))
+            elif layer is not None and plan.expert_ffn is not None:
+                grams = {fc2: (_Gram(fc2), plan.expert_ffn[l][j]) for j, fc2 in enumerate(_expert_fc2s(layer))
+                         if j in plan.expert_ffn[l]}
+            elif layer is not None:
+                grams[layer.mlp.linear_fc2] = (_Gram(layer.mlp.linear_fc2), plan.ffn[l])
             # the first pass of layer l runs layer l-1 from its cached input (recording layer l's input);
             # a second pass starts at layer l from that record
             start = max(l - 1, 0) if first else l
@@ -266,9 +290,14 @@ def reconstruct(model, spec: ModelSpec, plan: WidthPlan, windows: torch.Tensor, 
             layer_cost += (l - start + 1)
             info["passes"] += 1
             first = False
-            if gram is not None:
-                kept = kept_head_columns(plan, spec, l) if kind == "heads" else plan.ffn[l]
-                row[kind] = _refit_module(module, gram, kept, damping)
+            for j, (module, (gram, kept)) in enumerate(grams.items()):
+                err = _refit_module(module, gram, kept, damping)
+                if len(grams) == 1:
+                    row[kind] = err
+                else:  # experts: the mean relative error over the kept experts
+                    for k, v in err.items():
+                        row.setdefault(kind, {}).setdefault(k, 0.0)
+                        row[kind][k] += v / len(grams)
         info["layers"].append(row)
     # per-layer errors live on the stage holding the layer: collect them everywhere
     if dist.is_initialized() and pp > 1:

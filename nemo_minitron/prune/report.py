@@ -9,13 +9,14 @@ import torch
 
 from nemo_minitron.model import count_params
 from nemo_minitron.model.spec import ModelSpec
-from nemo_minitron.prune.plan import WIDTH_DIMS, WidthPlan
+from nemo_minitron.prune.plan import MOE_DIMS, WIDTH_DIMS, WidthPlan
 
 
 def save_scores(path: Path, scores: dict, meta: dict | None = None) -> None:
     """Width importance to ``path`` (``prune.scores=`` / ``search.scores=`` read it back): host copies, so the
     file loads anywhere (and with ``weights_only=True``)."""
-    out = {k: scores[k].detach().cpu() for k in ("heads", "ffn", "hidden")}
+    out = {k: scores[k].detach().cpu() for k in ("heads", "ffn", "hidden", "experts", "expert_ffn",
+                                                 "expert_output_norm", "expert_router_mass") if k in scores}
     if "calibration_loss" in scores:
         out["calibration_loss"] = float(scores["calibration_loss"])
     torch.save(out | ({"meta": meta} if meta is not None else {}), path)
@@ -128,8 +129,17 @@ def write(out_dir: Path, src: ModelSpec, dst: ModelSpec, scores: dict | None, pl
     save_scores(out_dir / "scores.pt", scores, meta)
     _plot(out_dir / "importance_hidden.png", scores["hidden"], plan.hidden, "embedding channels", "channel (sorted)")
     plots["hidden"] = "importance_hidden.png"
-    _plot(out_dir / "importance_ffn.png", scores["ffn"][0],
-          None if plan.ffn is None else plan.ffn[0], "MLP neurons, layer 1", "neuron (sorted)")
+    if "experts" in scores:  # a mixture of experts: the experts of layer 1 and the neurons of its first expert
+        _plot(out_dir / "importance_experts.png", scores["experts"][0],
+              None if plan.experts is None else plan.experts[0], "experts, layer 1", "expert (sorted)")
+        plots["experts"] = "importance_experts.png"
+        first = 0 if plan.experts is None else int(plan.experts[0][0])
+        _plot(out_dir / "importance_ffn.png", scores["expert_ffn"][0][first],
+              None if plan.expert_ffn is None else plan.expert_ffn[0][first],
+              f"expert {first} MLP neurons, layer 1", "neuron (sorted)")
+    else:
+        _plot(out_dir / "importance_ffn.png", scores["ffn"][0],
+              None if plan.ffn is None else plan.ffn[0], "MLP neurons, layer 1", "neuron (sorted)")
     plots["ffn"] = "importance_ffn.png"
     _plot_heads(out_dir / "importance_heads.png", scores["heads"], plan, src)
     plots["heads"] = "importance_heads.png"
@@ -137,14 +147,21 @@ def write(out_dir: Path, src: ModelSpec, dst: ModelSpec, scores: dict | None, pl
 
 
 def _finish(out_dir, src, dst, plots, meta, depth, plan) -> dict:
-    shapes = {d: {"source": getattr(src, d), "pruned": getattr(dst, d)} for d in ("num_layers", *WIDTH_DIMS)}
+    dims = ("num_layers", *WIDTH_DIMS, *(MOE_DIMS if src.moe else ()))
+    shapes = {d: {"source": getattr(src, d), "pruned": getattr(dst, d)} for d in dims}
     rep = {"shapes": shapes, "kv_channels": dst.kv_channels,
-           "params": {"source": count_params(src), "pruned": count_params(dst)},
+           "params": {"source": count_params(src), "pruned": count_params(dst),
+                      **({"source_active": count_params(src, active=True), "pruned_active": count_params(dst, active=True)}
+                         if src.moe else {})},
            "plots": plots, "plan": None if plan is None else plan.summary(), "depth": depth, **meta}
     (out_dir / "report.json").write_text(json.dumps(rep, indent=2))
     lines = ["# Pruning report", "", "| dimension | source | pruned |", "|---|---|---|"]
     lines += [f"| {d} | {s['source']} | {s['pruned']} |" for d, s in shapes.items()]
-    lines += [f"| parameters | {rep['params']['source']:,} | {rep['params']['pruned']:,} |", "",
+    lines += [f"| parameters | {rep['params']['source']:,} | {rep['params']['pruned']:,} |"]
+    if "source_active" in rep["params"]:
+        lines += [f"| active parameters (top-{src.moe_router_topk} experts) | {rep['params']['source_active']:,} | "
+                  f"{rep['params']['pruned_active']:,} |"]
+    lines += ["",
               f"head_dim (kv_channels) kept at {dst.kv_channels}."
               + (" Width scores: `scores.pt` (reuse with `prune.scores=...`)." if plan is not None else ""), ""]
     if depth is not None:

@@ -7,6 +7,10 @@ layer columns, every norm of the residual stream (also TE's fused ``layer_norm_w
 ``linear_proj`` rows and columns, the gate and up halves of ``linear_fc1``, ``linear_fc2``. The per-head q/k
 norms (Qwen3) act on head_dim, which pruning keeps: they are copied unchanged. ``_extra_state`` (TE FP8 scaling state) is dropped: it
 describes the old shapes and is re-created on load.
+
+Mixture-of-experts layers: the router keeps the rows of the kept experts (and the kept hidden columns); a kept
+expert keeps its own kept neurons (the gate and up rows of its ``linear_fc1``, the columns of its ``linear_fc2``)
+and is renumbered by its rank among the kept experts (:func:`expert_rename`); a dropped expert is not copied.
 """
 
 from __future__ import annotations
@@ -19,6 +23,20 @@ from nemo_minitron.model.spec import ModelSpec
 from nemo_minitron.prune.plan import WidthPlan
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight$")
+
+
+def expert_rename(name: str, plan: WidthPlan, layer_offset: int = 0):
+    """The pruned model's name for ``name`` (a layer-local name on a stage whose first layer is ``layer_offset``):
+    kept experts renumbered 0.. in their order, None for a dropped expert, any other name unchanged."""
+    m = _LAYER.match(name)
+    e = _EXPERT.match(m.group(2)) if m and plan.experts is not None else None
+    if e is None:
+        return name
+    kept = plan.experts[int(m.group(1)) + layer_offset].tolist()
+    j = int(e.group(1))
+    return f"decoder.layers.{m.group(1)}.mlp.experts.local_experts.{kept.index(j)}.{e.group(2)}.weight" \
+        if j in kept else None
 
 
 def new_spec(spec: ModelSpec, targets: dict) -> ModelSpec:
@@ -93,6 +111,20 @@ def trim(sd: dict, spec: ModelSpec, plan: WidthPlan, merge_pruned_heads: bool = 
         elif suffix == "mlp.linear_fc2.weight":
             w = w[:, plan.ffn[l]] if plan.ffn is not None else w
             w = w[hk] if hk is not None else w
+        elif suffix == "mlp.router.weight":
+            w = w[plan.experts[l]] if plan.experts is not None else w
+            w = w[:, hk] if hk is not None else w
+        elif _EXPERT.match(suffix):
+            j, linear = _EXPERT.match(suffix).groups()
+            keep = plan.expert_ffn[l][int(j)] if plan.expert_ffn is not None else None
+            if linear == "linear_fc1":
+                if keep is not None:
+                    gate, up = w.chunk(2, dim=0)
+                    w = torch.cat([gate[keep], up[keep]])
+                w = w[:, hk] if hk is not None else w
+            else:
+                w = w[:, keep] if keep is not None else w
+                w = w[hk] if hk is not None else w
         else:
             raise KeyError(f"do not know how to prune {name}")
         out[name] = w.contiguous().clone()

@@ -22,8 +22,10 @@ from nemo_minitron.prune.trim import new_spec, trim
 
 
 def calibrate(model, windows: torch.Tensor, micro_batch_size: int, seq_agg: str = "mean",
-              batch_agg: str = "l2", progress: bool = True, head_importance: str = "contribution") -> dict:
-    """Importance scores (heads [L, H], ffn [L, F], hidden [h]) from forward passes over ``windows``.
+              batch_agg: str = "l2", progress: bool = True, head_importance: str = "contribution",
+              expert_importance: str = "router_mass") -> dict:
+    """Importance scores (heads [L, H], ffn [L, F], hidden [h]; a mixture of experts: experts [L, E] and
+    expert_ffn [L, E, F_expert] instead of ffn) from forward passes over ``windows``.
 
     With data parallelism each DP rank runs its share of every chunk of windows and the statistics are
     reduced over DP, so the scores are those of all windows (calibration scales with the number of nodes)."""
@@ -35,7 +37,8 @@ def calibrate(model, windows: torch.Tensor, micro_batch_size: int, seq_agg: str 
     bar = tqdm(total=n, unit="sample", desc="calibration", disable=not (progress and parallel.is_rank0()))
     t0, done, loss_sum = time.time(), 0, 0.0
     model.eval()
-    with torch.no_grad(), importance.ImportanceRecorder(model, seq_agg, batch_agg, head_importance) as rec:
+    with torch.no_grad(), importance.ImportanceRecorder(model, seq_agg, batch_agg, head_importance,
+                                                                    expert_importance) as rec:
         for chunk in windows.split(step):
             s, _ = lm_loss(model, chunk, micro_batch_size, forward_only=True)
             loss_sum += s
@@ -54,16 +57,21 @@ def prune_model(model, spec: ModelSpec, plan: WidthPlan, tp: int = 1, pp: int = 
                 merge_pruned_heads: bool = False):
     """(pruned model chunk, pruned spec) at the same layout; ``model`` is left unchanged. Each tensor is
     gathered over TP, trimmed and re-split on the model's device, one at a time."""
+    from nemo_minitron.model.shards import layer_offset
+    from nemo_minitron.prune.trim import expert_rename
+
     spec2 = new_spec(spec, plan.targets)
     pruned = build(spec2, tp, pp, initialize=False)
-    transform_into(model, pruned, lambda name, full: trim({name: full}, spec, plan, merge_pruned_heads)[name])
+    off = layer_offset(model)
+    transform_into(model, pruned, lambda name, full: trim({name: full}, spec, plan, merge_pruned_heads)[name],
+                   rename=lambda name: expert_rename(name, plan, off))
     pruned.eval()
     return pruned, spec2
 
 
 def prune_width(model, spec: ModelSpec, targets: dict, windows=None, scores=None, micro_batch_size: int = 4,
                 seq_agg: str = "mean", batch_agg: str = "l2", head_importance: str = "contribution",
-                merge_pruned_heads: bool = False, tp: int = 1, pp: int = 1, progress: bool = True,
+                expert_importance: str = "router_mass", merge_pruned_heads: bool = False, tp: int = 1, pp: int = 1, progress: bool = True,
                 reconstruction: str = "none", reconstruction_damping: float = 0.01, validation=None):
     """The whole width-pruning stage: (calibrate unless ``scores``) -> plan -> trim (-> least-squares refit of
     ``linear_proj`` / ``linear_fc2`` on ``windows`` with ``reconstruction="least_squares"``).
@@ -74,7 +82,8 @@ def prune_width(model, spec: ModelSpec, targets: dict, windows=None, scores=None
     from nemo_minitron.prune.plan import make_plan
 
     if scores is None:
-        scores = calibrate(model, windows, micro_batch_size, seq_agg, batch_agg, progress, head_importance)
+        scores = calibrate(model, windows, micro_batch_size, seq_agg, batch_agg, progress, head_importance,
+                           expert_importance)
     plan = make_plan(parallel.to_device(scores), spec, targets)  # scores from a file are on the host
     if reconstruction == "least_squares":
         from nemo_minitron.prune.reconstruct import reconstruct
