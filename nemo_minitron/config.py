@@ -21,7 +21,8 @@ from nemo_minitron.errors import UserError
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # The parallel layout has one spelling in every command, NeMo 2's (``nl.MegatronStrategy``'s arguments under
 # ``trainer.strategy``); the NeMo 1 / Megatron-Bridge spelling under ``model.`` is read as an alias, with a notice.
-LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel")
+LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel",
+               "expert_model_parallel_size")
 LAYOUT_ALIASES = {f"model.{k}": f"trainer.strategy.{k}" for k in LAYOUT_KEYS}
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)$")
 

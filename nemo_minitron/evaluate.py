@@ -84,6 +84,7 @@ def run(cfg) -> None:
     e = cfg.eval
     tp = cfg.trainer.strategy.tensor_model_parallel_size
     pp = cfg.trainer.strategy.pipeline_model_parallel_size
+    ep = cfg.trainer.strategy.get("expert_model_parallel_size", 1)
     tasks = Downstream.of(e)
     data = cfg.get("data")
     if data is None and not tasks.tasks:
@@ -91,7 +92,11 @@ def run(cfg) -> None:
     for name in ("num_samples", "seq_length", "micro_batch_size"):
         if e[name] < 1:
             raise UserError(f"eval.{name} must be >= 1 (got {e[name]})")
-    layout = parallel.Layout.resolve(parallel.world_size_from_env(), tp, pp, sequence_parallel=False)
+    layout = parallel.Layout.resolve(parallel.world_size_from_env(), tp, pp, sequence_parallel=False, ep=ep)
+    if ep > 1 and tasks.tasks:
+        raise UserError("eval.tasks with expert_model_parallel_size > 1 is not supported yet (the scorer's DP ranks "
+                        "run different numbers of forward passes; the experts' all-to-all needs them in step): score "
+                        "the tasks at EP=1")
     if data is not None and e.num_samples % (e.micro_batch_size * layout.dp):
         raise UserError(f"eval.num_samples={e.num_samples} is not divisible by eval.micro_batch_size={e.micro_batch_size}"
                         + (f" x data-parallel size {layout.dp} (each DP rank evaluates its share)" if layout.dp > 1 else ""))
@@ -108,7 +113,7 @@ def run(cfg) -> None:
     checked = []
     for model_arg, out in zip(models, outs):
         _, path, spec = describe(model_arg)
-        spec.validate_layout(tp, pp)
+        spec.validate_layout(tp, pp, ep)
         if data is not None:
             blend.check_tokenizer(data, fingerprint_of(path), "data", model=model_arg)
         checked.append((path, out, spec))
@@ -130,7 +135,7 @@ def run(cfg) -> None:
             print(f"tasks: {', '.join(prep.names)}: {prep.num_documents()} documents"
                   + (f" (eval.limit={tasks.limit}, seed {tasks.seed})" if tasks.limit is not None else ""), flush=True)
 
-    parallel.initialize(tp, pp)
+    parallel.initialize(tp, pp, ep=ep)
     for path, out, _ in checked:
         _evaluate_one(cfg, path, out, windows, prep, tasks, tp, pp, layout)
     parallel.destroy()

@@ -31,11 +31,14 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def validate_layout(world_size: int, tp: int, pp: int) -> None:
-    if tp < 1 or pp < 1:
-        raise UserError(f"tensor/pipeline parallel sizes must be >= 1 (got TP={tp}, PP={pp})")
+def validate_layout(world_size: int, tp: int, pp: int, ep: int = 1) -> None:
+    if tp < 1 or pp < 1 or ep < 1:
+        raise UserError(f"tensor/pipeline/expert parallel sizes must be >= 1 (got TP={tp}, PP={pp}, EP={ep})")
     if world_size % (tp * pp) != 0:
         raise UserError(f"world size {world_size} is not divisible by TP*PP = {tp}*{pp}")
+    if world_size % (tp * pp * ep) != 0:  # expert-parallel ranks are carved from the data-parallel ones
+        raise UserError(f"world size {world_size} is not divisible by TP*PP*EP = {tp}*{pp}*{ep} (the expert-parallel "
+                        "ranks are data-parallel ranks of the dense layers)")
 
 
 @dataclass(frozen=True)
@@ -48,34 +51,38 @@ class Layout:
     pp: int = 1
     dp: int = 1
     sequence_parallel: bool = False
+    ep: int = 1  # expert parallelism (mixtures of experts): each EP rank holds 1/EP of every layer's experts
 
     @classmethod
     def resolve(cls, world: int, tp: int, pp: int, sequence_parallel: bool | None = None,
-                sp_key: str = "trainer.strategy.sequence_parallel") -> "Layout":
+                sp_key: str = "trainer.strategy.sequence_parallel", ep: int = 1) -> "Layout":
         """Validate and derive the layout; ``sequence_parallel=None`` means on when TP > 1 (Megatron's advice)."""
-        validate_layout(world, tp, pp)
+        validate_layout(world, tp, pp, ep)
         sp = tp > 1 if sequence_parallel is None else bool(sequence_parallel)
         if sp and tp == 1:
             raise UserError(f"{sp_key}=true needs tensor parallelism (TP > 1; TP is 1 here): sequence "
                             "parallelism splits the activations over the tensor-parallel ranks")
-        return cls(tp=tp, pp=pp, dp=world // (tp * pp), sequence_parallel=sp)
+        return cls(tp=tp, pp=pp, dp=world // (tp * pp), sequence_parallel=sp, ep=ep)
 
     @property
     def world(self) -> int:
         return self.tp * self.pp * self.dp
 
     def __str__(self) -> str:
-        return f"TP={self.tp} PP={self.pp} DP={self.dp}" + (" SP" if self.sequence_parallel else "")
+        return f"TP={self.tp} PP={self.pp} DP={self.dp}" + (f" EP={self.ep}" if self.ep > 1 else "") \
+            + (" SP" if self.sequence_parallel else "")
 
 
-def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
-    """Initialize torch.distributed (if needed), megatron parallel state and the model-parallel RNG."""
+def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, ep: int = 1) -> None:
+    """Initialize torch.distributed (if needed), megatron parallel state and the model-parallel RNG. ``ep``:
+    expert parallelism (megatron carves it from the data-parallel ranks; experts keep TP as their own tensor
+    parallelism)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     platform.activate()
     world = world_size_from_env()
-    validate_layout(world, tp, pp)
+    validate_layout(world, tp, pp, ep)
     if not dist.is_initialized():
         if platform.has_cuda():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -87,7 +94,7 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
     )
     model_parallel_cuda_manual_seed(seed)
 

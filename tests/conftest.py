@@ -140,16 +140,9 @@ FAMILY_MODELS = {"qwen2": ("qwen2", dict(num_hidden_layers=4)),
 @pytest.fixture(scope="session")
 def family_ckpts(tmp_path_factory, dist_single):
     """{name: (HF directory, imported NeMo checkpoint)} for every tiny model of :data:`FAMILY_MODELS`."""
-    from hf_fixtures import make_hf_model
+    from hf_fixtures import make_and_import
 
-    from nemo_minitron.checkpoint.importer import import_hf
-
-    root = tmp_path_factory.mktemp("families")
-    out = {}
-    for name, (model_type, overrides) in FAMILY_MODELS.items():
-        src = make_hf_model(root / f"{name}-hf", model_type, **overrides)
-        out[name] = (src, import_hf(src, root / f"{name}-nemo"))
-    return out
+    return make_and_import(tmp_path_factory.mktemp("families"), FAMILY_MODELS)
 
 
 @pytest.fixture(scope="session")

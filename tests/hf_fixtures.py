@@ -37,6 +37,20 @@ FAMILY_ARGS = {"llama": {}, "qwen2": dict(use_sliding_window=False), "qwen3": di
                "qwen3_moe": dict(head_dim=16)}
 
 
+def make_and_import(root: Path, models: dict, adjust=None) -> dict:
+    """{name: (HF directory, imported NeMo checkpoint)} for ``models`` ({name: (model_type, config overrides)});
+    ``adjust(hf_dir)`` may change a model's weights before it is imported."""
+    from nemo_minitron.checkpoint.importer import import_hf
+
+    out = {}
+    for name, (model_type, overrides) in models.items():
+        src = make_hf_model(Path(root) / f"{name}-hf", model_type, **overrides)
+        if adjust is not None:
+            adjust(src)
+        out[name] = (src, import_hf(src, Path(root) / f"{name}-nemo"))
+    return out
+
+
 def make_hf_model(out: Path, model_type: str = "llama", tokenizer: bool = True, seed: int = 0, **overrides) -> Path:
     """A tiny random model of ``model_type`` (``llama``, ``qwen2``: q/k/v biases, ``qwen3``: q/k norms, ``mixtral``,
     ``qwen3_moe``: experts)."""

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from conftest import WORKERS, torchrun
 from hf_fixtures import TEXT
 
 MOE_MODELS = {  # name -> (model_type, config overrides)
@@ -52,17 +53,9 @@ def _experts_like_trained(src) -> None:
 
 @pytest.fixture(scope="module")
 def moe_ckpts(tmp_path_factory, dist_single):
-    from hf_fixtures import make_hf_model
+    from hf_fixtures import make_and_import
 
-    from nemo_minitron.checkpoint.importer import import_hf
-
-    root = tmp_path_factory.mktemp("moe")
-    out = {}
-    for name, (model_type, overrides) in MOE_MODELS.items():
-        src = make_hf_model(root / f"{name}-hf", model_type, **overrides)
-        _experts_like_trained(src)
-        out[name] = (src, import_hf(src, root / f"{name}-nemo"))
-    return out
+    return make_and_import(tmp_path_factory.mktemp("moe"), MOE_MODELS, _experts_like_trained)
 
 
 def _ids(src):
@@ -172,24 +165,18 @@ def test_moe_refusals(moe_ckpts, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "p").exists() and not (tmp_path / "d").exists()
 
 
-def test_prune_command_on_moe(moe_ckpts, moe_samples, tmp_path):
+def test_prune_command_on_moe(moe_ckpts, moe_data, tmp_path):
     """``nemo-minitron prune`` on Qwen3-MoE: experts, expert width, embedding channels and one layer, with the
     default least-squares refit; the report counts total and active parameters; the HF export loads in
     transformers with the pruned shapes and its logits equal the pruned checkpoint's."""
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
     from nemo_minitron import cli as cli_mod
     from nemo_minitron.checkpoint import nemo as ck
     from nemo_minitron.checkpoint.loader import load_model
     from nemo_minitron.model import count_params
 
     src, ckpt = moe_ckpts["qwen3_moe"]
-    builder = IndexedDatasetBuilder(str(tmp_path / "samples.bin"), dtype=DType.optimal_dtype(320))
-    for row in moe_samples["qwen3_moe"]:
-        builder.add_document(row, [len(row)])
-    builder.finalize(str(tmp_path / "samples.idx"))
     out = tmp_path / "pruned"
-    assert cli_mod.main(["prune", f"model={ckpt}", f"output={out}", f"data.calibration={tmp_path / 'samples'}",
+    assert cli_mod.main(["prune", f"model={ckpt}", f"output={out}", f"data.calibration={moe_data['qwen3_moe']}",
                          "data.calibration_samples=32", "data.seq_length=32", "prune.depth_samples=8",
                          "prune.num_moe_experts=5", "prune.moe_ffn_hidden_size=32", "prune.hidden_size=48",
                          "prune.num_layers=2"]) == 0
@@ -312,6 +299,21 @@ def moe_samples(moe_ckpts):
     return out
 
 
+@pytest.fixture(scope="module")
+def moe_data(moe_samples, tmp_path_factory):
+    """{name: the model's samples as a Megatron indexed dataset prefix}."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    root, out = tmp_path_factory.mktemp("moe_data"), {}
+    for name, samples in moe_samples.items():
+        builder = IndexedDatasetBuilder(str(root / f"{name}.bin"), dtype=DType.optimal_dtype(320))
+        for row in samples:
+            builder.add_document(row, [len(row)])
+        builder.finalize(str(root / f"{name}.idx"))
+        out[name] = root / name
+    return out
+
+
 @pytest.mark.parametrize("name", list(MOE_MODELS))
 def test_expert_importance_beats_random_and_refit_beats_trim(name, moe_ckpts, moe_samples):
     """Held-out loss (on the model's own samples) after removing half the experts: the least important ones by
@@ -353,3 +355,31 @@ def test_expert_importance_beats_random_and_refit_beats_trim(name, moe_ckpts, mo
     assert ours < min(rand), (ours, rand)
     assert ours < sum(rand) / len(rand) - 0.02, (ours, rand)  # clearly lower, not a tie
     assert refit < trimmed, (refit, trimmed)
+
+
+def test_expert_parallel_matches_one_process(moe_ckpts, moe_data, tmp_path):
+    """Qwen3-MoE at expert parallelism 2 (torchrun, 2 processes; all-to-all token dispatch over gloo): each rank
+    builds half of every layer's experts from the NeMo checkpoint (megatron's sharded load) and from the HF
+    directory (our slicing); the held-out loss equals one process's, the experts gathered back equal the
+    checkpoint's tensors, and ``evaluate trainer.strategy.expert_model_parallel_size=2`` reports the same loss."""
+    from nemo_minitron.checkpoint.loader import load_model
+    from nemo_minitron.data import indexed
+    from nemo_minitron.evaluate import heldout_loss
+    from nemo_minitron.model.shards import gather_full
+
+    src, ckpt = moe_ckpts["qwen3_moe"]
+    data = moe_data["qwen3_moe"]
+    model, spec, _ = load_model(ckpt)
+    ref = heldout_loss(model, indexed.windows(data, 16, 32), 4)["loss"]
+    full = gather_full(model)
+    torchrun([str(WORKERS / "moe_layouts.py"), str(ckpt), str(src), str(data), str(tmp_path)], nproc=2)
+    got = torch.load(tmp_path / "ep2.pt", weights_only=False)
+    for rank in got["ranks"]:
+        for name in ("nemo", "hf"):
+            assert rank[name]["local_experts"] == spec.num_moe_experts // 2
+            assert rank[name]["loss"] == pytest.approx(ref, abs=1e-5), (name, rank[name]["loss"], ref)
+    assert got["full"].keys() == full.keys()
+    assert all(torch.equal(got["full"][k], full[k]) for k in full)
+    for name in ("nemo", "hf"):
+        res = json.loads((tmp_path / f"{name}.json").read_text())
+        assert res["loss"] == pytest.approx(ref, abs=1e-5), (name, res["loss"], ref)

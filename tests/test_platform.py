@@ -74,7 +74,8 @@ def test_inert_when_cuda_present():
         "assert (D.state_dict, D.load_state_dict, N.__new__) == before\n"
         "over = platform.config_overrides()  # only the fusions whose kernels are missing here (no TE, apex)\n"
         "assert set(over) <= {'apply_rope_fusion', 'persist_layer_norm', 'masked_softmax_fusion',\n"
-        "                     'gradient_accumulation_fusion'} and not any(over.values()), over\n"
+        "                     'gradient_accumulation_fusion', 'moe_grouped_gemm', 'moe_permute_fusion',\n"
+        "                     'moe_router_fusion'} and not any(over.values()), over\n"
         "assert platform.backend() == 'nccl'\n"
         "assert not platform.cpu_mode_active()\n"
         "print('inert')\n"
@@ -109,7 +110,10 @@ def test_cuda_without_te_or_apex_turns_off_only_the_fusions_it_lacks(monkeypatch
     monkeypatch.setattr(cpu, "has_transformer_engine", lambda: False)
     monkeypatch.setattr(cpu, "_importable", lambda module: False)
     assert cpu.config_overrides() == {"apply_rope_fusion": False, "persist_layer_norm": False,
-                                      "masked_softmax_fusion": False, "gradient_accumulation_fusion": False}
+                                      "masked_softmax_fusion": False, "gradient_accumulation_fusion": False,
+                                      # MoE: TE's grouped-GEMM experts, fused permutation and router
+                                      "moe_grouped_gemm": False, "moe_permute_fusion": False,
+                                      "moe_router_fusion": False}
     cfg = instantiate(tiny_spec)  # NeMo's config and megatron's checks (raised before)
     assert cfg.bias_activation_fusion and cfg.bias_dropout_fusion  # torch-jit fusions: any CUDA has them
     cfg.use_cpu_initialization = True  # (this machine: build on the CPU) the model megatron builds from it

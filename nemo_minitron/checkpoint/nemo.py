@@ -470,7 +470,9 @@ def _expected_shapes(spec: ModelSpec) -> dict:
               lay + "mlp.linear_fc2.weight": (L, h, f)}
     if spec.moe:  # experts stacked after the layers: [layers, experts, ...] (SequentialMLP and TE's grouped GEMM)
         f, E = spec.moe_ffn_hidden_size, spec.num_moe_experts
-        for k in ("mlp.linear_fc1.weight", "mlp.linear_fc2.weight"):
+        # the pre-MLP norm: the local spec stores it under TE's fused name (mlp.linear_fc1.layer_norm_weight),
+        # the TE spec (whose MoE layer has no fused linear to put it in) as pre_mlp_layernorm.weight: either
+        for k in ("mlp.linear_fc1.weight", "mlp.linear_fc2.weight", "mlp.linear_fc1.layer_norm_weight"):
             del shapes[lay + k]
         shapes.update({lay + "mlp.router.weight": (L, E, h),
                        lay + "mlp.experts.experts.linear_fc1.weight": (L, E, (2 if gated else 1) * f, h),

@@ -38,7 +38,11 @@ def build(spec: ModelSpec, tp: int = 1, pp: int = 1, tokenizer=None, initialize:
     Parallel state must be initialized (:func:`nemo_minitron.parallel.initialize`). ``initialize=False``
     skips random weight init, for models whose weights are loaded right after.
     """
-    spec.validate_layout(tp, pp)
+    if spec.moe:  # the experts are split as the parallel state says (initialized with the run's EP)
+        from megatron.core import parallel_state as ps
+
+        extra.setdefault("expert_model_parallel_size", ps.get_expert_model_parallel_world_size())
+    spec.validate_layout(tp, pp, extra.get("expert_model_parallel_size", 1))
     config = instantiate(spec, tp, pp, perform_initialization=initialize, **extra)
     model = config.configure_model(tokenizer)
     model.to(platform.device())

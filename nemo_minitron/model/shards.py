@@ -3,7 +3,9 @@
 ``linear_qkv`` rows are grouped per query group, so TP shards are contiguous row blocks; ``linear_fc1``
 holds [gate; up] and each rank holds [gate_r; up_r]; ``linear_proj``/``linear_fc2`` split columns;
 embedding and output layer split vocabulary rows; norms are replicated. Layer indices are local to a
-pipeline stage and offset by ``pp_rank * layers_per_stage``.
+pipeline stage and offset by ``pp_rank * layers_per_stage``. Experts (mixtures of experts) are split over the
+expert-parallel ranks: EP rank ``r`` holds global experts ``r * n .. r * n + n - 1`` as its local experts ``0 .. n-1``,
+each split over the expert tensor-parallel group like a dense MLP.
 """
 
 from __future__ import annotations
@@ -13,6 +15,35 @@ import re
 import torch
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+_EXPERT = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
+
+
+def expert_parallel(model):
+    """(EP size, EP rank, local experts per rank) of ``model`` under the initialized parallel state; (1, 0, 0)
+    for a dense model."""
+    from megatron.core import parallel_state as ps
+
+    mlp = model.decoder.layers[0].mlp if len(model.decoder.layers) else None
+    if mlp is None or not hasattr(mlp, "router"):
+        return 1, 0, 0
+    return (ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank(),
+            len(mlp.experts.local_experts))
+
+
+def expert_name(name: str, shift: int, n_local: int | None = None):
+    """``name`` with its expert index moved by ``shift`` (local -> global: ``+rank * n``; global -> local:
+    ``-rank * n``); None when the result is not one of this rank's ``n_local`` experts. Other names unchanged."""
+    m = _EXPERT.match(name)
+    if m is None:
+        return name
+    j = int(m.group(2)) + shift
+    if n_local is not None and not 0 <= j < n_local:
+        return None
+    return f"{m.group(1)}{j}{m.group(3)}"
+
+
+def is_expert(name: str) -> bool:
+    return _EXPERT.match(name) is not None
 
 
 def split_kind(name: str) -> str:
@@ -94,16 +125,21 @@ def load_full_state_dict(model, full: dict) -> None:
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    etp = parallel_state.get_expert_tensor_parallel_world_size()
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
     off, here = layer_offset(model), len(model.decoder.layers)
+    ep, ep_rank, n_local = expert_parallel(model)
     own = model.state_dict()
     local = {}
     for name, tensor in full.items():
         ln = local_name(name, off, here)
+        if ln is not None and ep > 1:
+            ln = expert_name(ln, -ep_rank * n_local, n_local)  # another EP rank's expert: None
         if ln is None or ln not in own:
             continue  # e.g. output_layer on a non-last stage, embedding on a non-first stage
         if is_vocab(name):  # the vocabulary padded (or its padding cut) to the rows this layout builds
             tensor = fit_rows(tensor, own[ln].shape[0] * tp)
-        local[ln] = to_shard(name, tensor, tp_rank, tp)
+        local[ln] = to_shard(name, tensor, etp_rank, etp) if is_expert(name) else to_shard(name, tensor, tp_rank, tp)
     missing, _ = model.load_state_dict(local, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing:
@@ -132,13 +168,24 @@ def gather_full(model, which: str = "param", across_pp: bool = True) -> dict:
 
     tp_group = parallel_state.get_tensor_model_parallel_group()
     tp = parallel_state.get_tensor_model_parallel_world_size()
+    etp_group = parallel_state.get_expert_tensor_parallel_group()
+    etp = parallel_state.get_expert_tensor_parallel_world_size()
     off = layer_offset(model)
-    mine = {}
+    ep, ep_rank, n_local = expert_parallel(model)
+    mine, experts = {}, {}
     for name, p in model.named_parameters():
         t = p.detach() if which == "param" else (p.main_grad if hasattr(p, "main_grad") else p.grad)
         if t is None:
             continue
-        mine[global_name(name, off)] = _gather_tp(name, t, tp, tp_group)
+        if is_expert(name):  # under its global expert index, gathered over the expert tensor-parallel group
+            experts[expert_name(global_name(name, off), ep_rank * n_local)] = _gather_tp(name, t, etp, etp_group)
+        else:
+            mine[global_name(name, off)] = _gather_tp(name, t, tp, tp_group)
+    if ep > 1:
+        for part in parallel.all_gather_tensors(experts, parallel_state.get_expert_model_parallel_group()):
+            mine.update(part)
+    else:
+        mine.update(experts)
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     if pp == 1 or not across_pp:
         return mine

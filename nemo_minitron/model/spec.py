@@ -137,9 +137,14 @@ class ModelSpec:
                             f"{self.num_moe_experts} experts, top-{self.moe_router_topk}): import, export, convert "
                             "and evaluate do")
 
-    def validate_layout(self, tp: int, pp: int) -> None:
-        """Refuse a TP/PP layout this model cannot be split into (before any work)."""
+    def validate_layout(self, tp: int, pp: int, ep: int = 1) -> None:
+        """Refuse a TP/PP/EP layout this model cannot be split into (before any work)."""
         h, g = self.num_attention_heads, self.num_query_groups
+        if ep > 1 and not self.moe:
+            raise UserError(f"expert_model_parallel_size={ep}: the model has no experts (not a mixture of experts)")
+        if ep > 1 and self.num_moe_experts % ep:
+            raise UserError(f"num_moe_experts={self.num_moe_experts} is not divisible by "
+                            f"expert_model_parallel_size={ep}")
         if h % g:
             raise UserError(f"num_attention_heads={h} is not divisible by num_query_groups={g}")
         for name, val in (

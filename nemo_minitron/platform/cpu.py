@@ -20,7 +20,9 @@ What is changed, in one list:
    ``torch.cuda.set_device`` / ``torch.cuda.empty_cache`` are no-ops, and ``torch.cuda.Stream`` /
    ``torch.cuda.stream`` are inert stand-ins (NeMo's ``MegatronParallel`` uses a side stream; megatron's MoE
    all-to-all dispatcher records an event on one and synchronizes on it). megatron's MoE router tests
-   ``moe_utils.te_general_gemm``, a name bound only when Transformer Engine imports: it is bound to None.
+   ``moe_utils.te_general_gemm``, a name bound only when Transformer Engine imports: it is bound to None. Its
+   all-to-all dispatcher turns the split sizes into numpy arrays only when they are CUDA tensors: CPU ones
+   are converted too (``all_to_all_single`` takes no tensor as split sizes).
 3. The CUDA RNG used by megatron's ``CudaRNGStatesTracker`` is mapped to the CPU generator, so
    ``model_parallel_cuda_manual_seed`` and dropout forks work and stay reproducible; a fork of a state
    nobody added (NeMo seeds only on CUDA) seeds it by megatron's rule instead of failing.
@@ -289,6 +291,19 @@ def _patch_megatron() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+    # the all-to-all dispatcher moves its split sizes to the host as numpy arrays, but only from CUDA tensors
+    # (``tensor.is_cuda``); on the CPU they stayed tensors, which all_to_all_single refuses as split sizes
+    from megatron.core.transformer.moe import token_dispatcher
+
+    orig_move = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.detach().cpu().numpy()
+        return orig_move(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
     # NeMo's strategy seeds the model-parallel RNG only on CUDA; seed a missing state on first use
     # (megatron's own rule: seed + 2718 + tensor-parallel rank), instead of failing in dropout forks.
