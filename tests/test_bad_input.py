@@ -102,7 +102,7 @@ def build_cases(root: Path, ckpt: Path, data: Path) -> tuple[dict, dict]:
             architectures=["Qwen2ForCausalLM"], model_type="qwen2",
             rope_scaling={"rope_type": "yarn", "factor": 4.0})), "rope_scaling type 'yarn'"),
         "import_qwen3_moe": (_variant(hf, root / "q3moe", config=lambda d: d.update(
-            architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe")), "Qwen3MoeForCausalLM"),
+            architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe")), "num_experts=None is not a positive"),
         "import_config_not_json": (_variant(hf, root / "notjson", lambda p: (p / "config.json").write_text("{hidden_size: 64,")),
                                    "config.json"),
         "import_missing_tensor": (_variant(hf, root / "missing", lambda p: _safetensors_edit(

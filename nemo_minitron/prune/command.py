@@ -29,9 +29,9 @@ def run(cfg) -> None:
     layout = parallel.Layout.resolve(parallel.world_size_from_env(), tp, pp, sequence_parallel=False)
     kind, src_path, spec = describe(cfg.model)
     spec.validate_layout(tp, pp)
-    if spec.moe and (tp > 1 or pp > 1):
-        raise UserError(f"pruning a mixture-of-experts model runs at tensor and pipeline parallel size 1 for now "
-                        f"(got TP={tp}, PP={pp})")
+    if spec.moe and layout.world > 1:
+        raise UserError(f"pruning a mixture-of-experts model runs in one process for now (got {layout.world} "
+                        f"processes: {layout})")
     explicit_drop = validate_depth(spec, p.num_layers, p.drop_layers, pp, p.depth_method)
     depth = bool(explicit_drop) or (p.num_layers is not None and p.num_layers != spec.num_layers)
     targets = validate_targets(spec, {k: p.get(k) for k in WIDTH_DIMS + MOE_DIMS}, tp)

@@ -132,9 +132,10 @@ class ImportanceRecorder:
                 raise UserError("expert importance at expert tensor or expert model parallel size > 1 is not built "
                                 "yet: calibrate a mixture-of-experts model at TP = EP = 1")
             n = len(self.layers[0].mlp.experts.local_experts)
+            dev = next(model.parameters()).device  # accumulated on the compute device, beside the activations
             self.tokens = [0] * len(self.layers)                  # tokens that entered each MoE layer
-            self.expert_out = [torch.zeros(n, dtype=torch.float64) for _ in self.layers]  # sum of output norms
-            self.expert_mass = [torch.zeros(n, dtype=torch.float64) for _ in self.layers]  # sum of routing probs
+            self.expert_out = [torch.zeros(n, dtype=torch.float64, device=dev) for _ in self.layers]  # output norms
+            self.expert_mass = [torch.zeros(n, dtype=torch.float64, device=dev) for _ in self.layers]  # routing probs
             self.expert_ffn = [[None] * n for _ in self.layers]   # per expert: sum of squared activations
         self.handles = []
         self.samples = 0
@@ -168,25 +169,19 @@ class ImportanceRecorder:
         def hook(module, args):
             sq = args[0].detach().double().pow(2).sum(0)  # [tokens routed to expert j, F] -> [F]
             acc = self.expert_ffn[i][j]
-            self.expert_ffn[i][j] = sq if acc is None else acc + sq.to(acc.device)
+            self.expert_ffn[i][j] = sq if acc is None else acc.add_(sq)
         return hook
 
     def _expert_out_hook(self, i, j):
         def hook(module, args, output):
             out = output[0] if isinstance(output, tuple) else output
-            acc = self.expert_out[i]
-            if acc.device != out.device:
-                self.expert_out[i] = acc = acc.to(out.device)
-            acc[j] += out.detach().double().norm(dim=-1).sum()
+            self.expert_out[i][j] += out.detach().double().norm(dim=-1).sum()
         return hook
 
     def _router_hook(self, i):
         def hook(module, args, output):
             probs = output[0].detach()  # [tokens, experts]: a token's probability for each expert it is routed to
-            acc = self.expert_mass[i]
-            if acc.device != probs.device:
-                self.expert_mass[i] = acc = acc.to(probs.device)
-            acc += probs.double().sum(0)
+            self.expert_mass[i] += probs.double().sum(0)
         return hook
 
     def _norm_out_hook(self, acc):
@@ -249,10 +244,9 @@ class ImportanceRecorder:
 
         dev = out["heads"].device
         tokens = torch.tensor([float(t) for t in self.tokens], dtype=torch.float64, device=dev)
-        out_sum = torch.stack([t.to(dev) for t in self.expert_out])
-        mass = torch.stack([t.to(dev) for t in self.expert_mass])
+        out_sum, mass = torch.stack(self.expert_out), torch.stack(self.expert_mass)
         width = self.layers[0].mlp.experts.local_experts[0].linear_fc2.weight.shape[1]
-        ffn = torch.stack([torch.stack([torch.zeros(width, dtype=torch.float64, device=dev) if a is None else a.to(dev)
+        ffn = torch.stack([torch.stack([torch.zeros(width, dtype=torch.float64, device=dev) if a is None else a
                                         for a in layer]) for layer in self.expert_ffn])
         for t in (tokens, out_sum, mass, ffn):  # DP > 1: every rank saw its share of the windows
             parallel.data_parallel_all_reduce(t)
