@@ -159,6 +159,24 @@ def test_moe_refusals(moe_ckpts, tmp_path, capsys, monkeypatch):
     assert cli_mod.main(["prune", f"model={moe_ckpts['mixtral'][1]}", f"output={tmp_path / 'p'}",
                          "prune.num_moe_experts=3", f"data.calibration={tmp_path / 'none'}"]) == 2
     assert "experts" not in capsys.readouterr().err  # Mixtral: 4 experts, top-2: 3 is allowed (the data is not)
+    with monkeypatch.context() as m:  # expert parallelism: experts that do not divide, a dense model, tasks
+        m.setenv("WORLD_SIZE", "2")
+        for args, words in ((["trainer.strategy.expert_model_parallel_size=2", "eval.tasks=[piqa]"],
+                             "eval.tasks with expert_model_parallel_size > 1"),
+                            (["model.expert_model_parallel_size=3"], "not divisible by TP*PP*EP")):
+            assert cli_mod.main(["evaluate", f"model={ckpt}", f"data={tmp_path / 'none'}", *args]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            if args[0].startswith("model."):  # the spelling, read as the layout key (one notice)
+                assert err[0].startswith("note: model.expert_model_parallel_size is read as trainer.strategy.")
+                err = err[1:]
+            assert len(err) == 1 and words in err[0], (args, err)
+    from nemo_minitron.checkpoint import nemo as ck
+    from nemo_minitron.model.spec import tiny_spec
+
+    with pytest.raises(UserError, match="num_moe_experts=8 is not divisible by expert_model_parallel_size=3"):
+        ck.read_spec(ckpt).validate_layout(1, 1, 3)
+    with pytest.raises(UserError, match="not a mixture of experts"):
+        tiny_spec().validate_layout(1, 1, 2)
     assert cli_mod.main(["distill", f"teacher={ckpt}", f"student={ckpt}", f"output={tmp_path / 'd'}",
                          f"data.train={tmp_path / 'none'}", f"data.validation={tmp_path / 'none'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
