@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import WORKERS, torchrun
+from conftest import WORKERS, cli, torchrun
 from hf_fixtures import TEXT
 
 MOE_MODELS = {  # name -> (model_type, config overrides)
@@ -185,8 +185,8 @@ def test_moe_refusals(moe_ckpts, tmp_path, capsys, monkeypatch):
 
 
 def test_prune_command_on_moe(moe_ckpts, moe_data, tmp_path):
-    """``nemo-minitron prune`` on Qwen3-MoE: experts, expert width, embedding channels and one layer, with the
-    default least-squares refit; the report counts total and active parameters; the HF export loads in
+    """``nemo-minitron prune`` on Qwen3-MoE, on the emulated GPU: experts, expert width, embedding channels and one
+    layer, with the default least-squares refit; the report counts total and active parameters; the HF export loads in
     transformers with the pruned shapes and its logits equal the pruned checkpoint's."""
     from nemo_minitron import cli as cli_mod
     from nemo_minitron.checkpoint import nemo as ck
@@ -195,10 +195,12 @@ def test_prune_command_on_moe(moe_ckpts, moe_data, tmp_path):
 
     src, ckpt = moe_ckpts["qwen3_moe"]
     out = tmp_path / "pruned"
-    assert cli_mod.main(["prune", f"model={ckpt}", f"output={out}", f"data.calibration={moe_data['qwen3_moe']}",
-                         "data.calibration_samples=32", "data.seq_length=32", "prune.depth_samples=8",
-                         "prune.num_moe_experts=5", "prune.moe_ffn_hidden_size=32", "prune.hidden_size=48",
-                         "prune.num_layers=2"]) == 0
+    # on the emulated GPU (test_gpu_path.py): the expert importance, plan, refit and trim keep every tensor on
+    # the compute device, as CUDA needs
+    cli("prune", f"model={ckpt}", f"output={out}", f"data.calibration={moe_data['qwen3_moe']}",
+        "data.calibration_samples=32", "data.seq_length=32", "prune.depth_samples=8", "prune.num_moe_experts=5",
+        "prune.moe_ffn_hidden_size=32", "prune.hidden_size=48", "prune.num_layers=2",
+        env={"NEMO_MINITRON_EMULATE_GPU": "1"})
     spec = ck.read_spec(out)
     assert (spec.num_layers, spec.num_moe_experts, spec.moe_ffn_hidden_size, spec.hidden_size) == (2, 5, 32, 48)
     rep = json.loads((out / "pruning" / "report.json").read_text())
@@ -391,11 +393,15 @@ def test_expert_parallel_matches_one_process(moe_ckpts, moe_data, tmp_path):
     model, spec, _ = load_model(ckpt)
     ref = heldout_loss(model, indexed.windows(data, 16, 32), 4)["loss"]
     full = gather_full(model)
-    torchrun([str(WORKERS / "moe_layouts.py"), str(ckpt), str(src), str(data), str(tmp_path)], nproc=2)
+    # on the emulated GPU (test_gpu_path.py): every tensor of the expert sharding, the all-to-all dispatch and the
+    # gathering lives on the compute device as on CUDA + NCCL, or the run fails
+    torchrun([str(WORKERS / "moe_layouts.py"), str(ckpt), str(src), str(data), str(tmp_path)], nproc=2,
+             env={"NEMO_MINITRON_EMULATE_GPU": "1"})
     got = torch.load(tmp_path / "ep2.pt", weights_only=False)
     for rank in got["ranks"]:
         for name in ("nemo", "hf"):
             assert rank[name]["local_experts"] == spec.num_moe_experts // 2
+            assert rank[name]["device"] == "emulated_gpu"
             assert rank[name]["loss"] == pytest.approx(ref, abs=1e-5), (name, rank[name]["loss"], ref)
     assert got["full"].keys() == full.keys()
     assert all(torch.equal(got["full"][k], full[k]) for k in full)

@@ -26,7 +26,8 @@ if __name__ == "__main__":
     for name, src in (("nemo", ckpt), ("hf", hf)):
         model, spec, _ = load_model(src)
         experts = len(model.decoder.layers[0].mlp.experts.local_experts)
-        res[name] = {"loss": heldout_loss(model, windows, 4)["loss"], "local_experts": experts}
+        res[name] = {"loss": heldout_loss(model, windows, 4)["loss"], "local_experts": experts,
+                     "device": next(model.parameters()).device.type}
         if name == "nemo":
             res["full"] = parallel.to_host(gather_full(model))
     every = [None] * dist.get_world_size()
