@@ -15,7 +15,13 @@ import re
 import torch
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
-_EXPERT = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
+_EXPERT = re.compile(r"^(decoder\.layers\.(\d+)\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
+
+
+def split_expert(name: str):
+    """(layer, expert, suffix after the expert index) of an expert's parameter name, else None."""
+    m = _EXPERT.match(name)
+    return None if m is None else (int(m.group(2)), int(m.group(3)), m.group(4))
 
 
 def expert_parallel(model):
@@ -36,10 +42,10 @@ def expert_name(name: str, shift: int, n_local: int | None = None):
     m = _EXPERT.match(name)
     if m is None:
         return name
-    j = int(m.group(2)) + shift
+    j = int(m.group(3)) + shift
     if n_local is not None and not 0 <= j < n_local:
         return None
-    return f"{m.group(1)}{j}{m.group(3)}"
+    return f"{m.group(1)}{j}{m.group(4)}"
 
 
 def is_expert(name: str) -> bool:

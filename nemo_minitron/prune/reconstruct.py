@@ -184,10 +184,6 @@ def _hidden_consumers(layer) -> list:
         [f"mlp.experts.local_experts.{j}.linear_fc1" for j in range(len(layer.mlp.experts.local_experts))]
 
 
-def _expert_fc2s(layer) -> list:
-    return [] if layer is None else [e.linear_fc2 for e in layer.mlp.experts.local_experts]
-
-
 def _hidden_input_refits(model, spec: ModelSpec, kept: torch.Tensor, windows, micro_batch_size: int,
                          damping: float) -> dict:
     """Refitted kept columns of every layer's ``linear_qkv`` and ``linear_fc1`` (this rank's rows), fitted on
@@ -277,8 +273,8 @@ def reconstruct(model, spec: ModelSpec, plan: WidthPlan, windows: torch.Tensor, 
                 grams[layer.self_attention.linear_proj] = (_Gram(layer.self_attention.linear_proj),
                                                            kept_head_columns(plan, spec, l))
             elif layer is not None and plan.expert_ffn is not None:
-                grams = {fc2: (_Gram(fc2), plan.expert_ffn[l][j]) for j, fc2 in enumerate(_expert_fc2s(layer))
-                         if j in plan.expert_ffn[l]}
+                grams = {e.linear_fc2: (_Gram(e.linear_fc2), plan.expert_ffn[l][j])
+                         for j, e in enumerate(layer.mlp.experts.local_experts) if j in plan.expert_ffn[l]}
             elif layer is not None:
                 grams[layer.mlp.linear_fc2] = (_Gram(layer.mlp.linear_fc2), plan.ffn[l])
             # the first pass of layer l runs layer l-1 from its cached input (recording layer l's input);
@@ -290,14 +286,9 @@ def reconstruct(model, spec: ModelSpec, plan: WidthPlan, windows: torch.Tensor, 
             layer_cost += (l - start + 1)
             info["passes"] += 1
             first = False
-            for j, (module, (gram, kept)) in enumerate(grams.items()):
-                err = _refit_module(module, gram, kept, damping)
-                if len(grams) == 1:
-                    row[kind] = err
-                else:  # experts: the mean relative error over the kept experts
-                    for k, v in err.items():
-                        row.setdefault(kind, {}).setdefault(k, 0.0)
-                        row[kind][k] += v / len(grams)
+            errs = [_refit_module(module, gram, kept, damping) for module, (gram, kept) in grams.items()]
+            if errs:  # experts: the mean relative errors over the kept experts
+                row[kind] = {k: sum(e[k] for e in errs) / len(errs) for k in errs[0]}
         info["layers"].append(row)
     # per-layer errors live on the stage holding the layer: collect them everywhere
     if dist.is_initialized() and pp > 1:

@@ -19,24 +19,22 @@ import re
 
 import torch
 
+from nemo_minitron.model.shards import expert_name, split_expert
 from nemo_minitron.model.spec import ModelSpec
 from nemo_minitron.prune.plan import WidthPlan
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight$")
+_MLP_LINEARS = (".linear_fc1.weight", ".linear_fc2.weight")  # an expert's, after its index
 
 
 def expert_rename(name: str, plan: WidthPlan, layer_offset: int = 0):
     """The pruned model's name for ``name`` (a layer-local name on a stage whose first layer is ``layer_offset``):
     kept experts renumbered 0.. in their order, None for a dropped expert, any other name unchanged."""
-    m = _LAYER.match(name)
-    e = _EXPERT.match(m.group(2)) if m and plan.experts is not None else None
+    e = split_expert(name) if plan.experts is not None else None
     if e is None:
         return name
-    kept = plan.experts[int(m.group(1)) + layer_offset].tolist()
-    j = int(e.group(1))
-    return f"decoder.layers.{m.group(1)}.mlp.experts.local_experts.{kept.index(j)}.{e.group(2)}.weight" \
-        if j in kept else None
+    kept = plan.experts[e[0] + layer_offset].tolist()
+    return expert_name(name, kept.index(e[1]) - e[1]) if e[1] in kept else None
 
 
 def new_spec(spec: ModelSpec, targets: dict) -> ModelSpec:
@@ -77,6 +75,18 @@ def _proj(w, spec, plan: WidthPlan, l: int, merge: bool):
     return torch.stack(cols, dim=1).reshape(w.shape[0], -1)
 
 
+def _mlp_linear(w, keep, fc1: bool, hk):
+    """An MLP's ``linear_fc1`` (rows [gate; up] per neuron, columns the hidden channels) or ``linear_fc2`` (the
+    reverse) with its kept neurons ``keep`` and kept hidden channels ``hk`` (None: all)."""
+    if fc1:
+        if keep is not None:
+            gate, up = w.chunk(2, dim=0)
+            w = torch.cat([gate[keep], up[keep]])
+        return w[:, hk] if hk is not None else w
+    w = w[:, keep] if keep is not None else w
+    return w[hk] if hk is not None else w
+
+
 def trim(sd: dict, spec: ModelSpec, plan: WidthPlan, merge_pruned_heads: bool = False) -> dict:
     hk, out = plan.hidden, {}
     for name, w in sd.items():
@@ -103,28 +113,15 @@ def trim(sd: dict, spec: ModelSpec, plan: WidthPlan, merge_pruned_heads: bool = 
         elif suffix == "self_attention.linear_proj.weight":
             w = _proj(w, spec, plan, l, merge_pruned_heads)
             w = w[hk] if hk is not None else w
-        elif suffix == "mlp.linear_fc1.weight":
-            if plan.ffn is not None:
-                gate, up = w.chunk(2, dim=0)
-                w = torch.cat([gate[plan.ffn[l]], up[plan.ffn[l]]])
-            w = w[:, hk] if hk is not None else w
-        elif suffix == "mlp.linear_fc2.weight":
-            w = w[:, plan.ffn[l]] if plan.ffn is not None else w
-            w = w[hk] if hk is not None else w
+        elif suffix in ("mlp.linear_fc1.weight", "mlp.linear_fc2.weight"):
+            w = _mlp_linear(w, plan.ffn[l] if plan.ffn is not None else None, suffix == "mlp.linear_fc1.weight", hk)
         elif suffix == "mlp.router.weight":
             w = w[plan.experts[l]] if plan.experts is not None else w
             w = w[:, hk] if hk is not None else w
-        elif _EXPERT.match(suffix):
-            j, linear = _EXPERT.match(suffix).groups()
-            keep = plan.expert_ffn[l][int(j)] if plan.expert_ffn is not None else None
-            if linear == "linear_fc1":
-                if keep is not None:
-                    gate, up = w.chunk(2, dim=0)
-                    w = torch.cat([gate[keep], up[keep]])
-                w = w[:, hk] if hk is not None else w
-            else:
-                w = w[:, keep] if keep is not None else w
-                w = w[hk] if hk is not None else w
+        elif split_expert(name) is not None and split_expert(name)[2] in _MLP_LINEARS:
+            _, j, linear = split_expert(name)
+            keep = plan.expert_ffn[l][j] if plan.expert_ffn is not None else None
+            w = _mlp_linear(w, keep, linear == _MLP_LINEARS[0], hk)
         else:
             raise KeyError(f"do not know how to prune {name}")
         out[name] = w.contiguous().clone()
