@@ -269,10 +269,10 @@ def gather(local: dict) -> dict:
             if k in local]
     for key in keys:
         t = local[key].contiguous()
-        if tp > 1:
+        if tp > 1 and key in ("heads", "ffn"):  # expert scores are whole: measured at expert TP = EP = 1 only
             parts = [torch.empty_like(t) for _ in range(tp)]
             dist.all_gather(parts, t, group=ps.get_tensor_model_parallel_group())
-            t = torch.cat(parts, dim=1 if key == "heads" or key == "ffn" else t.dim() - 1)
+            t = torch.cat(parts, dim=1)
         out[key] = t
     hidden = local["hidden"].clone()
     pp = ps.get_pipeline_model_parallel_world_size()
