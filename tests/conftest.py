@@ -97,6 +97,21 @@ def cli(*args, timeout=600, check=True, env=None):
     return run([*CLI, *args], timeout=timeout, check=check, env=env)
 
 
+def refused(capsys, *args):
+    """The CLI's entry point (``nemo_minitron.cli.main``) run in this process on ``args``, for a refusal: a
+    CompletedProcess-like record (returncode, stdout, stderr). A refusal happens before any work, but a fresh
+    process would still pay NeMo's ~15 s import; the one-line-error contract of a real process is proven for
+    every kind of bad input in tests/test_bad_input.py."""
+    from types import SimpleNamespace
+
+    from nemo_minitron.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+
 @pytest.fixture(scope="session")
 def dist_single():
     """Single-process parallel state (TP=1, PP=1) in the pytest process."""

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import cli, torchrun
+from conftest import cli, refused, torchrun
 
 DEPTH_ARGS = ["data.calibration_samples=8", "data.seq_length=32", "prune.depth_samples=8", "data.micro_batch_size=4"]
 
@@ -80,7 +80,7 @@ def test_bad_depth_targets(tiny_spec, kwargs, pp, needle):
         validate_depth(tiny_spec, pp=pp, method=method, **kwargs)
 
 
-def test_explicit_drop_layers_cli(tiny_ckpt, tmp_path, dist_single):
+def test_explicit_drop_layers_cli(tiny_ckpt, tmp_path, dist_single, capsys):
     from nemo_minitron.checkpoint.loader import load_model
     from nemo_minitron.model.shards import gather_full
 
@@ -91,7 +91,7 @@ def test_explicit_drop_layers_cli(tiny_ckpt, tmp_path, dist_single):
     for suffix in ("mlp.linear_fc1.weight", "self_attention.linear_qkv.weight", "input_layernorm.weight"):
         assert torch.equal(b[f"decoder.layers.0.{suffix}"], a[f"decoder.layers.0.{suffix}"])
         assert torch.equal(b[f"decoder.layers.1.{suffix}"], a[f"decoder.layers.2.{suffix}"])
-    bad = cli("prune", f"model={tiny_ckpt}", f"output={tmp_path / 'x'}", "prune.num_layers=9", check=False)
+    bad = refused(capsys, "prune", f"model={tiny_ckpt}", f"output={tmp_path / 'x'}", "prune.num_layers=9")
     assert bad.returncode == 2 and "prune.num_layers=9" in bad.stderr and not (tmp_path / "x").exists()
 
 
@@ -128,16 +128,16 @@ def test_same_layers_across_layouts(tp, pp, depth_one_process, tiny_ckpt, tiny_d
 
 @pytest.mark.slow
 def test_smollm2_30_to_20_layers(smol, dist_single):
-    """Held-out loss after dropping 10 of SmolLM2's 30 layers, no retraining. On two disjoint calibration sets:
-    the default `lm_loss` beats block influence by 0.1 nats (measured 0.43 and 0.24 on these windows), and every
-    scored choice beats random layers by a nat (random sets measure 8.7-12.5, the scored ones 5.3-5.9)."""
+    """Held-out loss after dropping 10 of SmolLM2's 30 layers, no retraining: the default `lm_loss` beats block
+    influence by 0.1 nats (measured 0.43 on these windows; 0.24 on the next 4, no longer run here: the suite's time),
+    and every scored choice beats random layers by a nat (random sets measure 8.7-12.5, the scored ones 5.3-5.9)."""
     from nemo_minitron.checkpoint.loader import load_model
     from nemo_minitron.data import indexed
     from nemo_minitron.evaluate import heldout_loss
     from nemo_minitron.prune.depth import drop_layers, layer_scores
 
     model, spec, _ = load_model(smol / "ckpt")
-    pool = indexed.windows(smol / "calibration", 8, 128)
+    calib = indexed.windows(smol / "calibration", 4, 128)
     heldout = indexed.windows(smol / "heldout", 8, 256)
 
     def loss_without(drop):
@@ -146,16 +146,15 @@ def test_smollm2_30_to_20_layers(smol, dist_single):
 
     g = torch.Generator().manual_seed(0)
     random_losses = [loss_without(sorted((torch.randperm(28, generator=g)[:10] + 1).tolist())) for _ in range(2)]
-    rows = ["| calibration | method | dropped layers (1-indexed) | held-out loss |", "|---|---|---|---|"]
-    for name, calib in (("windows 0-3", pool[:4]), ("windows 4-7", pool[4:])):
-        losses = {}
-        for method in ("block_influence", "lm_loss") + (("contiguous",) if name == "windows 0-3" else ()):
-            drop = layer_scores(model, spec, calib, 4, method, num_layers=20, progress=False)["drop"]
-            losses[method] = loss_without(drop)
-            rows.append(f"| {name} | {method} | {[i + 1 for i in drop]} | {losses[method]:.3f} |")
-        print("\n" + "\n".join(rows), "\nrandom layers:", random_losses)
-        assert losses["lm_loss"] < losses["block_influence"] - 0.1, (name, losses)
-        assert max(losses.values()) < min(random_losses) - 1.0, (name, losses, random_losses)
+    rows = ["| method | dropped layers (1-indexed) | held-out loss |", "|---|---|---|"]
+    losses = {}
+    for method in ("block_influence", "lm_loss", "contiguous"):
+        drop = layer_scores(model, spec, calib, 4, method, num_layers=20, progress=False)["drop"]
+        losses[method] = loss_without(drop)
+        rows.append(f"| {method} | {[i + 1 for i in drop]} | {losses[method]:.3f} |")
+    print("\n" + "\n".join(rows), "\nrandom layers:", random_losses)
+    assert losses["lm_loss"] < losses["block_influence"] - 0.1, losses
+    assert max(losses.values()) < min(random_losses) - 1.0, (losses, random_losses)
 
 
 def test_depth_callback_in_nemo_run(tiny_ckpt, tiny_data, tmp_path, dist_single):

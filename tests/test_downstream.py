@@ -13,6 +13,9 @@ from hf_fixtures import TEXT
 # the tiny-model layout checks: a 2-shot MMLU subject (few-shot from dev), PIQA (few-shot falls back to
 # validation: the local copy has no train split) and ARC-Easy (scored on validation: no test split)
 TASKS = (["piqa", "arc_easy", "mmlu_anatomy"], 6, 2)
+# SmolLM2 against lm-eval: one MMLU subject per category (STEM, humanities, social sciences, other) + a long one
+MMLU_SUBJECTS = ["mmlu_abstract_algebra", "mmlu_philosophy", "mmlu_human_sexuality", "mmlu_global_facts",
+                 "mmlu_high_school_computer_science"]
 
 
 def _recording(lm):
@@ -71,27 +74,33 @@ def test_smollm2_matches_lm_eval_hf(smol, dist_single):
     log-likelihood within 1e-4 of lm-eval's ``hf`` model on the same requests, and the same acc / acc_norm.
     The multi-token tasks in float64 on both sides, so that the comparison is of the requests, tokenization and
     scoring, not of two float32 summation orders (in float32 a 30-token HellaSwag ending differs by up to ~5e-4,
-    the two models' rounding); MMLU (one-token answers) in float32, as the project scores."""
+    the two models' rounding); MMLU (one-token answers) in float32, as the project scores.
+
+    MMLU is scored on five subjects, one per category and a long one (high_school_computer_science: ~1,500-token
+    prompts); the whole group's 57 subjects with their 5 dev-split shots are built (not scored: on 2 cores the
+    57 prompts of up to ~3,000 tokens cost ~3 minutes on each side)."""
     import torch
 
     from nemo_minitron import downstream
     from nemo_minitron.checkpoint.embedded import hf_dir
 
+    group = downstream.prepare(["mmlu"], num_fewshot=5, limit=1)
+    assert len(group.loaded["tasks"]) == 57 and set(group.num_fewshot.values()) == {5}
+    assert all(len(docs) == 1 for docs in group.samples.values()) and set(group.splits.values()) == {"test"}
     diffs = {}
     for tasks, limit, shots, dtype in ((["piqa", "arc_easy", "hellaswag"], 8, None, torch.float64),
-                                       (["mmlu"], 1, 5, torch.float32)):
+                                       (MMLU_SUBJECTS, 1, 5, torch.float32)):
         prep = downstream.prepare(tasks, num_fewshot=shots, limit=limit)
         ours, lls, stats = _ours(smol / "ckpt", prep, dtype)
         # hf holds a batch's full [batch, tokens, 49152] log-softmax: 5-shot MMLU prompts reach ~3,000 tokens
-        # (one at a time: 83 s vs 91 s in fours)
+        # (one at a time: 83 s vs 91 s in fours, all 57 subjects)
         theirs, hf_lls = _hf(hf_dir("smollm2-135m"), prep, str(dtype).split(".")[1], batch_size=16 if shots is None else 1)
         assert _metrics(ours) == _metrics(theirs)
         diffs[tasks[0]] = (_compare(lls, hf_lls, 1e-4), len(lls))
-        if tasks == ["mmlu"]:
-            assert ours["mmlu"]["n"] == 57 and ours["mmlu"]["num_fewshot"] == 5 and ours["mmlu"]["split"] == "test"
-            assert len(ours["mmlu"]["subtasks"]) >= 57
+        if tasks == MMLU_SUBJECTS:
+            assert all(ours[t]["num_fewshot"] == 5 and ours[t]["split"] == "test" and ours[t]["n"] == 1 for t in tasks)
             # the four one-token answers of a question share one sequence
-            assert stats["sequences"] * 4 == stats["requests"]
+            assert stats["sequences"] * 4 == stats["requests"] == 4 * len(tasks)
         else:
             assert ours["arc_easy"]["split"] == "validation" and ours["piqa"]["n"] == 8
             # each question's context computed once: its choices are branches of one sequence

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli, run
+from conftest import cli, refused, run
 
 WORKER = Path(__file__).resolve().parent / "hf_logits_worker.py"
 
@@ -70,19 +70,19 @@ def test_export_tiny_untied_and_dtype(tiny_ckpt, tiny_windows, tmp_path, dist_si
     assert diff < 1e-4, diff
 
 
-def test_export_refuses_corrupt_and_existing(tiny_ckpt, tmp_path):
+def test_export_refuses_corrupt_and_existing(tiny_ckpt, tmp_path, capsys):
     bad = tmp_path / "bad"
     shutil.copytree(tiny_ckpt, bad)
     (bad / "weights" / "common.pt").unlink()
     shard = sorted((bad / "weights").glob("*.distcp"))[0]
     shard.unlink()
     out = tmp_path / "out"
-    proc = cli("export", f"model={bad}", f"output={out}", check=False)
+    proc = refused(capsys, "export", f"model={bad}", f"output={out}")
     assert proc.returncode == 2 and "missing" in proc.stderr.strip().splitlines()[-1]
     assert not out.exists() and not (tmp_path / "out.partial").exists()
     out.mkdir()
     (out / "x").write_text("keep")
-    proc = cli("export", f"model={tiny_ckpt}", f"output={out}", check=False)
+    proc = refused(capsys, "export", f"model={tiny_ckpt}", f"output={out}")
     assert proc.returncode == 2 and "exists and is not empty" in proc.stderr
     assert (out / "x").read_text() == "keep"
 
@@ -133,7 +133,7 @@ def test_checkpoint_with_te_fp8_state_loads_and_exports_like_local(tiny_ckpt, ti
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_nemo_archive_round_trip(tiny_ckpt, tiny_windows, tmp_path, dist_single):
+def test_nemo_archive_round_trip(tiny_ckpt, tiny_windows, tmp_path, dist_single, capsys):
     """export format=nemo -> one tar file; NeMo unpacks and restores it (its own SaveRestoreConnector and
     load_context); import source=FILE.nemo reads it back; logits identical throughout."""
     import tarfile
@@ -177,10 +177,10 @@ def test_nemo_archive_round_trip(tiny_ckpt, tiny_windows, tmp_path, dist_single)
     # a truncated archive is refused with the reason, nothing written
     bad = tmp_path / "bad.nemo"
     bad.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
-    p = cli("import", f"source={bad}", f"output={tmp_path / 'never'}", check=False)
+    p = refused(capsys, "import", f"source={bad}", f"output={tmp_path / 'never'}")
     assert p.returncode == 2 and ("incomplete" in p.stderr or "not a readable" in p.stderr), p.stderr[-300:]
     assert not (tmp_path / "never").exists() and not (tmp_path / "never.partial").exists()
-    p = cli("export", f"model={tiny_ckpt}", "format=nemo", f"output={archive}", check=False)
+    p = refused(capsys, "export", f"model={tiny_ckpt}", "format=nemo", f"output={archive}")
     assert p.returncode == 2 and "exists" in p.stderr
 
 
@@ -222,7 +222,7 @@ def test_export_smollm2_and_pruned_variants(smol, tmp_path, dist_single):
         assert diff < 1e-3 or ours_err <= 2 * noise + 1e-4, (name, diff, ours_err, noise)
 
 
-def test_convert_between_layer_specs(tiny_ckpt, tiny_windows, tmp_path, dist_single):
+def test_convert_between_layer_specs(tiny_ckpt, tiny_windows, tmp_path, dist_single, capsys):
     """convert transformer_impl=local drops TE's FP8 state of a cluster checkpoint; =transformer_engine gives
     the same tensors back under the same keys; both load and compute exactly like the source."""
     from nemo_minitron.checkpoint import nemo as ck
@@ -262,6 +262,6 @@ def test_convert_between_layer_specs(tiny_ckpt, tiny_windows, tmp_path, dist_sin
                       ((f"model={te}", "transformer_impl=local", f"output={local}"), "exists and is not empty")]:
         if not any(a.startswith("output=") for a in args):
             args = (*args, f"output={tmp_path / 'refused'}")
-        p = cli("convert", *args, check=False)
+        p = refused(capsys, "convert", *args)
         assert p.returncode == 2 and msg in p.stderr, (args, p.stderr)
     assert not (tmp_path / "refused").exists()

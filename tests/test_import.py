@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import cli
+from conftest import cli, refused
 from hf_fixtures import TEXT, make_hf_llama
 
 VARIANTS = {
@@ -123,7 +123,7 @@ def test_refuses_unknown_config_key(tmp_path):
     _assert_refused(proc, "unknown config key 'trainer.max_stepz'", out)
 
 
-def test_refuses_corrupt_checkpoint_and_vocab_mismatch(tiny_ckpt, tmp_path):
+def test_refuses_corrupt_checkpoint_and_vocab_mismatch(tiny_ckpt, tmp_path, capsys):
     import shutil
 
     from nemo_minitron.data import indexed
@@ -143,9 +143,9 @@ def test_refuses_corrupt_checkpoint_and_vocab_mismatch(tiny_ckpt, tmp_path):
             return {"input_ids": [900] * 200}
 
     indexed.write(tmp_path / "d", ["x"], Tok(), progress=False)
-    proc = cli("evaluate", f"model={bad}", f"data={tmp_path / 'd'}", "eval.num_samples=2", "eval.seq_length=16",
-               "eval.micro_batch_size=1", check=False)
+    proc = refused(capsys, "evaluate", f"model={bad}", f"data={tmp_path / 'd'}", "eval.num_samples=2",
+                   "eval.seq_length=16", "eval.micro_batch_size=1")
     _assert_refused(proc, "truncated", tmp_path / "none")
-    proc = cli("evaluate", f"model={tiny_ckpt}", f"data={tmp_path / 'd'}", "eval.num_samples=2",
-               "eval.seq_length=16", "eval.micro_batch_size=1", check=False)
+    proc = refused(capsys, "evaluate", f"model={tiny_ckpt}", f"data={tmp_path / 'd'}", "eval.num_samples=2",
+                   "eval.seq_length=16", "eval.micro_batch_size=1")
     _assert_refused(proc, "different tokenizers", tmp_path / "none")

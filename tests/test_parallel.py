@@ -73,13 +73,20 @@ def _eval_loss(ckpt, windows):
     return s / n
 
 
+@pytest.fixture(scope="module")
+def layouts(reference, padded, tiny_ckpt, tiny_windows, tmp_path_factory):
+    """TP=2 and PP=2 one after the other in one 2-process launch: both checkpoints at each layout."""
+    out = tmp_path_factory.mktemp("fwd_bwd")
+    torchrun([WORKERS / "fwd_bwd.py", tiny_windows[1], out, "2x1,1x2", tiny_ckpt, padded[0]])
+    return out
+
+
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["TP2", "PP2"])
-def test_forward_backward_matches_tp1(tp, pp, reference, padded, tiny_ckpt, tiny_windows, tmp_path):
-    out, out_ckpt = tmp_path / "res.pt", tmp_path / f"ckpt_tp{tp}_pp{pp}"
-    pad_out, pad_ckpt = tmp_path / "pad.pt", tmp_path / f"pad_tp{tp}_pp{pp}"
-    torchrun([WORKERS / "fwd_bwd.py", tiny_ckpt, tiny_windows[1], out, out_ckpt, tp, pp, padded[0], pad_out, pad_ckpt])
-    _check_padded(torch.load(pad_out), padded[1], pad_ckpt, tiny_windows[0])
-    res = torch.load(out)
+def test_forward_backward_matches_tp1(tp, pp, layouts, reference, padded, tiny_windows, tmp_path):
+    lay = f"{tp}x{pp}"
+    out_ckpt, pad_ckpt = layouts / f"{lay}-0-ckpt", layouts / f"{lay}-1-ckpt"
+    _check_padded(torch.load(layouts / f"{lay}-1.pt"), padded[1], pad_ckpt, tiny_windows[0])
+    res = torch.load(layouts / f"{lay}-0.pt")
     # the checkpoint saved at TP=1 loaded at this layout: identical weights, same loss and gradients
     assert res["params"].keys() == reference["params"].keys()
     for k, v in reference["params"].items():
@@ -105,16 +112,20 @@ def test_forward_backward_matches_tp1(tp, pp, reference, padded, tiny_ckpt, tiny
     assert hf_loss == pytest.approx(reference["loss"], rel=1e-5)
 
 
-def test_evaluate_cli_dp2_equals_one_process(tiny_ckpt, tiny_student, tiny_data, tmp_path):
+def test_evaluate_cli_dp2_equals_one_process(tiny_ckpt, tiny_student, tiny_data, tmp_path, dist_single, capsys):
     """The evaluate command itself under torchrun at DP=2 (each DP rank evaluates half of the windows)
     reports one process's loss over all of them (at TP=2 x DP=2: test_cluster.py's pruning test). Both runs
-    evaluate a list of two models (in opposite orders): each model's result is its own."""
+    evaluate a list of two models (in opposite orders): each model's result is its own. (The one-process run and
+    the refusal: the CLI's entry point in this process, sparing two start-ups.)"""
     import json
+
+    from nemo_minitron.cli import main
 
     prefix = tiny_data
     args = ["evaluate", f"data={prefix}", "eval.num_samples=8", "eval.seq_length=32", "eval.micro_batch_size=2"]
-    one = cli(*args, f"model=[{tiny_ckpt},{tiny_student}]", f"output_json=[{tmp_path / 'tp1.json'},{tmp_path / 's1.json'}]")
-    assert one.stdout.strip().splitlines()[-1].endswith("s1.json")
+    assert main([*args, f"model=[{tiny_ckpt},{tiny_student}]",
+                 f"output_json=[{tmp_path / 'tp1.json'},{tmp_path / 's1.json'}]"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("s1.json")
     two = torchrun(["-m", "nemo_minitron.cli", *args, f"model=[{tiny_student},{tiny_ckpt}]",
                     f"output_json=[{tmp_path / 's2.json'},{tmp_path / 'tp2.json'}]"], nproc=2)
     assert "TP=1 PP=1 DP=2" in two.stdout
@@ -123,5 +134,5 @@ def test_evaluate_cli_dp2_equals_one_process(tiny_ckpt, tiny_student, tiny_data,
     assert r1["model"] == r2["model"] == str(tiny_ckpt) and s1["model"] == s2["model"] == str(tiny_student)
     assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-6)
     assert s2["loss"] == pytest.approx(s1["loss"], rel=1e-6) and abs(s1["loss"] - r1["loss"]) > 1e-3
-    bad = cli(*args, f"model=[{tiny_ckpt},{tiny_student}]", f"output_json={tmp_path / 'x.json'}", check=False)
-    assert bad.returncode == 2 and "one per model" in bad.stderr
+    assert main([*args, f"model=[{tiny_ckpt},{tiny_student}]", f"output_json={tmp_path / 'x.json'}"]) == 2
+    assert "one per model" in capsys.readouterr().err

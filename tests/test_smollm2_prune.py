@@ -1,8 +1,9 @@
 """Width pruning of the real SmolLM2-135M without retraining: importance beats random keeps of the same shape,
 and least-squares reconstruction of the kept weights beats keeping them as they are.
 
-Calibration (importance and the refit): 32 windows x 256 tokens of the calibration plays; held-out loss: 8 x 256
-tokens of the held-out plays. Random baselines keep random units of the same shape (3 seeds, mean and min).
+Calibration: importance on 32 windows x 256 tokens of the calibration plays, the least-squares refit on the first
+16 of them (measured: hidden+ffn 7.202 trimmed -> 5.630 refitted on 16 windows, 5.636 on 32, at half the cost);
+held-out loss: 8 x 256 tokens of the held-out plays. Random baselines keep random units of the same shape (3 seeds, mean and min).
 """
 
 import pytest
@@ -46,7 +47,7 @@ def test_importance_beats_random(smol, dist_single):
         rand = [loss(random_scores(spec, s), targets) for s in SEEDS]
         refit = ""
         if name in REFIT_MARGIN:
-            fitted, _, _ = reconstruct(model, spec, make_plan(scores, spec, targets), calib, 4, progress=False)
+            fitted, _, _ = reconstruct(model, spec, make_plan(scores, spec, targets), calib[:16], 4, progress=False)
             refit = heldout_loss(fitted, heldout, 4)["loss"]
             del fitted
             assert refit < ours - REFIT_MARGIN[name], (name, ours, refit)
