@@ -97,11 +97,11 @@ def cli(*args, timeout=600, check=True, env=None):
     return run([*CLI, *args], timeout=timeout, check=check, env=env)
 
 
-def refused(capsys, *args):
-    """The CLI's entry point (``nemo_minitron.cli.main``) run in this process on ``args``, for a refusal: a
-    CompletedProcess-like record (returncode, stdout, stderr). A refusal happens before any work, but a fresh
-    process would still pay NeMo's ~15 s import; the one-line-error contract of a real process is proven for
-    every kind of bad input in tests/test_bad_input.py."""
+def in_process(capsys, *args):
+    """The CLI's entry point (``nemo_minitron.cli.main``) run in this process on ``args`` (a refusal, or a step as
+    quick as preprocessing a small text): a CompletedProcess-like record (returncode, stdout, stderr). A fresh
+    process would pay NeMo's ~15 s import first; the one-line-error contract of a real process is proven for every
+    kind of bad input in tests/test_bad_input.py."""
     from types import SimpleNamespace
 
     from nemo_minitron.cli import main

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import cli, refused, torchrun
+from conftest import cli, in_process, torchrun
 
 DEPTH_ARGS = ["data.calibration_samples=8", "data.seq_length=32", "prune.depth_samples=8", "data.micro_batch_size=4"]
 
@@ -91,7 +91,7 @@ def test_explicit_drop_layers_cli(tiny_ckpt, tmp_path, dist_single, capsys):
     for suffix in ("mlp.linear_fc1.weight", "self_attention.linear_qkv.weight", "input_layernorm.weight"):
         assert torch.equal(b[f"decoder.layers.0.{suffix}"], a[f"decoder.layers.0.{suffix}"])
         assert torch.equal(b[f"decoder.layers.1.{suffix}"], a[f"decoder.layers.2.{suffix}"])
-    bad = refused(capsys, "prune", f"model={tiny_ckpt}", f"output={tmp_path / 'x'}", "prune.num_layers=9")
+    bad = in_process(capsys, "prune", f"model={tiny_ckpt}", f"output={tmp_path / 'x'}", "prune.num_layers=9")
     assert bad.returncode == 2 and "prune.num_layers=9" in bad.stderr and not (tmp_path / "x").exists()
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import WORKERS, cli, torchrun
+from conftest import WORKERS, cli, in_process, torchrun
 from hf_fixtures import TEXT
 
 # the tiny-model layout checks: a 2-shot MMLU subject (few-shot from dev), PIQA (few-shot falls back to
@@ -139,7 +139,7 @@ def test_layouts_and_hf_on_tiny_qwen2(family_ckpts, tmp_path, dist_single):
             assert _metrics(r[lay]["tasks"]) == _metrics(ref), lay
 
 
-def test_evaluate_command_tasks(tmp_path, family_ckpts):
+def test_evaluate_command_tasks(tmp_path, family_ckpts, capsys):
     """``evaluate eval.tasks=[..]``: scores written to output_json with the split, few-shot and documents; a
     user's own task on local files runs beside the packaged ones, and one without data is named and skipped
     (the refusals: tests/test_bad_input.py)."""
@@ -155,7 +155,8 @@ def test_evaluate_command_tasks(tmp_path, family_ckpts):
         'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
         "metric_list:\n  - metric: acc\n")
     (tmp_path / "text.txt").write_text(TEXT * 40)
-    cli("preprocess", f"input={tmp_path / 'text.txt'}", f"tokenizer={hf_src}", f"output_prefix={tmp_path / 'data'}")
+    assert in_process(capsys, "preprocess", f"input={tmp_path / 'text.txt'}", f"tokenizer={hf_src}",
+                      f"output_prefix={tmp_path / 'data'}").returncode == 0
     out = tmp_path / "res.json"
     base = [f"model={ckpt}", f"eval.task_include_path={own}"]
     env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli, refused, run
+from conftest import cli, in_process, run
 
 WORKER = Path(__file__).resolve().parent / "hf_logits_worker.py"
 
@@ -77,12 +77,12 @@ def test_export_refuses_corrupt_and_existing(tiny_ckpt, tmp_path, capsys):
     shard = sorted((bad / "weights").glob("*.distcp"))[0]
     shard.unlink()
     out = tmp_path / "out"
-    proc = refused(capsys, "export", f"model={bad}", f"output={out}")
+    proc = in_process(capsys, "export", f"model={bad}", f"output={out}")
     assert proc.returncode == 2 and "missing" in proc.stderr.strip().splitlines()[-1]
     assert not out.exists() and not (tmp_path / "out.partial").exists()
     out.mkdir()
     (out / "x").write_text("keep")
-    proc = refused(capsys, "export", f"model={tiny_ckpt}", f"output={out}")
+    proc = in_process(capsys, "export", f"model={tiny_ckpt}", f"output={out}")
     assert proc.returncode == 2 and "exists and is not empty" in proc.stderr
     assert (out / "x").read_text() == "keep"
 
@@ -177,10 +177,10 @@ def test_nemo_archive_round_trip(tiny_ckpt, tiny_windows, tmp_path, dist_single,
     # a truncated archive is refused with the reason, nothing written
     bad = tmp_path / "bad.nemo"
     bad.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
-    p = refused(capsys, "import", f"source={bad}", f"output={tmp_path / 'never'}")
+    p = in_process(capsys, "import", f"source={bad}", f"output={tmp_path / 'never'}")
     assert p.returncode == 2 and ("incomplete" in p.stderr or "not a readable" in p.stderr), p.stderr[-300:]
     assert not (tmp_path / "never").exists() and not (tmp_path / "never.partial").exists()
-    p = refused(capsys, "export", f"model={tiny_ckpt}", "format=nemo", f"output={archive}")
+    p = in_process(capsys, "export", f"model={tiny_ckpt}", "format=nemo", f"output={archive}")
     assert p.returncode == 2 and "exists" in p.stderr
 
 
@@ -262,6 +262,6 @@ def test_convert_between_layer_specs(tiny_ckpt, tiny_windows, tmp_path, dist_sin
                       ((f"model={te}", "transformer_impl=local", f"output={local}"), "exists and is not empty")]:
         if not any(a.startswith("output=") for a in args):
             args = (*args, f"output={tmp_path / 'refused'}")
-        p = refused(capsys, "convert", *args)
+        p = in_process(capsys, "convert", *args)
         assert p.returncode == 2 and msg in p.stderr, (args, p.stderr)
     assert not (tmp_path / "refused").exists()

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import cli, refused
+from conftest import cli, in_process
 from hf_fixtures import TEXT, make_hf_llama
 
 VARIANTS = {
@@ -143,9 +143,9 @@ def test_refuses_corrupt_checkpoint_and_vocab_mismatch(tiny_ckpt, tmp_path, caps
             return {"input_ids": [900] * 200}
 
     indexed.write(tmp_path / "d", ["x"], Tok(), progress=False)
-    proc = refused(capsys, "evaluate", f"model={bad}", f"data={tmp_path / 'd'}", "eval.num_samples=2",
+    proc = in_process(capsys, "evaluate", f"model={bad}", f"data={tmp_path / 'd'}", "eval.num_samples=2",
                    "eval.seq_length=16", "eval.micro_batch_size=1")
     _assert_refused(proc, "truncated", tmp_path / "none")
-    proc = refused(capsys, "evaluate", f"model={tiny_ckpt}", f"data={tmp_path / 'd'}", "eval.num_samples=2",
+    proc = in_process(capsys, "evaluate", f"model={tiny_ckpt}", f"data={tmp_path / 'd'}", "eval.num_samples=2",
                    "eval.seq_length=16", "eval.micro_batch_size=1")
     _assert_refused(proc, "different tokenizers", tmp_path / "none")

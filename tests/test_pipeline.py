@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI, REPO, cli, refused
+from conftest import CLI, REPO, cli, in_process
 from hf_fixtures import make_hf_llama, make_hf_model
 
 
@@ -136,10 +136,10 @@ def test_pipeline_end_to_end_with_kill_and_resume(texts, tmp_path):
 def test_pipeline_refusals_before_any_work(texts, tmp_path, capsys, monkeypatch):
     teacher = make_hf_llama(tmp_path / "hf_teacher")
     # a round that cannot follow the previous one
-    bad = refused(capsys, "pipeline", f"run_dir={tmp_path / 'bad'}", f"teacher={teacher}", "prune.hidden_size=60",
+    bad = in_process(capsys, "pipeline", f"run_dir={tmp_path / 'bad'}", f"teacher={teacher}", "prune.hidden_size=60",
                   "rounds=[{prune: {hidden_size: 48}}]")
     assert bad.returncode == 2 and "larger than the source" in bad.stderr and not (tmp_path / "bad").exists()
-    bad = refused(capsys, "pipeline", f"run_dir={tmp_path / 'bad'}", f"teacher={teacher}",
+    bad = in_process(capsys, "pipeline", f"run_dir={tmp_path / 'bad'}", f"teacher={teacher}",
                   "rounds=[{prune: {hidden: 48}}]")
     assert bad.returncode == 2 and "unknown key" in bad.stderr and not (tmp_path / "bad").exists()
     # FP8 where it cannot run (no GPU / no Transformer Engine) is refused at start, nothing written; in-process,

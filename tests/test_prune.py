@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import cli, refused, torchrun
+from conftest import cli, in_process, torchrun
 
 TARGETS = ["prune.hidden_size=48", "prune.ffn_hidden_size=96", "prune.num_attention_heads=2",
            "prune.num_query_groups=2"]
@@ -149,10 +149,10 @@ def test_bad_targets(tiny_spec, targets, tp, needle):
 
 def test_cli_refuses_before_calibration(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "out"
-    proc = refused(capsys, "prune", f"model={tiny_ckpt}", f"output={out}", "data.calibration=/nonexistent/data",
+    proc = in_process(capsys, "prune", f"model={tiny_ckpt}", f"output={out}", "data.calibration=/nonexistent/data",
                    "prune.ffn_hidden_size=999")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: prune.ffn_hidden_size=999")
-    proc = refused(capsys, "prune", f"model={tiny_ckpt}", f"output={out}", "prune.heads=3")
+    proc = in_process(capsys, "prune", f"model={tiny_ckpt}", f"output={out}", "prune.heads=3")
     assert proc.returncode == 2 and "unknown config key 'prune.heads'" in proc.stderr
     assert "calibration" not in proc.stdout and not out.exists()
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import CLI, REPO, cli
+from conftest import CLI, REPO, cli, in_process
 
 HOST = socket.gethostname()
 
@@ -169,7 +169,7 @@ def _distill_args(teacher, student, data, out, steps, ckpt_every=None):
 
 
 def test_second_distill_is_refused_while_the_first_runs_then_a_stale_lock_is_taken_over(
-        tiny_ckpt, tiny_student, tiny_data, tmp_path):
+        tiny_ckpt, tiny_student, tiny_data, tmp_path, capsys):
     from nemo_minitron.runlock import LOCK_NAME
 
     out = tmp_path / "kd"
@@ -190,8 +190,8 @@ def test_second_distill_is_refused_while_the_first_runs_then_a_stale_lock_is_tak
         assert (holder["pid"], holder["host"], holder["command"]) == (first.pid, HOST, "distill")
         present = {p.relative_to(out) for p in out.rglob("*")}
         # the second one even asks to start over: the lock is checked before anything is removed or written
-        second = cli("distill", *_distill_args(tiny_ckpt, tiny_student, tiny_data, out, 2), "overwrite=true",
-                     check=False)
+        second = in_process(capsys, "distill", *_distill_args(tiny_ckpt, tiny_student, tiny_data, out, 2),
+                         "overwrite=true")  # in this process (a refusal): sooner than a fresh process's start-up
         assert first.poll() is None, "the first run ended before the second was refused:\n" + log.read_text()[-3000:]
         assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
         lines = second.stderr.strip().splitlines()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WORKERS, cli, torchrun
+from conftest import WORKERS, cli, in_process, torchrun
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -324,14 +324,15 @@ def test_search_refusals(search_inputs, tmp_path):
     assert dry.stdout.count(" 50.0%  ") == 2 and "sample index: ~" in dry.stdout
 
 
-def test_search_ranks_finalists_by_downstream_accuracy(family_ckpts, tmp_path):
+def test_search_ranks_finalists_by_downstream_accuracy(family_ckpts, tmp_path, capsys):
     """search.score=downstream: the distilled finalists are scored on lm-eval tasks (the same seeded documents for
     each) and ranked by their average accuracy, the loss shown beside it; a tiny Qwen2 with its tokenizer."""
     from hf_fixtures import TEXT
 
     hf_src, ckpt = family_ckpts["qwen2"]
     (tmp_path / "text.txt").write_text(TEXT * 60)
-    cli("preprocess", f"input={tmp_path / 'text.txt'}", f"tokenizer={hf_src}", f"output_prefix={tmp_path / 'data'}")
+    assert in_process(capsys, "preprocess", f"input={tmp_path / 'text.txt'}", f"tokenizer={hf_src}",
+                      f"output_prefix={tmp_path / 'data'}").returncode == 0
     data, out = tmp_path / "data", tmp_path / "s"
     res = cli("search", f"model={ckpt}", f"output={out}", f"data.calibration={data}", f"data.train={data}",
               f"data.validation={data}", "data.seq_length=32", "data.calibration_samples=8", "search.params=0.85",
