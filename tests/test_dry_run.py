@@ -8,6 +8,7 @@ import pytest
 from conftest import REPO
 
 LLAMA8B = REPO / "conf" / "recipes" / "llama-3.1-8b"  # the published config.json of Llama-3.1-8B
+QWEN3_MOE = REPO / "conf" / "recipes" / "qwen3-30b-a3b"  # the published config.json of Qwen3-30B-A3B
 
 
 def test_pipeline_recipe_dry_run(capsys):
@@ -79,3 +80,43 @@ def test_dry_run_counts_micro_batches_in_flight_and_recompute(capsys):
     assert "4 micro-batch(es) in flight on the first stage" in out and pp4 == pytest.approx(selective, rel=0.05)
     assert main([*base, "model.recompute_granularity=full"]) == 2
     assert "needs model.recompute_method" in capsys.readouterr().err
+
+
+def test_moe_recipe_dry_run_at_ep8(capsys):
+    """Qwen3-30B-A3B (its published config.json: 128 experts, top-8) pruned to 96 experts, at EP=8 on 8 nodes: the
+    launch plan with experts per rank, the token all-to-all volume and memory per GPU; EP that cannot split the
+    experts or the data-parallel ranks is refused."""
+    import re
+
+    from nemo_minitron.cli import main
+
+    base = ["pipeline", "recipe=qwen3_30b_a3b_to_96_experts", f"teacher={QWEN3_MOE}", "data.train=x",
+            "data.calibration=x", "data.heldout=x", "--dry-run"]
+    assert main(base) == 0
+    out = capsys.readouterr().out
+    assert "8 node(s) x 8 GPUs = 64 ranks; TP=1 x PP=1 x DP=64 (EP=8 within DP)" in out
+    assert "teacher 30.53B params (48 layers, hidden 2048, 128 experts (top-8) of width 768" in out  # as published
+    assert "student 23.28B params (48 layers, hidden 2048, 96 experts (top-8) of width 768" in out
+    assert "experts per rank (EP=8): teacher 16, student 12; active parameters per token: teacher 3.35B, student 3.35B" in out
+    # dense 1.54B over TP x PP, experts 29.0B over EP=8: 5.16B parameters per GPU in bf16
+    assert "teacher_weights 9.6," in out and "total ~" in out
+    # 8 copies x 4096 tokens x 2048 x 2 bytes, 4 times (dispatch + combine, forward + backward), 7/8 to other
+    # ranks, 48 layers, 8 micro-batches
+    a2a = float(re.search(r"token all-to-all: ([0-9.]+) GiB", out).group(1))
+    assert a2a == pytest.approx(4 * 8 * 4096 * 2048 * 2 * 7 / 8 * 48 * 8 / 2 ** 30, rel=1e-3)
+    dense = float(re.search(r"teacher_weights ([0-9.]+)", out).group(1))
+    assert main([*base, "trainer.strategy.expert_model_parallel_size=16"]) == 0  # half the experts per rank
+    out16 = capsys.readouterr().out
+    assert "teacher 8, student 6" in out16 and float(re.search(r"teacher_weights ([0-9.]+)", out16).group(1)) < dense
+    for extra, msg in ((["trainer.strategy.expert_model_parallel_size=64"],  # 128 experts split, 96 do not
+                        "student: num_moe_experts=96 is not divisible by expert_model_parallel_size=64"),
+                       (["trainer.strategy.expert_model_parallel_size=16", "launcher.nodes=1"],
+                        "world size 8 is not divisible by TP*PP*EP = 1*1*16"),
+                       (["prune.num_moe_experts=4"], "fewer than the 8 experts each token is routed to")):
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert msg in err, (msg, err)
+    # a dense teacher has no experts to split
+    assert main(["pipeline", "recipe=llama31_8b_to_4b_width", f"teacher={LLAMA8B}", "data.train=x", "data.calibration=x",
+                 "data.heldout=x", "trainer.strategy.expert_model_parallel_size=2", "--dry-run"]) == 2
+    assert "neither model has experts" in capsys.readouterr().err
