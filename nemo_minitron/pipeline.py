@@ -138,8 +138,14 @@ def _check_rounds(cfg, tp: int, pp: int, dry: bool = False) -> tuple[list, list 
             raise UserError(f"teacher={cfg.teacher}: {e}") from None
         archive.check(cfg.teacher)  # a .nemo teacher: the import stage unpacks it
         spec = None
-    if spec is not None and not dry:
-        spec.require_dense("pipeline")
+    if spec is not None:
+        ep = cfg.trainer.strategy.get("expert_model_parallel_size") or 1
+        try:
+            spec.validate_layout(tp, pp, ep)  # EP on a dense teacher: refused, never ignored
+        except UserError as e:
+            raise UserError(f"teacher={cfg.teacher}: {e}") from None
+        if not dry:
+            spec.require_dense("pipeline")
     shapes = [spec] if spec is not None else None
     for i, step in enumerate(steps, 1):
         where = f"round {i}" if i <= len(rounds) else "prune"

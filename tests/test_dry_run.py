@@ -119,4 +119,10 @@ def test_moe_recipe_dry_run_at_ep8(capsys):
     # a dense teacher has no experts to split
     assert main(["pipeline", "recipe=llama31_8b_to_4b_width", f"teacher={LLAMA8B}", "data.train=x", "data.calibration=x",
                  "data.heldout=x", "trainer.strategy.expert_model_parallel_size=2", "--dry-run"]) == 2
-    assert "neither model has experts" in capsys.readouterr().err
+    assert "the model has no experts" in capsys.readouterr().err
+    # ... and a run (not a dry run) neither ignores EP on a dense teacher nor starts a mixture of experts it
+    # cannot distill yet: both refused before any work
+    assert main(["pipeline", f"teacher={LLAMA8B}", "run_dir=unused", "trainer.strategy.expert_model_parallel_size=2"]) == 2
+    assert "the model has no experts" in capsys.readouterr().err
+    assert main(["pipeline", f"teacher={QWEN3_MOE}", "run_dir=unused", "prune.num_moe_experts=96"]) == 2
+    assert "pipeline does not support mixture-of-experts models yet" in capsys.readouterr().err

@@ -134,8 +134,8 @@ class ModelSpec:
         """Refuse ``what`` (a command or stage) for a mixture-of-experts model, where it is not built yet."""
         if self.moe:
             raise UserError(f"{what} does not support mixture-of-experts models yet ({self.config_class}, "
-                            f"{self.num_moe_experts} experts, top-{self.moe_router_topk}): import, export, convert "
-                            "and evaluate do")
+                            f"{self.num_moe_experts} experts, top-{self.moe_router_topk}): import, export, convert, "
+                            "evaluate, prune (one process) and the dry runs do")
 
     def validate_layout(self, tp: int, pp: int, ep: int = 1) -> None:
         """Refuse a TP/PP/EP layout this model cannot be split into (before any work)."""
