@@ -357,3 +357,53 @@ def test_search_ranks_finalists_by_downstream_accuracy(family_ckpts, tmp_path, c
     md = (out / "search.md").read_text()
     assert "accuracy after distillation" in md and "Ranked by **downstream accuracy**" in md
     assert res.stdout.strip().splitlines()[-1] == f"wrote search table: {out / 'search.md'}"
+
+
+def test_moe_candidates_experts_and_expert_width_within_total_or_active_budget(capsys):
+    """A mixture of experts (Qwen3-30B-A3B's published config): the MLP's search dimensions are the expert count
+    (multiples of EP, at least top-k) and the expert width; the budget counts total or active parameters
+    (search.params_kind), every candidate records both, and each one is a valid pruning at TP/PP/EP whose counts
+    are those of its shape. The search dry run lists them (a run refuses a mixture of experts: its distillations are
+    not built yet)."""
+    from nemo_minitron.cli import main
+    from nemo_minitron.errors import UserError
+    from nemo_minitron.model import count_params
+    from nemo_minitron.model.spec import from_hf_config
+    from nemo_minitron.prune.plan import validate_targets
+    from nemo_minitron.search.space import MOE_SEARCH_DIMS, default_dims, enumerate_candidates
+
+    cfg = REPO / "conf/recipes/qwen3-30b-a3b"
+    spec = from_hf_config(json.loads((cfg / "config.json").read_text()))
+    dims = default_dims(spec, ["num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads"])
+    assert dims == ["num_layers", "hidden_size", "num_moe_experts", "moe_ffn_hidden_size", "num_attention_heads"]
+    seen = {}
+    for kind, frac in (("total", 0.7), ("active", 0.8)):
+        P = count_params(spec, active=kind == "active")
+        cands, stats = enumerate_candidates(spec, int(frac * P), 0.05, dims=dims, tp=2, pp=2, ep=8, multiple=128,
+                                            params_kind=kind)
+        assert cands, stats
+        for c in cands:
+            shape = {k: c[k] for k in MOE_SEARCH_DIMS}
+            validate_targets(spec, {k: v for k, v in shape.items() if k != "num_layers"}, 2)
+            s2 = spec.replace(kv_channels=spec.kv_channels, **shape)
+            s2.validate_layout(2, 2, 8)
+            assert c["num_moe_experts"] % 8 == 0 and c["num_moe_experts"] >= spec.moe_router_topk
+            assert c["total_params"] == count_params(s2) and c["active_params"] == count_params(s2, active=True)
+            assert c["params"] == c[f"{kind}_params"] and 0.95 * frac * P - 1 <= c["params"] <= 1.05 * frac * P + 1
+            assert f"-e{c['num_moe_experts']}-m{c['moe_ffn_hidden_size']}-" in c["name"]
+        seen[kind] = {c["name"] for c in cands}
+    # fewer experts cut total parameters but not active ones: the active budget is met by other shapes
+    assert seen["total"] != seen["active"]
+    assert any(c["num_moe_experts"] < 128 for c in enumerate_candidates(
+        spec, int(0.7 * count_params(spec)), 0.05, dims=dims, ep=8, multiple=128)[0])
+    with pytest.raises(UserError, match="ffn_hidden_size"):
+        enumerate_candidates(spec, int(0.7 * count_params(spec)), 0.05, dims=["ffn_hidden_size"])
+    with pytest.raises(UserError, match="not a mixture of experts"):
+        enumerate_candidates(_llama8b_spec(), 4_000_000_000, 0.05, params_kind="active")
+
+    base = ["search", f"model={cfg}", "output=unused", "search.params=0.75", "search.params_kind=active",
+            "search.multiple=128", "trainer.strategy.expert_model_parallel_size=8", "--dry-run"]
+    assert main(base) == 0
+    out = capsys.readouterr().out
+    assert "active parameters +-5%" in out and "M total, " in out and "M active)" in out
+    assert "a search's distillations of a mixture of experts are not available yet" in out

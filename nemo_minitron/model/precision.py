@@ -160,11 +160,13 @@ def describe(config) -> str:
 def check_fp8_shapes(dims: dict, tp: int = 1, what: str = "model") -> None:
     """Refuse dimensions FP8 GEMMs cannot take: each tensor-parallel shard's GEMM sizes must be multiples of 16.
 
-    ``dims``: hidden_size, ffn_hidden_size, num_attention_heads, num_query_groups, kv_channels (any subset).
+    ``dims``: hidden_size, ffn_hidden_size, moe_ffn_hidden_size, num_attention_heads, num_query_groups, kv_channels
+    (any subset).
     """
-    h, f = dims.get("hidden_size"), dims.get("ffn_hidden_size")
+    h, f, m = dims.get("hidden_size"), dims.get("ffn_hidden_size"), dims.get("moe_ffn_hidden_size")
     heads, groups, d = dims.get("num_attention_heads"), dims.get("num_query_groups"), dims.get("kv_channels")
-    checks = [("hidden_size", h), ("ffn_hidden_size / TP", f // tp if f else None)]
+    checks = [("hidden_size", h), ("ffn_hidden_size / TP", f // tp if f else None),
+              ("moe_ffn_hidden_size / TP", m // tp if m else None)]
     if heads and d:
         checks.append(("num_attention_heads x head_dim / TP", heads * d // tp))
     if groups and d:

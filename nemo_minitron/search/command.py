@@ -38,7 +38,6 @@ def _settings(cfg, dry: bool = False):
     """(source kind, path, spec, budget, candidates, stats, baseline shape | None) — all checks, no model.
     ``dry``: the model may be a config.json alone (a launch plan for a model not downloaded yet)."""
     from nemo_minitron.checkpoint.loader import describe
-    from nemo_minitron.model import count_params
     from nemo_minitron.search import space
 
     s = cfg.search
@@ -53,9 +52,12 @@ def _settings(cfg, dry: bool = False):
     if kind != "nemo":
         raise UserError(f"model={cfg.model} is a Hugging Face directory: import it first (nemo-minitron import "
                         f"source=... output=CKPT); it is the teacher of the short distillations")
-    spec.require_dense("search")
-    spec.validate_layout(tp, pp)
-    source_params = count_params(spec)
+    ep = cfg.trainer.strategy.get("expert_model_parallel_size") or 1
+    if not dry:  # a dry run lists a mixture of experts' candidates; a run cannot distill its finalists yet
+        spec.require_dense("search")
+    spec.validate_layout(tp, pp, ep)
+    kind = s.get("params_kind", "total")
+    source_params = space.params_of(spec, kind)
     budget = space.parse_budget(s.params, source_params)
     for key in ("top_k", "distill_steps", "eval_samples", "rank_samples", "eval_seq_length", "max_candidates"):
         if not isinstance(s[key], int) or s[key] < 1:
@@ -82,10 +84,12 @@ def _settings(cfg, dry: bool = False):
         raise UserError(f"search.stats_max_gib={s.stats_max_gib!r} must be a number of GiB >= 0")
     space_cfg = {k: (list(v) if v is not None else None) for k, v in s.space.items()}
     cands, stats = space.enumerate_candidates(
-        spec, budget, s.tolerance, dims=list(s.dims), space=space_cfg, fractions=list(s.fractions),
-        multiple=s.multiple, tp=tp, pp=pp, fp8_shapes=s.fp8_shapes, max_candidates=s.max_candidates)
+        spec, budget, s.tolerance, dims=space.default_dims(spec, s.dims), space=space_cfg, fractions=list(s.fractions),
+        multiple=s.multiple, tp=tp, pp=pp, fp8_shapes=s.fp8_shapes, max_candidates=s.max_candidates, ep=ep,
+        params_kind=kind)
     if not cands:
-        raise UserError(f"no candidate shape has {budget / 1e6:.2f}M parameters +-{s.tolerance:.0%} "
+        raise UserError(f"no candidate shape has {budget / 1e6:.2f}M {'active ' if kind == 'active' else ''}"
+                        f"parameters +-{s.tolerance:.0%} "
                         f"({stats['combinations']} combinations, {stats['invalid']} invalid at TP={tp} PP={pp}, "
                         f"{stats['outside_budget']} outside the budget): widen search.tolerance, add "
                         f"search.fractions, or lower search.multiple")
@@ -94,16 +98,17 @@ def _settings(cfg, dry: bool = False):
         from nemo_minitron.prune.plan import validate_targets
 
         b = dict(s.baseline)
-        unknown = [k for k in b if k not in space.DIMS]
+        dims = space.dims_of(spec)
+        unknown = [k for k in b if k not in dims]
         if unknown:
-            raise UserError(f"search.baseline: unknown dimension(s) {unknown} (one of {', '.join(space.DIMS)})")
+            raise UserError(f"search.baseline: unknown dimension(s) {unknown} (one of {', '.join(dims)})")
         baseline = {**space.shape_of(spec), **{k: int(v) for k, v in b.items() if v is not None}}
-        validate_targets(spec, {k: baseline[k] for k in space.DIMS if k != "num_layers"}, tp)
+        validate_targets(spec, {k: baseline[k] for k in dims if k != "num_layers"}, tp)
         if baseline["num_layers"] > spec.num_layers or baseline["num_layers"] % pp:
             raise UserError(f"search.baseline.num_layers={baseline['num_layers']}: at most {spec.num_layers} and "
                             f"divisible by pipeline_model_parallel_size={pp}")
-        spec.replace(kv_channels=spec.kv_channels, **baseline).validate_layout(tp, pp)
-        baseline.update(params=count_params(spec.replace(kv_channels=spec.kv_channels, **baseline)),
+        spec.replace(kv_channels=spec.kv_channels, **baseline).validate_layout(tp, pp, ep)
+        baseline.update(params=space.params_of(spec.replace(kv_channels=spec.kv_channels, **baseline), kind),
                         name=space.name_of(baseline))
     return kind, path, spec, budget, cands, stats, baseline
 
@@ -661,14 +666,20 @@ def summary(res: dict) -> str:
 def dry_run(cfg) -> None:
     """The candidates this search would consider, without loading the model."""
     _kind, path, spec, budget, cands, stats, baseline = _settings(cfg, dry=True)
-    print(f"source {path}: budget {budget / 1e6:.2f}M +-{cfg.search.tolerance:.0%}; {len(cands)} candidates "
-          f"({stats})")
+    kind = cfg.search.get("params_kind", "total")
+    print(f"source {path}: budget {budget / 1e6:.2f}M{' active' if kind == 'active' else ''} parameters "
+          f"+-{cfg.search.tolerance:.0%}; {len(cands)} candidates ({stats})")
     for c in cands:
-        print(f"  {c['name']:<28} {c['params'] / 1e6:8.2f}M")
+        both = f"  ({c['total_params'] / 1e6:.2f}M total, {c['active_params'] / 1e6:.2f}M active)" \
+            if "active_params" in c else ""
+        print(f"  {c['name']:<28} {c['params'] / 1e6:8.2f}M{both}")
+    if spec.moe:
+        print("note: a search's distillations of a mixture of experts are not available yet: a run refuses it; "
+              "these are the candidates it will rank")
     if baseline:
         print(f"  baseline {baseline['name']} {baseline['params'] / 1e6:.2f}M")
     s = cfg.search
-    if s.reconstruction != "none" and s.rank_refit == "one_shot":
+    if s.reconstruction != "none" and s.rank_refit == "one_shot" and not spec.moe:
         from nemo_minitron.prune import stats as calstats
 
         sites = _stats_sites(spec, cands, baseline)
