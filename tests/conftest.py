@@ -104,11 +104,17 @@ def in_process(capsys, *args):
     kind of bad input in tests/test_bad_input.py."""
     from types import SimpleNamespace
 
+    from megatron.core import parallel_state
+
+    from nemo_minitron import parallel
     from nemo_minitron.cli import main
 
+    single = parallel_state.model_parallel_is_initialized()
     capsys.readouterr()
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
+    if single and not parallel_state.model_parallel_is_initialized():
+        parallel.initialize(1, 1)  # a command ends with parallel.destroy(): the session's dist_single state again
     return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import WORKERS, cli, torchrun
+from conftest import WORKERS, in_process, torchrun
 
 pytestmark = pytest.mark.parallel
 
@@ -119,13 +119,11 @@ def test_evaluate_cli_dp2_equals_one_process(tiny_ckpt, tiny_student, tiny_data,
     the refusal: the CLI's entry point in this process, sparing two start-ups.)"""
     import json
 
-    from nemo_minitron.cli import main
-
     prefix = tiny_data
     args = ["evaluate", f"data={prefix}", "eval.num_samples=8", "eval.seq_length=32", "eval.micro_batch_size=2"]
-    assert main([*args, f"model=[{tiny_ckpt},{tiny_student}]",
-                 f"output_json=[{tmp_path / 'tp1.json'},{tmp_path / 's1.json'}]"]) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("s1.json")
+    one = in_process(capsys, *args, f"model=[{tiny_ckpt},{tiny_student}]",
+                     f"output_json=[{tmp_path / 'tp1.json'},{tmp_path / 's1.json'}]")
+    assert one.returncode == 0 and one.stdout.strip().splitlines()[-1].endswith("s1.json")
     two = torchrun(["-m", "nemo_minitron.cli", *args, f"model=[{tiny_student},{tiny_ckpt}]",
                     f"output_json=[{tmp_path / 's2.json'},{tmp_path / 'tp2.json'}]"], nproc=2)
     assert "TP=1 PP=1 DP=2" in two.stdout
@@ -134,5 +132,5 @@ def test_evaluate_cli_dp2_equals_one_process(tiny_ckpt, tiny_student, tiny_data,
     assert r1["model"] == r2["model"] == str(tiny_ckpt) and s1["model"] == s2["model"] == str(tiny_student)
     assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-6)
     assert s2["loss"] == pytest.approx(s1["loss"], rel=1e-6) and abs(s1["loss"] - r1["loss"]) > 1e-3
-    assert main([*args, f"model=[{tiny_ckpt},{tiny_student}]", f"output_json={tmp_path / 'x.json'}"]) == 2
-    assert "one per model" in capsys.readouterr().err
+    bad = in_process(capsys, *args, f"model=[{tiny_ckpt},{tiny_student}]", f"output_json={tmp_path / 'x.json'}")
+    assert bad.returncode == 2 and "one per model" in bad.stderr
