@@ -131,22 +131,11 @@ def test_every_candidate_builds_and_shards_at_tp2_and_pp2(tiny_ckpt, tiny_window
 # the command, end to end on a tiny imported HF Llama and real text
 # ---------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def search_inputs(family_ckpts, tmp_path_factory):
-    """A tiny imported Qwen2 (q/k/v biases; a BPE tokenizer, so that finalists can also be scored on lm-eval's
-    tasks) as the model; real text tokenized by it for calibration and validation, and a blend of two corpora
-    for the finalists' distillations."""
-    from hf_fixtures import TEXT
-
-    from nemo_minitron.cli import main
-    from nemo_minitron.data.corpus import shakespeare_files
-
-    hf_src, ckpt = family_ckpts["qwen2"]
-    d = tmp_path_factory.mktemp("search")
-    (d / "text.txt").write_text(TEXT * 60)
-    (d / "plays.txt").write_text("\n".join(f.read_text()[:20000] for f in shakespeare_files("calibration")))
-    for name in ("text", "plays"):  # the CLI's entry point here (a fresh process would pay NeMo's import)
-        assert main(["preprocess", f"input={d / f'{name}.txt'}", f"tokenizer={hf_src}", f"output_prefix={d / name}"]) == 0
-    return {"teacher": ckpt, "data": d / "text", "train": f"[0.5,{d / 'text'},0.5,{d / 'plays'}]", "tmp": d}
+def search_inputs(tiny_ckpt, tiny_data, second_data, tmp_path_factory):
+    """The tiny NeMo checkpoint as the model; real text (byte tokens) for calibration and validation, and a
+    blend of two corpora for the finalists' distillations."""
+    return {"teacher": tiny_ckpt, "data": tiny_data, "train": f"[0.5,{tiny_data},0.5,{second_data}]",
+            "tmp": tmp_path_factory.mktemp("search")}
 
 
 def _search_args(d, out):
@@ -244,30 +233,6 @@ def test_search_end_to_end(search_inputs, tmp_path):
     assert all(f"[distill_{n}] complete, skipped" in again.stdout for n in fin)
     assert f"winner: {best}" in again.stdout
 
-    # search.score=downstream on the same output: nothing redone but one evaluate process, which scores the
-    # distilled finalists on lm-eval tasks (the same seeded documents for each); they are ranked by their average
-    # accuracy, the loss shown beside it
-    res = cli("search", *_search_args(d, out), "search.score=downstream", "search.score_tasks=[piqa,arc_easy]",
-              "search.score_limit=8", timeout=1200)
-    assert "[rank] complete, skipped" in res.stdout and all(f"[distill_{n}] complete, skipped" in res.stdout for n in fin)
-    assert sum(1 for line in res.stdout.splitlines() if " -m nemo_minitron.cli evaluate " in line) == 1
-    table = json.loads((out / "search.json").read_text())
-    assert table["score"] == "downstream" and table["score_tasks"]["tasks"] == ["piqa", "arc_easy"]
-    ranked_fin = [r for r in table["finalists"] if r["in_top_k"]]
-    assert len(ranked_fin) == 2
-    for r in ranked_fin:
-        ev = json.loads((out / "eval" / f"{r['name']}.json").read_text())
-        assert ev["tasks"]["piqa"]["n"] == 8 and ev["tasks"]["arc_easy"]["n"] == 8
-        acc = (ev["tasks"]["piqa"]["metrics"]["acc_norm"][0] + ev["tasks"]["arc_easy"]["metrics"]["acc_norm"][0]) / 2
-        assert r["distilled_accuracy"] == pytest.approx(acc) and r["distilled_loss"] == ev["loss"]
-    by_acc = sorted(ranked_fin, key=lambda r: (-r["distilled_accuracy"], r["distilled_loss"]))
-    assert [r["distilled_rank"] for r in by_acc] == [1, 2] and table["winner"] == by_acc[0]["name"]
-    assert table["loss_and_score_agree"] == (
-        [r["name"] for r in by_acc] == [r["name"] for r in sorted(ranked_fin, key=lambda r: r["distilled_loss"])])
-    md = (out / "search.md").read_text()
-    assert "accuracy after distillation" in md and "Ranked by **downstream accuracy**" in md
-    assert res.stdout.strip().splitlines()[-1] == f"wrote search table: {out / 'search.md'}"
-
     # a finalist index out of range is refused (the CLI's code, in this process)
     from nemo_minitron import config
     from nemo_minitron.errors import UserError
@@ -357,6 +322,41 @@ def test_search_refusals(search_inputs, tmp_path):
     assert "candidates" in dry.stdout and "dry run: nothing was run" in dry.stdout
     assert "each finalist's distillation: 4 steps" in dry.stdout and "data: 16 samples x 33 tokens" in dry.stdout
     assert dry.stdout.count(" 50.0%  ") == 2 and "sample index: ~" in dry.stdout
+
+
+def test_search_ranks_finalists_by_downstream_accuracy(family_ckpts, tmp_path, capsys):
+    """search.score=downstream: the distilled finalists are scored on lm-eval tasks (the same seeded documents for
+    each) and ranked by their average accuracy, the loss shown beside it; a tiny Qwen2 with its tokenizer."""
+    from hf_fixtures import TEXT
+
+    hf_src, ckpt = family_ckpts["qwen2"]
+    (tmp_path / "text.txt").write_text(TEXT * 60)
+    assert in_process(capsys, "preprocess", f"input={tmp_path / 'text.txt'}", f"tokenizer={hf_src}",
+                      f"output_prefix={tmp_path / 'data'}").returncode == 0
+    data, out = tmp_path / "data", tmp_path / "s"
+    res = cli("search", f"model={ckpt}", f"output={out}", f"data.calibration={data}", f"data.train={data}",
+              f"data.validation={data}", "data.seq_length=32", "data.calibration_samples=8", "search.params=0.85",
+              "search.tolerance=0.1", "search.multiple=16", "search.max_candidates=3", "search.top_k=2",
+              "search.distill_steps=2", "search.eval_samples=4", "search.eval_seq_length=32", "search.rank_samples=4",
+              "search.depth_samples=4", "distill.seq_length=32", "distill.micro_batch_size=2",
+              "distill.global_batch_size=4", "search.score=downstream", "search.score_tasks=[piqa,arc_easy]",
+              "search.score_limit=8", timeout=1200)
+    table = json.loads((out / "search.json").read_text())
+    assert table["score"] == "downstream" and table["score_tasks"]["tasks"] == ["piqa", "arc_easy"]
+    fin = [r for r in table["finalists"] if r["in_top_k"]]
+    assert len(fin) == 2
+    for r in fin:
+        ev = json.loads((out / "eval" / f"{r['name']}.json").read_text())
+        assert ev["tasks"]["piqa"]["n"] == 8 and ev["tasks"]["arc_easy"]["n"] == 8
+        acc = (ev["tasks"]["piqa"]["metrics"]["acc_norm"][0] + ev["tasks"]["arc_easy"]["metrics"]["acc_norm"][0]) / 2
+        assert r["distilled_accuracy"] == pytest.approx(acc) and r["distilled_loss"] == ev["loss"]
+    ranked = sorted(fin, key=lambda r: (-r["distilled_accuracy"], r["distilled_loss"]))
+    assert [r["distilled_rank"] for r in ranked] == [1, 2] and table["winner"] == ranked[0]["name"]
+    assert table["loss_and_score_agree"] == (
+        [r["name"] for r in ranked] == [r["name"] for r in sorted(fin, key=lambda r: r["distilled_loss"])])
+    md = (out / "search.md").read_text()
+    assert "accuracy after distillation" in md and "Ranked by **downstream accuracy**" in md
+    assert res.stdout.strip().splitlines()[-1] == f"wrote search table: {out / 'search.md'}"
 
 
 def test_moe_candidates_experts_and_expert_width_within_total_or_active_budget(capsys):
