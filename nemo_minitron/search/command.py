@@ -56,8 +56,8 @@ def _settings(cfg, dry: bool = False):
     if not dry:  # a dry run lists a mixture of experts' candidates; a run cannot distill its finalists yet
         spec.require_dense("search")
     spec.validate_layout(tp, pp, ep)
-    kind = s.get("params_kind", "total")
-    source_params = space.params_of(spec, kind)
+    params_kind = s.get("params_kind", "total")
+    source_params = space.params_of(spec, params_kind)
     budget = space.parse_budget(s.params, source_params)
     for key in ("top_k", "distill_steps", "eval_samples", "rank_samples", "eval_seq_length", "max_candidates"):
         if not isinstance(s[key], int) or s[key] < 1:
@@ -86,9 +86,9 @@ def _settings(cfg, dry: bool = False):
     cands, stats = space.enumerate_candidates(
         spec, budget, s.tolerance, dims=space.default_dims(spec, s.dims), space=space_cfg, fractions=list(s.fractions),
         multiple=s.multiple, tp=tp, pp=pp, fp8_shapes=s.fp8_shapes, max_candidates=s.max_candidates, ep=ep,
-        params_kind=kind)
+        params_kind=params_kind)
     if not cands:
-        raise UserError(f"no candidate shape has {budget / 1e6:.2f}M {'active ' if kind == 'active' else ''}"
+        raise UserError(f"no candidate shape has {budget / 1e6:.2f}M {'active ' if params_kind == 'active' else ''}"
                         f"parameters +-{s.tolerance:.0%} "
                         f"({stats['combinations']} combinations, {stats['invalid']} invalid at TP={tp} PP={pp}, "
                         f"{stats['outside_budget']} outside the budget): widen search.tolerance, add "
@@ -108,7 +108,7 @@ def _settings(cfg, dry: bool = False):
             raise UserError(f"search.baseline.num_layers={baseline['num_layers']}: at most {spec.num_layers} and "
                             f"divisible by pipeline_model_parallel_size={pp}")
         spec.replace(kv_channels=spec.kv_channels, **baseline).validate_layout(tp, pp, ep)
-        baseline.update(params=space.params_of(spec.replace(kv_channels=spec.kv_channels, **baseline), kind),
+        baseline.update(params=space.params_of(spec.replace(kv_channels=spec.kv_channels, **baseline), params_kind),
                         name=space.name_of(baseline))
     return kind, path, spec, budget, cands, stats, baseline
 
