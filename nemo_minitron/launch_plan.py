@@ -32,7 +32,7 @@ backward, (EP-1)/EP of them to other ranks, per MoE layer and micro-batch.
 from __future__ import annotations
 
 from nemo_minitron.errors import UserError
-from nemo_minitron.model import count_params
+from nemo_minitron.model import count_params, expert_params
 
 
 def _check(spec, what: str, tp: int, pp: int, ep: int = 1) -> None:
@@ -40,11 +40,6 @@ def _check(spec, what: str, tp: int, pp: int, ep: int = 1) -> None:
         spec.validate_layout(tp, pp, ep if spec.moe else 1)
     except UserError as e:
         raise UserError(f"{what}: {e}") from None
-
-
-def expert_params(spec) -> int:
-    """Parameters in the experts of every layer (gate, up and down projections; the router is not counted)."""
-    return spec.num_layers * spec.num_moe_experts * 3 * spec.hidden_size * spec.moe_ffn_hidden_size if spec.moe else 0
 
 
 def _split(spec, tp: int, pp: int, ep: int) -> float:

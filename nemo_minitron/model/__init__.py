@@ -7,4 +7,4 @@ the Transformer Engine layer spec when TE and CUDA are present and the local spe
 """
 
 from nemo_minitron.model.spec import ModelSpec, from_hf_config, tiny_spec  # noqa: F401
-from nemo_minitron.model.build import build, instantiate, count_params, unwrap  # noqa: F401
+from nemo_minitron.model.build import build, instantiate, count_params, expert_params, unwrap  # noqa: F401

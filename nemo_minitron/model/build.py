@@ -58,18 +58,23 @@ def unwrap(model):
     return model
 
 
+def expert_params(spec: ModelSpec, active: bool = False) -> int:
+    """Parameters in the experts of every layer (gate, up and down projections; not the router); ``active``: only
+    the top-k experts a token runs through. 0 for a dense model."""
+    if not spec.moe:
+        return 0
+    experts = spec.moe_router_topk if active else spec.num_moe_experts
+    return spec.num_layers * experts * 3 * spec.hidden_size * spec.moe_ffn_hidden_size
+
+
 def count_params(spec: ModelSpec, active: bool = False) -> int:
     """Parameter count of the whole (unsharded) model, from its shapes alone. For a mixture of experts
     ``active=True`` counts the parameters one token runs through (its top-k experts, the whole router)."""
     h, f, L = spec.hidden_size, spec.ffn_hidden_size, spec.num_layers
     heads, groups, d = spec.num_attention_heads, spec.num_query_groups, spec.kv_channels
     v = spec.vocab_size
-    if spec.moe:
-        experts = spec.moe_router_topk if active else spec.num_moe_experts
-        mlp = experts * 3 * h * spec.moe_ffn_hidden_size + spec.num_moe_experts * h  # experts + router
-    else:
-        mlp = 3 * h * f
+    mlp = spec.num_moe_experts * h if spec.moe else 3 * h * f  # a mixture of experts: its router (experts below)
     per_layer = h * (heads + 2 * groups) * d + heads * d * h + mlp + 2 * h
     per_layer += (heads + 2 * groups) * d * spec.qkv_bias + 2 * d * spec.qk_norm  # q/k/v biases, q/k norms
     emb = v * h * (1 if spec.tied else 2)
-    return L * per_layer + emb + h
+    return L * per_layer + emb + h + expert_params(spec, active)
