@@ -41,6 +41,12 @@ def validate_layout(world_size: int, tp: int, pp: int, ep: int = 1) -> None:
                         "ranks are data-parallel ranks of the dense layers)")
 
 
+def expert_parallel_size(strategy) -> int:
+    """EP from a command's ``trainer.strategy`` section (1 where the command or the config has no such key)."""
+    ep = strategy.get("expert_model_parallel_size") if hasattr(strategy, "get") else None
+    return int(ep or 1)
+
+
 @dataclass(frozen=True)
 class Layout:
     """One run's process layout: tensor x pipeline model parallelism, data parallelism over the rest of the

@@ -97,6 +97,20 @@ def cli(*args, timeout=600, check=True, env=None):
     return run([*CLI, *args], timeout=timeout, check=check, env=env)
 
 
+def commands(runs: list, nproc: int = 1, timeout: int = 900, env=None) -> dict:
+    """Several CLI commands (``runs``: [{"name", "args", "env"}], each its own layout) in one launch of ``nproc``
+    processes (``tests/workers/commands.py``): {name: that run's output (rank 0)}."""
+    import json
+
+    sys.path.insert(0, str(WORKERS))
+    from commands import split
+
+    args = [WORKERS / "commands.py", json.dumps([dict(r, args=[str(a) for a in r["args"]]) for r in runs])]
+    p = run([sys.executable, *args], timeout=timeout, env=env) if nproc == 1 else \
+        torchrun(args, nproc=nproc, timeout=timeout, env=env)
+    return split(p.stdout)
+
+
 def in_process(capsys, *args):
     """The CLI's entry point (``nemo_minitron.cli.main``) run in this process on ``args`` (a refusal, or a step as
     quick as preprocessing a small text): a CompletedProcess-like record (returncode, stdout, stderr). A fresh

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, cli, free_port, torchrun
+from conftest import REPO, cli, commands, free_port, torchrun
 
 pytestmark = pytest.mark.parallel
 TRACE = "NEMO_MINITRON_TRACE_BATCHES"
@@ -78,12 +78,17 @@ class Runs:
         return _args(self.t, self.s, self.data, run_dir, *extra)
 
     def get(self, name):
+        """The run of layout ``name``; on first use, every layout with its number of processes runs, in one launch
+        (``conftest.commands``: the processes pay NeMo's import once)."""
         if name not in self.out:
-            nproc, extra = LAYOUTS[name]
-            d = self.root / name
-            p = _launch(nproc, self.args(d, *extra), env={TRACE: str(self.root / f"trace_{name}")})
-            assert p.stdout.strip().splitlines()[-1] == f"wrote checkpoint: {d / 'student'}"
-            self.out[name] = (d, p.stdout)
+            nproc = LAYOUTS[name][0]
+            group = [n for n, (np_, _) in LAYOUTS.items() if np_ == nproc and n not in self.out]
+            outs = commands([{"name": n, "args": ["distill", *self.args(self.root / n, *LAYOUTS[n][1])],
+                              "env": {TRACE: str(self.root / f"trace_{n}")}} for n in group], nproc=nproc)
+            for n in group:
+                d = self.root / n
+                assert outs[n].strip().splitlines()[-1] == f"wrote checkpoint: {d / 'student'}", (n, outs[n][-3000:])
+                self.out[n] = (d, outs[n])
         return self.out[name]
 
     def trace(self, name):

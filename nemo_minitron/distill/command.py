@@ -35,7 +35,6 @@ def _nemo_source(source, what: str):
     if kind != "nemo":
         raise UserError(f"{what}={source} is a Hugging Face directory: import it first "
                         "(nemo-minitron import source=... output=CKPT)")
-    spec.require_dense(f"{what}={source}: distill / finetune")
     return path, spec
 
 
@@ -114,15 +113,19 @@ class FitSettings:
                    max_nonfinite_steps=int(t.max_nonfinite_steps), fp8=fp8, overlap_grad_reduce=grad,
                    overlap_param_gather=param, bucket_size=bucket, **(recompute or {}))
 
-    def model_fields(self) -> dict:
-        """TransformerConfig fields of the trained model that come from the run (activation recomputation)."""
-        return {"recompute_granularity": self.recompute_granularity, "recompute_method": self.recompute_method,
-                "recompute_num_layers": self.recompute_num_layers}
+    def model_fields(self, spec=None) -> dict:
+        """TransformerConfig fields of the trained model that come from the run (activation recomputation; for a
+        mixture of experts ``spec``, the expert parallelism)."""
+        out = {"recompute_granularity": self.recompute_granularity, "recompute_method": self.recompute_method,
+               "recompute_num_layers": self.recompute_num_layers}
+        if spec is not None and spec.moe:
+            out.update(expert_model_parallel_size=self.layout.ep, sequence_parallel=self.layout.sequence_parallel)
+        return out
 
 
 def _common_checks(cfg, tp: int, pp: int, spec, sequence_parallel, precision, sp_key: str,
                    precision_key: str, fp8: FP8 | None = None, recompute_keys=None,
-                   recompute_prefix: str = "model") -> tuple[DataSettings, FitSettings]:
+                   recompute_prefix: str = "model", ep: int = 1, moe: bool = False) -> tuple[DataSettings, FitSettings]:
     """Layout, batch, precision, optimizer and data checks shared by distill and finetune; the resolved settings.
     ``recompute_keys``: the config section holding ``recompute_*`` (``model`` for distill, ``trainer`` for
     finetune)."""
@@ -130,7 +133,10 @@ def _common_checks(cfg, tp: int, pp: int, spec, sequence_parallel, precision, sp
     from nemo_minitron.model.precision import name as precision_name
 
     world = parallel.world_size_from_env()
-    layout = parallel.Layout.resolve(world, tp, pp, sequence_parallel, sp_key=sp_key)
+    layout = parallel.Layout.resolve(world, tp, pp, sequence_parallel, sp_key=sp_key, ep=ep)
+    if moe and tp > 1 and not layout.sequence_parallel:
+        raise UserError(f"{sp_key}=false with a mixture of experts at TP={tp}: megatron's expert layers need sequence "
+                        "parallelism when tensor parallelism is on (leave it null or set it true)")
     if world % cfg.trainer.num_nodes:
         raise UserError(f"world size {world} is not divisible by trainer.num_nodes={cfg.trainer.num_nodes}")
     precision = precision_name(precision, platform.has_cuda(), precision_key)
@@ -254,7 +260,7 @@ def finetune_run(data: DataSettings, fit: FitSettings, model_path: Path, spec, r
         print(f"fine-tuning {count_params(spec) / 1e6:.1f}M params{' from random init' if random_init else ''}, "
               f"{fit.max_steps} steps x {data.global_batch_size} x {data.seq_length} tokens "
               f"({fit.layout}, {fit.precision}, {_optimizer_name(fit)})", flush=True)
-    model = InitializedGPTModel(instantiate(spec, tp, pp, **fit.model_fields()),
+    model = InitializedGPTModel(instantiate(spec, tp, pp, **fit.model_fields(spec)),
                                 init_from=None if random_init else str(model_path))
     _fit(model, data, fit, run_dir, tp, pp, opt)
     save_student(model, final, spec, ck.tokenizer_dir(model_path))
@@ -268,12 +274,12 @@ def run_finetune(cfg) -> None:
 
     install_signal_handlers()
     st = cfg.trainer.strategy
-    tp, pp = st.tensor_model_parallel_size, st.pipeline_model_parallel_size
+    tp, pp, ep = st.tensor_model_parallel_size, st.pipeline_model_parallel_size, parallel.expert_parallel_size(st)
     path, spec = _nemo_source(cfg.model, "model")
-    spec.validate_layout(tp, pp)
+    spec.validate_layout(tp, pp, ep)
     data, fit = _common_checks(cfg, tp, pp, spec, st.sequence_parallel, cfg.trainer.precision,
                                "trainer.strategy.sequence_parallel", "trainer.precision", recompute_keys=cfg.trainer,
-                               recompute_prefix="trainer")
+                               recompute_prefix="trainer", ep=ep, moe=spec.moe)
     out = Path(cfg.output).absolute()
     from nemo_minitron.runlock import RunLock
 
@@ -322,32 +328,55 @@ def precision_overrides(cfg, s_spec, t_spec, tp: int):
     return over, {k: v for k, v in over.items() if not k.startswith("fp8") and k not in fp8_keys}  # bf16 teacher
 
 
+def check_pair_layout(t_spec, s_spec, tp: int, pp: int, ep: int) -> None:
+    """Both models split into TP x PP; with EP > 1, every mixture of experts among them into EP (a dense student of a
+    mixture-of-experts teacher, or the reverse, is fine: EP splits only experts)."""
+    if ep > 1 and not (t_spec.moe or s_spec.moe):
+        raise UserError(f"trainer.strategy.expert_model_parallel_size={ep}: neither the teacher nor the student has "
+                        "experts (not a mixture of experts)")
+    for what, spec in (("teacher", t_spec), ("student", s_spec)):
+        try:
+            spec.validate_layout(tp, pp, ep if spec.moe else 1)
+        except UserError as e:
+            raise UserError(f"{what}: {e}") from None
+
+
+def moe_overrides(m, s_spec) -> dict:
+    """``model.moe_aux_loss_coeff`` for a mixture-of-experts student (null: the checkpoint's own)."""
+    coeff = m.get("moe_aux_loss_coeff")
+    if coeff is None:
+        return {}
+    if not s_spec.moe:
+        raise UserError(f"model.moe_aux_loss_coeff={coeff}: the student has no experts (not a mixture of experts)")
+    if isinstance(coeff, bool) or not isinstance(coeff, (int, float)) or coeff < 0:
+        raise UserError(f"model.moe_aux_loss_coeff={coeff!r} must be a number >= 0 (0: no load-balancing loss)")
+    return {"moe_aux_loss_coeff": float(coeff)}
+
+
 def run(cfg) -> None:
     from nemo_minitron.distill.pair import check_tokenizers, check_vocab as check_pair_vocab
     from nemo_minitron.distill.train import install_signal_handlers
 
     install_signal_handlers()  # a SLURM warning that arrives while we load still leads to a clean stop
 
-    tp, pp = cfg.trainer.strategy.tensor_model_parallel_size, cfg.trainer.strategy.pipeline_model_parallel_size
+    st = cfg.trainer.strategy
+    tp, pp, ep = st.tensor_model_parallel_size, st.pipeline_model_parallel_size, parallel.expert_parallel_size(st)
     # ---- everything that can be refused is refused here ---------------------------------------------
     t_path, t_spec = _nemo_source(cfg.teacher, "teacher")
     s_path, s_spec = _nemo_source(cfg.student, "student")
     check_pair_vocab(s_spec, t_spec)
     check_tokenizers(s_path, t_path)
-    for what, spec in (("teacher", t_spec), ("student", s_spec)):
-        try:
-            spec.validate_layout(tp, pp)
-        except UserError as e:
-            raise UserError(f"{what}: {e}") from None
+    check_pair_layout(t_spec, s_spec, tp, pp, ep)
     settings = settings_from(cfg)
     s_over, t_over = precision_overrides(cfg, s_spec, t_spec, tp)
+    s_over.update(moe_overrides(cfg.model, s_spec))
     for s_layer, t_layer in settings.intermediate_pairs:
         if not (-s_spec.num_layers <= s_layer < s_spec.num_layers and -t_spec.num_layers <= t_layer < t_spec.num_layers):
             raise UserError(f"distill.intermediate_pairs [{s_layer}, {t_layer}] is out of range (student has "
                             f"{s_spec.num_layers} layers, teacher {t_spec.num_layers})")
     data, fit = _common_checks(cfg, tp, pp, s_spec, cfg.trainer.strategy.sequence_parallel, cfg.model.precision,
                                "trainer.strategy.sequence_parallel", "model.precision", fp8=FP8.of(s_over),
-                               recompute_keys=cfg.model)
+                               recompute_keys=cfg.model, ep=ep, moe=s_spec.moe or t_spec.moe)
     correction = None
     if cfg.distill.teacher_correction:
         correction = FitSettings.from_config(cfg, fit.layout, fit.precision, cfg.finetune.max_steps)
@@ -374,7 +403,7 @@ def run(cfg) -> None:
             print(f"distilling {count_params(t_spec) / 1e6:.1f}M-param teacher -> {count_params(s_spec) / 1e6:.1f}M-param "
                   f"student, {fit.max_steps} steps x {data.global_batch_size} x {data.seq_length} tokens "
                   f"({fit.layout}, {fit.precision}, {_optimizer_name(fit)})", flush=True)
-        model = DistillationGPTModel(instantiate(s_spec, tp, pp, **s_over, **fit.model_fields()),
+        model = DistillationGPTModel(instantiate(s_spec, tp, pp, **s_over, **fit.model_fields(s_spec)),
                                      teacher_ckpt=str(t_path), settings=settings,
                                      init_from=str(s_path), teacher_overrides=t_over)
         _fit(model, data, fit, out, tp, pp, _optim(cfg.optim, fit))
@@ -391,15 +420,18 @@ def dry_run(cfg) -> None:
     t_spec, s_spec = lp.spec_of(cfg.teacher), lp.spec_of(cfg.student)
     from nemo_minitron.distill.pair import check_tokenizers, check_vocab as check_pair_vocab
 
-    tp, pp = cfg.trainer.strategy.tensor_model_parallel_size, cfg.trainer.strategy.pipeline_model_parallel_size
+    st = cfg.trainer.strategy
+    tp, pp, ep = st.tensor_model_parallel_size, st.pipeline_model_parallel_size, parallel.expert_parallel_size(st)
     check_pair_vocab(s_spec, t_spec)
     check_tokenizers(cfg.student, cfg.teacher)
+    check_pair_layout(t_spec, s_spec, tp, pp, ep)
+    moe_overrides(cfg.model, s_spec)
     settings_from(cfg)
     from nemo_minitron.model.precision import name as precision_name
 
     gpus = cfg.trainer.devices or 8
     d = blend.settings_from(cfg.data, has_cuda=True)
-    layout = parallel.Layout.resolve(cfg.trainer.num_nodes * gpus, tp, pp, cfg.trainer.strategy.sequence_parallel)
+    layout = parallel.Layout.resolve(cfg.trainer.num_nodes * gpus, tp, pp, cfg.trainer.strategy.sequence_parallel, ep=ep)
     from nemo_minitron.model import recompute
 
     m = cfg.model
@@ -409,7 +441,7 @@ def dry_run(cfg) -> None:
     p = lp.plan(t_spec, s_spec, cfg.trainer.num_nodes, gpus, tp, pp, d.seq_length, d.micro_batch_size,
                 d.global_batch_size, fused_output=k.fused_output, chunk_tokens=k.chunk_tokens, lm=k.lm_weight > 0,
                 sequence_parallel=layout.sequence_parallel, distributed_optimizer=fit.distributed_optimizer,
-                precision=fit.precision, recompute=rec)
+                precision=fit.precision, recompute=rec, ep=ep)
     print(lp.show(p, lp.describe_shape(t_spec), lp.describe_shape(s_spec)))
     print(f"  {fit.max_steps} steps = {fit.max_steps * p['tokens_per_step'] / 1e9:.2f}B tokens")
     print(blend.plan_or_note(d, fit.max_steps, d.cache_dir(Path(cfg.output)).as_posix()))

@@ -63,11 +63,12 @@ class MetricsLog(pl.Callback):
         step = trainer.global_step
         dt = time.perf_counter() - self._t
         loss, kd, lm, inter = self._last_stage_values(pl_module, outputs)
+        aux = moe_aux_loss(getattr(pl_module, "config", None))  # every rank: a collective
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
         rec = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": self.tokens_per_step / dt,
                "consumed_tokens": step * self.tokens_per_step}
-        for k, v in (("kd_loss", kd), ("lm_loss", lm), ("intermediate_loss", inter)):
-            if not math.isnan(v):
+        for k, v in (("kd_loss", kd), ("lm_loss", lm), ("intermediate_loss", inter), ("moe_aux_loss", aux)):
+            if v is not None and not math.isnan(v):
                 rec[k] = v
         guard = getattr(pl_module, "nonfinite_guard", None)
         if guard is not None:
@@ -80,8 +81,8 @@ class MetricsLog(pl.Callback):
                 pl_module.log(f"train/{k}", float(v), on_step=True, rank_zero_only=True, batch_size=1)
         if parallel.is_rank0() and (step % self.every == 0 or step == self.max_steps):
             eta = (time.perf_counter() - self._t0) / max(1, step - self._first_step(step)) * (self.max_steps - step)
-            extra = "".join(f"  {k.replace('_loss', '')} {rec[k]:.4f}" for k in ("kd_loss", "lm_loss", "intermediate_loss")
-                            if k in rec)
+            extra = "".join(f"  {k.replace('_loss', '')} {rec[k]:.4f}"
+                            for k in ("kd_loss", "lm_loss", "intermediate_loss", "moe_aux_loss") if k in rec)
             print(f"step {step}/{self.max_steps}  loss {loss:.4f}{extra}  lr {lr:.2e}  "
                   f"{rec['tokens_per_s']:.0f} tok/s  eta {eta:.0f}s", flush=True)
 
@@ -100,6 +101,37 @@ class MetricsLog(pl.Callback):
         self._write(rec)
         if parallel.is_rank0():
             print(f"validation at step {trainer.global_step}: student LM loss {float(val):.4f}", flush=True)
+
+
+def moe_aux_loss(config) -> float | None:
+    """The load-balancing loss the student's routers added to the step just run (``moe_aux_loss_coeff`` x the sum over
+    MoE layers of each layer's loss, averaged over the micro-batches and the data-parallel ranks), from megatron's
+    aux-loss tracker, which is then cleared (as megatron's ``track_moe_metrics``). None for a dense student or
+    ``moe_aux_loss_coeff=0``. A collective over the pipeline and data-parallel groups: call it on every rank."""
+    coeff = getattr(config, "moe_aux_loss_coeff", 0) or 0
+    if not getattr(config, "num_moe_experts", None) or not coeff:
+        return None
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
+    from megatron.core.transformer.moe import moe_utils
+
+    name = "load_balancing_loss"
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    if name not in tracker:  # a stage that routed nothing this step still joins the reduction
+        tracker[name] = {"values": torch.zeros(config.num_layers, device=platform.device()), "reduce_group": None,
+                         "avg_group": None}
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    # megatron's reduce_aux_losses_tracker_across_ranks, with its DP mean as a sum (gloo has no ReduceOp.AVG)
+    values = tracker[name]["values"]
+    dist.all_reduce(values, group=ps.get_pipeline_model_parallel_group())  # each stage holds its own layers
+    if tracker[name].get("reduce_group") is not None:  # the TP ranks' shares of the sequence (SP)
+        dist.all_reduce(values, group=tracker[name]["reduce_group"])
+    dp = ps.get_data_parallel_group(with_context_parallel=True)
+    dist.all_reduce(values, group=dp)
+    value = float(values.sum()) * coeff / (get_num_microbatches() * dist.get_world_size(dp))
+    moe_utils.clear_aux_losses_tracker()
+    return value
 
 
 class NonFiniteStop(Exception):
@@ -317,7 +349,7 @@ def build_trainer(run_dir: Path, layout: parallel.Layout, precision: str, max_st
                                         overlap_param_gather=overlap_param_gather, bucket_size=bucket_size)
     strategy = nl.MegatronStrategy(
         ddp=ddp, tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
-        sequence_parallel=layout.sequence_parallel,
+        expert_model_parallel_size=layout.ep, sequence_parallel=layout.sequence_parallel,
         ckpt_async_save=False, ckpt_parallel_save=False, ckpt_load_strictness="log_all",
         ckpt_optim_fully_reshardable=optim_fully_reshardable,
         pipeline_dtype=dtype_fields(precision)["pipeline_dtype"],

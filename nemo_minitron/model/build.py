@@ -18,6 +18,8 @@ def instantiate(spec: ModelSpec, tp: int = 1, pp: int = 1, **extra):
     args.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, vocab_size=spec.padded_vocab(tp))
     args.update(platform.config_overrides())
     args.update(extra)
+    if args.get("expert_model_parallel_size", 1) > 1 and tp > 1 and not args.get("sequence_parallel"):
+        _megatron_warnings_import()
     if "pipeline_dtype" not in args:
         args["pipeline_dtype"] = (
             torch.bfloat16 if args.get("bf16") else torch.float16 if args.get("fp16") else torch.float32
@@ -25,6 +27,18 @@ def instantiate(spec: ModelSpec, tp: int = 1, pp: int = 1, **extra):
     config = cls(**args)
     config.unpadded_vocab_size = spec.vocab_size
     return config
+
+
+def _megatron_warnings_import() -> None:
+    """megatron-core 0.15.3's ``model_parallel_config`` calls ``warnings.warn`` for EP > 1 with TP > 1 and no sequence
+    parallelism (a warning meant for training; inference and pruning run so) but never imports ``warnings``: the
+    config would raise NameError. Bind the module it meant."""
+    import warnings
+
+    from megatron.core import model_parallel_config
+
+    if not hasattr(model_parallel_config, "warnings"):
+        model_parallel_config.warnings = warnings
 
 
 def real_vocab(config) -> int:

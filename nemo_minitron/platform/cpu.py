@@ -29,7 +29,10 @@ What is changed, in one list:
 4. gloo: 0-dim tensors given to ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` are viewed 1-d,
    ``all_gather_into_tensor`` falls back to ``all_gather`` and ``reduce_scatter_tensor`` to an
    ``all_reduce`` of which each rank keeps its slice (gloo lacks both fused collectives, which megatron's
-   distributed optimizer and sequence parallelism use for every gradient bucket and activation).
+   distributed optimizer and sequence parallelism use for every gradient bucket and activation). An
+   ``all_gather`` of parts with uneven first dimensions (megatron's MoE all-to-all dispatcher at TP > 1 gathers
+   each TP rank's routed tokens) travels padded to the longest part, and ``reduce_scatter`` of a list (its
+   combine) is an ``all_reduce`` of which each rank keeps its part: gloo has neither.
 5. Gradient clipping: megatron's ``clip_grad_by_total_norm_fp32`` asserts CUDA grads; a CPU version
    scales the same grads by the same coefficient.
 6. Resume with megatron's distributed optimizer over torch's Adam (no Apex/TE): the empty optimizer state
@@ -427,8 +430,42 @@ def _patch_gloo_collectives() -> None:
         output.reshape(-1).copy_(buf[rank])
         return _Completed() if async_op else None  # done already: megatron's overlapped path waits on it
 
+    orig_all_gather = dist.all_gather
+
+    @functools.wraps(orig_all_gather)
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        shapes = {tuple(t.shape) for t in tensor_list}
+        if dist.get_backend(group) != "gloo" or shapes == {tuple(tensor.shape)}:
+            return orig_all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        # uneven first dimensions (megatron's MoE dispatcher gathers each TP rank's routed tokens): gloo needs equal
+        # sizes, so every part travels padded to the longest and is trimmed on arrival
+        rows = max(t.shape[0] for t in tensor_list)
+        pad = tensor.new_zeros((rows,) + tuple(tensor.shape[1:]))
+        pad[:tensor.shape[0]] = tensor
+        parts = [torch.empty_like(pad) for _ in tensor_list]
+        orig_all_gather(parts, pad.contiguous(), group=group)
+        for out, part in zip(tensor_list, parts):
+            out.copy_(part[:out.shape[0]])
+        return _Completed() if async_op else None
+
+    orig_reduce_scatter = dist.reduce_scatter
+
+    @functools.wraps(orig_reduce_scatter)
+    def reduce_scatter(output, input_list, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if dist.get_backend(group) != "gloo":
+            return orig_reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
+        # gloo has no reduce_scatter: all-reduce the whole (every rank holds the same split sizes), keep this rank's
+        rank = dist.get_rank(group)
+        buf = torch.cat([t.reshape(t.shape[0], -1) for t in input_list]).contiguous()
+        dist.all_reduce(buf, op=op, group=group)
+        start = sum(t.shape[0] for t in input_list[:rank])
+        output.copy_(buf[start:start + output.shape[0]].reshape(output.shape))
+        return _Completed() if async_op else None
+
     dist.all_gather_into_tensor = all_gather_into_tensor
     dist.reduce_scatter_tensor = reduce_scatter_tensor
+    dist.all_gather = all_gather
+    dist.reduce_scatter = reduce_scatter
     # megatron aliases the fused collectives at import time in a few modules
     import megatron.core.tensor_parallel.mappings as mappings
 
