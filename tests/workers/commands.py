@@ -52,7 +52,10 @@ def _nemo_setup_on_an_existing_group() -> None:
 
 
 def main():
-    runs = json.loads(sys.argv[1])
+    run_all(json.loads(sys.argv[1]))
+
+
+def run_all(runs: list) -> None:
     from megatron.core import parallel_state
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
 
