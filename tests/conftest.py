@@ -124,12 +124,23 @@ def in_process(capsys, *args):
     from nemo_minitron.cli import main
 
     single = parallel_state.model_parallel_is_initialized()
-    capsys.readouterr()
+    if capsys is not None:  # None (a module fixture, which cannot take capsys): the output is not kept
+        capsys.readouterr()
     code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
+    out, err = capsys.readouterr() if capsys is not None else ("", "")
     if single and not parallel_state.model_parallel_is_initialized():
         parallel.initialize(1, 1)  # a command ends with parallel.destroy(): the session's dist_single state again
     return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+
+def cli_here(capsys, *args):
+    """:func:`in_process` for a command that must succeed (a failure shows its output): a single-process command
+    (prune, evaluate, export, import, convert, a search's rank phase) without a fresh process's NeMo import."""
+    p = in_process(capsys, *args)
+    if p.returncode != 0:
+        raise AssertionError(f"command failed ({p.returncode}): {' '.join(map(str, args))}\n"
+                             f"--- stdout ---\n{p.stdout[-6000:]}\n--- stderr ---\n{p.stderr[-6000:]}")
+    return p
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import cli, in_process, torchrun
+from conftest import cli_here, in_process, torchrun
 
 DEPTH_ARGS = ["data.calibration_samples=8", "data.seq_length=32", "prune.depth_samples=8", "data.micro_batch_size=4"]
 
@@ -85,7 +85,7 @@ def test_explicit_drop_layers_cli(tiny_ckpt, tmp_path, dist_single, capsys):
     from nemo_minitron.model.shards import gather_full
 
     out = tmp_path / "d"
-    proc = cli("prune", f"model={tiny_ckpt}", f"output={out}", "prune.drop_layers=[2,4]")
+    proc = cli_here(capsys, "prune", f"model={tiny_ckpt}", f"output={out}", "prune.drop_layers=[2,4]")
     assert "dropped layers [2, 4]" in proc.stdout
     a, b = gather_full(load_model(tiny_ckpt)[0]), gather_full(load_model(out)[0])
     for suffix in ("mlp.linear_fc1.weight", "self_attention.linear_qkv.weight", "input_layernorm.weight"):
@@ -101,9 +101,9 @@ def _layout_args(tiny_ckpt, tiny_data):
 
 
 @pytest.fixture(scope="module")
-def depth_one_process(tiny_ckpt, tiny_data, tmp_path_factory):
+def depth_one_process(tiny_ckpt, tiny_data, tmp_path_factory, dist_single):
     one = tmp_path_factory.mktemp("depth") / "one"
-    cli("prune", *_layout_args(tiny_ckpt, tiny_data), f"output={one}")
+    cli_here(None, "prune", *_layout_args(tiny_ckpt, tiny_data), f"output={one}")
     return one
 
 
@@ -157,7 +157,7 @@ def test_smollm2_30_to_20_layers(smol, dist_single):
     assert max(losses.values()) < min(random_losses) - 1.0, (losses, random_losses)
 
 
-def test_depth_callback_in_nemo_run(tiny_ckpt, tiny_data, tmp_path, dist_single):
+def test_depth_callback_in_nemo_run(tiny_ckpt, tiny_data, tmp_path, dist_single, capsys):
     """DepthPruningCallback in a real NeMo run gives the layers `nemo-minitron prune` chooses."""
     from conftest import nemo_fit_with_callback
     from nemo_minitron.checkpoint.loader import load_model
@@ -165,8 +165,8 @@ def test_depth_callback_in_nemo_run(tiny_ckpt, tiny_data, tmp_path, dist_single)
     from nemo_minitron.prune.callbacks import DepthPruningCallback
 
     ref_dir = tmp_path / "ref"
-    cli("prune", f"model={tiny_ckpt}", f"output={ref_dir}", f"data.calibration={tiny_data}", *DEPTH_ARGS,
-        "prune.num_layers=2", "prune.depth_method=contiguous")
+    cli_here(capsys, "prune", f"model={tiny_ckpt}", f"output={ref_dir}", f"data.calibration={tiny_data}", *DEPTH_ARGS,
+             "prune.num_layers=2", "prune.depth_method=contiguous")
     cb = DepthPruningCallback(source=tiny_ckpt, num_layers=2, depth_method="contiguous", calibration=str(tiny_data),
                               calibration_samples=8, depth_samples=8, seq_length=32, micro_batch_size=4)
     model, trained = nemo_fit_with_callback(tiny_ckpt, cb, tiny_data, steps=1)

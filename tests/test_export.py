@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli, in_process, run
+from conftest import cli_here, in_process, run
 
 WORKER = Path(__file__).resolve().parent / "hf_logits_worker.py"
 
@@ -60,7 +60,7 @@ def test_export_tiny_untied_and_dtype(tiny_ckpt, tiny_windows, tmp_path, dist_si
     export_hf(tied, tmp_path / "tied_hf", dtype="fp32")
     printed, written = _printed_and_written_params(capsys.readouterr().out, tmp_path / "tied_hf")
     assert printed == written == count_params(tied_spec), (printed, written)
-    proc = cli("export", f"model={tiny_ckpt}", f"output={out16}")  # default bf16
+    proc = cli_here(capsys, "export", f"model={tiny_ckpt}", f"output={out16}")  # default bf16
     assert proc.stdout.strip().splitlines()[-1] == f"wrote checkpoint: {out16}"
     assert _printed_and_written_params(proc.stdout, out16) == (count_params(ck.read_spec(tiny_ckpt)),) * 2
     cfg16 = json.loads((out16 / "config.json").read_text())
@@ -147,7 +147,7 @@ def test_nemo_archive_round_trip(tiny_ckpt, tiny_windows, tmp_path, dist_single,
     tokens = tiny_windows[0][:2, :-1]
     ref = _megatron_logits(tiny_ckpt, tokens)
     archive = tmp_path / "tiny.nemo"
-    p = cli("export", f"model={tiny_ckpt}", "format=nemo", f"output={archive}")
+    p = cli_here(capsys, "export", f"model={tiny_ckpt}", "format=nemo", f"output={archive}")
     assert p.stdout.strip().splitlines()[-1] == f"wrote checkpoint: {archive}"
     assert archive.is_file() and tarfile.is_tarfile(archive)
     assert not list(tmp_path.glob("*.partial"))
@@ -170,7 +170,7 @@ def test_nemo_archive_round_trip(tiny_ckpt, tiny_windows, tmp_path, dist_single,
     assert torch.equal(nemo_logits, ref)
 
     back = tmp_path / "back"
-    p = cli("import", f"source={archive}", f"output={back}")
+    p = cli_here(capsys, "import", f"source={archive}", f"output={back}")
     assert p.stdout.strip().splitlines()[-1] == f"wrote checkpoint: {back}"
     assert torch.equal(_megatron_logits(back, tokens), ref)
 
@@ -237,12 +237,12 @@ def test_convert_between_layer_specs(tiny_ckpt, tiny_windows, tmp_path, dist_sin
     assert fp8 >= 2 * spec.num_layers  # the cluster checkpoint carries FP8 scaling state
 
     local = tmp_path / "local"
-    p = cli("convert", f"model={te}", f"output={local}", "transformer_impl=local")
+    p = cli_here(capsys, "convert", f"model={te}", f"output={local}", "transformer_impl=local")
     assert p.stdout.strip().splitlines()[-1] == f"wrote checkpoint: {local}"
     record = json.loads((local / "convert.json").read_text())
     assert record["fp8_state"] == "dropped" and record["fp8_state_objects_in_source"] == fp8
     back = tmp_path / "back"
-    cli("convert", f"model={local}", f"output={back}", "transformer_impl=transformer_engine")
+    cli_here(capsys, "convert", f"model={local}", f"output={back}", "transformer_impl=transformer_engine")
     assert json.loads((back / "convert.json").read_text())["transformer_impl"] == "transformer_engine"
     tokens = tiny_windows[0][:2, :-1]
     ref = _megatron_logits(te, tokens)

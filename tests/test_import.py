@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import cli, in_process
+from conftest import cli, cli_here, in_process
 from hf_fixtures import TEXT, make_hf_llama
 
 VARIANTS = {
@@ -84,42 +84,42 @@ def _assert_refused(proc, needle, out):
     assert not out.exists() or not any(out.iterdir()) or out.name == "existing"
 
 
-def test_refuses_non_causal_lm(tmp_path):
+def test_refuses_non_causal_lm(tmp_path, capsys):
     src = tmp_path / "bert"
     src.mkdir()
     (src / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
     out = tmp_path / "out"
-    _assert_refused(cli("import", f"source={src}", f"output={out}", check=False), "not a supported causal LM", out)
+    _assert_refused(in_process(capsys, "import", f"source={src}", f"output={out}"), "not a supported causal LM", out)
     assert not out.exists()
 
 
-def test_refuses_missing_config(tmp_path):
+def test_refuses_missing_config(tmp_path, capsys):
     out = tmp_path / "out"
-    _assert_refused(cli("import", f"source={tmp_path}", f"output={out}", check=False), "config.json is missing", out)
+    _assert_refused(in_process(capsys, "import", f"source={tmp_path}", f"output={out}"), "config.json is missing", out)
 
 
-def test_refuses_missing_tokenizer(tmp_path):
+def test_refuses_missing_tokenizer(tmp_path, capsys):
     src = make_hf_llama(tmp_path / "hf", tokenizer=False)
     out = tmp_path / "out"
-    _assert_refused(cli("import", f"source={src}", f"output={out}", check=False), "tokenizer is missing", out)
+    _assert_refused(in_process(capsys, "import", f"source={src}", f"output={out}"), "tokenizer is missing", out)
     assert not out.exists()
 
 
-def test_refuses_existing_output_unless_overwrite(tmp_path):
+def test_refuses_existing_output_unless_overwrite(tmp_path, capsys, dist_single):
     src = make_hf_llama(tmp_path / "hf")
     out = tmp_path / "existing"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    _assert_refused(cli("import", f"source={src}", f"output={out}", check=False), "exists and is not empty", out)
+    _assert_refused(in_process(capsys, "import", f"source={src}", f"output={out}"), "exists and is not empty", out)
     assert (out / "keep.txt").read_text() == "user data"
-    ok = cli("import", f"source={src}", f"output={out}", "overwrite=true")
+    ok = cli_here(capsys, "import", f"source={src}", f"output={out}", "overwrite=true")
     assert ok.stdout.strip().splitlines()[-1] == f"wrote checkpoint: {out}"
     assert not (out / "keep.txt").exists()
 
 
-def test_refuses_unknown_config_key(tmp_path):
+def test_refuses_unknown_config_key(tmp_path, capsys):
     out = tmp_path / "out"
-    proc = cli("import", f"output={out}", "trainer.max_stepz=3", check=False)
+    proc = in_process(capsys, "import", f"output={out}", "trainer.max_stepz=3")
     _assert_refused(proc, "unknown config key 'trainer.max_stepz'", out)
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import cli, in_process, torchrun
+from conftest import cli, cli_here, in_process, torchrun
 
 TARGETS = ["prune.hidden_size=48", "prune.ffn_hidden_size=96", "prune.num_attention_heads=2",
            "prune.num_query_groups=2"]
@@ -158,15 +158,17 @@ def test_cli_refuses_before_calibration(tiny_ckpt, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def pruned_tp1(tiny_ckpt, tiny_data, tmp_path_factory):
+def pruned_tp1(tiny_ckpt, tiny_data, tmp_path_factory, dist_single):
+    from nemo_minitron.checkpoint import nemo as ck
+
     out = tmp_path_factory.mktemp("pruned") / "tp1"
-    proc = cli("prune", f"model={tiny_ckpt}", f"output={out}", f"data.calibration={tiny_data}",
-               "data.calibration_samples=16", "data.seq_length=32", *TARGETS, TRIM)
-    assert proc.stdout.strip().splitlines()[-1] == f"wrote checkpoint: {out}"
+    cli_here(None, "prune", f"model={tiny_ckpt}", f"output={out}", f"data.calibration={tiny_data}",
+             "data.calibration_samples=16", "data.seq_length=32", *TARGETS, TRIM)
+    ck.validate(out)
     return out
 
 
-def test_report_scores_and_reuse(pruned_tp1, tiny_ckpt, tmp_path, dist_single):
+def test_report_scores_and_reuse(pruned_tp1, tiny_ckpt, tmp_path, dist_single, capsys):
     rep = json.loads((pruned_tp1 / "pruning" / "report.json").read_text())
     assert rep["shapes"]["hidden_size"] == {"source": 64, "pruned": 48}
     assert rep["params"]["pruned"] < rep["params"]["source"]
@@ -174,7 +176,7 @@ def test_report_scores_and_reuse(pruned_tp1, tiny_ckpt, tmp_path, dist_single):
         assert (pruned_tp1 / "pruning" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # re-prune from the saved scores: no calibration, identical result
     again = tmp_path / "again"
-    proc = cli("prune", f"model={tiny_ckpt}", f"output={again}", f"prune.scores={pruned_tp1}", *TARGETS, TRIM)
+    proc = cli_here(capsys, "prune", f"model={tiny_ckpt}", f"output={again}", f"prune.scores={pruned_tp1}", *TARGETS, TRIM)
     assert "calibration:" not in proc.stderr  # no calibration progress bar: scores were reused
     from nemo_minitron.checkpoint.loader import load_model
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import WORKERS, cli, torchrun
+from conftest import WORKERS, cli_here, torchrun
 from test_families import assert_logits_close
 
 TARGETS = {"hidden_size": 48, "ffn_hidden_size": 96, "num_attention_heads": 2}
@@ -172,8 +172,8 @@ def test_prune_command_reports_the_refit(tiny_ckpt, tiny_data, tmp_path, capsys,
     out, refused = tmp_path / "pruned", tmp_path / "refused"
     args = ["prune", f"model={tiny_ckpt}", f"data.calibration={tiny_data}", "data.calibration_samples=16",
             "data.seq_length=32", "prune.hidden_size=48", "prune.ffn_hidden_size=96", "prune.num_attention_heads=2"]
-    proc = cli(*args, f"output={out}", "prune.reconstruction=least_squares", f"data.validation={tiny_data}",
-               "data.validation_samples=8")
+    proc = cli_here(capsys, *args, f"output={out}", "prune.reconstruction=least_squares",
+                    f"data.validation={tiny_data}", "data.validation_samples=8")
     rep = json.loads((out / "pruning" / "report.json").read_text())
     info = rep["reconstruction_info"]
     assert rep["reconstruction"] == "least_squares" and [r["layer"] for r in info["layers"]] == [1, 2, 3, 4]

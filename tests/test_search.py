@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WORKERS, cli, in_process, torchrun
+from conftest import WORKERS, cli, cli_here, in_process, torchrun
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -148,7 +148,7 @@ def _search_args(d, out):
             "search.baseline={hidden_size: 48, ffn_hidden_size: 96}"]
 
 
-def test_search_end_to_end(search_inputs, tmp_path):
+def test_search_end_to_end(search_inputs, tmp_path, dist_single, capsys):
     from nemo_minitron.checkpoint import nemo as ck
     from nemo_minitron.model import count_params
 
@@ -200,8 +200,8 @@ def test_search_end_to_end(search_inputs, tmp_path):
 
     # the pruned checkpoint of a finalist (the sequential refit) has the loss recorded for it on the ranking
     # windows, near the one-shot refit's that ranked it
-    ev = cli("evaluate", f"model={fin[top2[0]]['pruned_checkpoint']}", f"data={d['data']}",
-             "eval.num_samples=8", "eval.seq_length=32")
+    ev = cli_here(capsys, "evaluate", f"model={fin[top2[0]]['pruned_checkpoint']}", f"data={d['data']}",
+                  "eval.num_samples=8", "eval.seq_length=32")
     assert f"loss {fin[top2[0]]['pruned_loss_sequential']:.4f}" in ev.stdout
     assert abs(fin[top2[0]]["pruned_loss_sequential"] - fin[top2[0]]["pruned_loss"]) < 0.2
 
@@ -212,7 +212,7 @@ def test_search_end_to_end(search_inputs, tmp_path):
     ranked = json.loads((out / "candidates.json").read_text())
     assert ranked["rank"] == {"num_samples": 8, "refit": "one_shot"}
     (out / "candidates.json").unlink()  # ... and, above search.stats_max_gib, read layer by layer from disk
-    again = cli("search", *_search_args(d, out), "search.phase=rank", "search.stats_max_gib=0")
+    again = cli_here(capsys, "search", *_search_args(d, out), "search.phase=rank", "search.stats_max_gib=0")
     assert "(no calibration pass" in again.stdout and "calibration:" not in again.stdout + again.stderr
     assert "on disk in" in again.stdout and "read per layer" in again.stdout
     assert [c["pruned_loss"] for c in json.loads((out / "candidates.json").read_text())["candidates"]] == \
@@ -220,7 +220,7 @@ def test_search_end_to_end(search_inputs, tmp_path):
     # the same finalists as ranking with today's sequential refit of every candidate (which the finalists'
     # checkpoints get): the recorded losses are those of the sequential ranking
     seq = tmp_path / "sequential"
-    cli("search", *_search_args(d, seq), "search.phase=rank", "search.rank_refit=sequential")
+    cli_here(capsys, "search", *_search_args(d, seq), "search.phase=rank", "search.rank_refit=sequential")
     by_seq = {c["name"]: c for c in json.loads((seq / "candidates.json").read_text())["candidates"]}
     assert json.loads((seq / "candidates.json").read_text())["finalists"] == ranked["finalists"]
     for name in top2:
@@ -228,7 +228,7 @@ def test_search_end_to_end(search_inputs, tmp_path):
 
     # re-running the same command redoes nothing but the table (the report phase alone: the SLURM job array's
     # report job, tests/test_slurm.py)
-    again = cli("search", *_search_args(d, out))
+    again = cli_here(capsys, "search", *_search_args(d, out))
     assert "[rank] complete, skipped" in again.stdout
     assert all(f"[distill_{n}] complete, skipped" in again.stdout for n in fin)
     assert f"winner: {best}" in again.stdout
@@ -268,7 +268,7 @@ def test_search_statistics_and_one_shot_ranking_equal_across_layouts(tiny_ckpt, 
         assert got["losses"][name] == pytest.approx(ref["losses"][name], abs=1e-5), name
 
 
-def test_search_refusals(search_inputs, tmp_path):
+def test_search_refusals(search_inputs, tmp_path, capsys):
     from hf_fixtures import make_hf_llama
 
     d = search_inputs
@@ -306,13 +306,14 @@ def test_search_refusals(search_inputs, tmp_path):
         with pytest.raises(UserError, match=msg.replace(".", r"\.")):
             command.run(config.load("search", args))
         assert not (out / "candidates.json").exists()
-    res = cli("search", *_search_args(d, out), "search.params=200%", check=False)
-    assert res.returncode == 2 and "budget must be below" in res.stderr
+    res = in_process(capsys, "search", *_search_args(d, out), "search.params=200%")  # the CLI's exit status and line
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and "budget must be below" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
     # the finalists' distillations get every precision/FP8/memory key (planned for the cluster: FP8 accepted)
     fp8 = ["trainer.transformer_impl=transformer_engine", "trainer.precision=bf16", "trainer.fp8=hybrid",
            "trainer.fp8_recipe=tensorwise", "trainer.fp8_first_last_layers_bf16=true", "trainer.teacher_fp8=true",
            "trainer.recompute_granularity=selective", "optim.overlap_grad_reduce=true", "optim.bucket_size=1000000"]
-    dry = cli("search", *_search_args(d, out), *fp8, "--dry-run")
+    dry = cli_here(capsys, "search", *_search_args(d, out), *fp8, "--dry-run")
     line = next(x for x in dry.stdout.splitlines() if x.startswith("each finalist's distillation: nemo-minitron distill"))
     for key in ("model.transformer_impl=transformer_engine", "model.precision=bf16", "model.fp8=hybrid",
                 "model.fp8_recipe=tensorwise", "model.fp8_first_last_layers_bf16=true", "model.teacher_fp8=true",

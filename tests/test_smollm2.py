@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from conftest import cli  # noqa: F401  (the smol fixture lives in conftest)
+from conftest import cli_here
 
 pytestmark = pytest.mark.slow
 
@@ -39,12 +39,12 @@ def test_logits_match_transformers(smol, dist_single):
     assert diff < 1e-3
 
 
-def test_evaluate_equals_transformers_loss(smol, tmp_path):
+def test_evaluate_equals_transformers_loss(smol, tmp_path, dist_single, capsys):
     from nemo_minitron.data import indexed
 
     out = tmp_path / "eval.json"
-    proc = cli("evaluate", f"model={smol / 'ckpt'}", f"data={smol / 'heldout'}", "eval.num_samples=8",
-               "eval.seq_length=256", f"output_json={out}")
+    proc = cli_here(capsys, "evaluate", f"model={smol / 'ckpt'}", f"data={smol / 'heldout'}", "eval.num_samples=8",
+                    "eval.seq_length=256", f"output_json={out}")
     assert proc.stdout.strip().splitlines()[-1] == f"wrote metrics: {out}"
     res = json.loads(out.read_text())
     assert set(res) >= {"loss", "perplexity", "tokens"} and res["tokens"] == 8 * 256
