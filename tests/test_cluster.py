@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, cli, commands, free_port, torchrun
+from conftest import REPO, cli, cli_here, commands, free_port, torchrun
 
 pytestmark = pytest.mark.parallel
 TRACE = "NEMO_MINITRON_TRACE_BATCHES"
@@ -318,13 +318,13 @@ def _prune_args(tiny_ckpt, tiny_data, out):
             "prune.num_layers=3", "prune.hidden_size=48", "prune.ffn_hidden_size=96", "prune.num_attention_heads=2"]
 
 
-def test_pruning_with_data_parallelism_equals_one_process(tiny_ckpt, tiny_data, dist_single, tmp_path):
+def test_pruning_with_data_parallelism_equals_one_process(tiny_ckpt, tiny_data, dist_single, tmp_path, capsys):
     """Depth (lm_loss, prefix reused) and width pruning with least-squares reconstruction at DP=2 and at
     TP=2 x DP=2: each DP rank calibrates on its share of the windows and the statistics (importance, Gram
     matrices) are reduced over DP; importance scores, layer scores, calibration loss and the pruned, refitted
     weights equal the single process's."""
     single = tmp_path / "single"
-    cli(*_prune_args(tiny_ckpt, tiny_data, single))
+    cli_here(capsys, *_prune_args(tiny_ckpt, tiny_data, single))
     ref = torch.load(single / "pruning" / "scores.pt", weights_only=False)
     ref_rep = json.loads((single / "pruning" / "report.json").read_text())
     ref_w = _student_weights_of(single)

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import WORKERS, cli, torchrun
+from conftest import WORKERS, cli, commands, torchrun
 
 
 
@@ -237,18 +237,18 @@ def test_teacher_correction_then_distill(tiny_ckpt, tiny_student, tiny_data, tmp
 def test_finetune_command(tiny_ckpt, tiny_data, tmp_path):
     """finetune, with validation drawn from the training data by Megatron's split (data.split)."""
     def finetune(out, lr):
-        return cli("finetune", f"model={tiny_ckpt}", f"output={out}", f"data.train={tiny_data}", "data.seq_length=32",
-                   "data.global_batch_size=4", "trainer.max_steps=3", f"optim.lr={lr}", "optim.min_lr=0", "checkpoint.every_n_steps=2",
-                   "data.split=50,50,0", "data.num_val_samples=8", "trainer.val_check_interval=3")
+        return {"name": out.name, "args": [
+            "finetune", f"model={tiny_ckpt}", f"output={out}", f"data.train={tiny_data}", "data.seq_length=32",
+            "data.global_batch_size=4", "trainer.max_steps=3", f"optim.lr={lr}", "optim.min_lr=0",
+            "checkpoint.every_n_steps=2", "data.split=50,50,0", "data.num_val_samples=8", "trainer.val_check_interval=3"]}
 
     out = tmp_path / "ft"
-    p = finetune(out, "1e-2")
-    assert p.stdout.strip().splitlines()[-1] == f"wrote checkpoint: {out / 'model'}"
+    # the validation loss is the trained model's on the held-out split: below the untrained one's (lr ~ 0, the
+    # same windows) by a real margin; both runs in one process
+    outs = commands([finetune(out, "1e-2"), finetune(tmp_path / "ft0", "1e-12")])
+    assert outs["ft"].strip().splitlines()[-1] == f"wrote checkpoint: {out / 'model'}"
     m = _metrics(out)
     assert m["train"][3]["loss"] < m["train"][1]["loss"]
-    # the validation loss is the trained model's on the held-out split: below the untrained one's (lr ~ 0, the
-    # same windows) by a real margin
-    finetune(tmp_path / "ft0", "1e-12")
     untrained = _metrics(tmp_path / "ft0")
     assert sorted(m["val"]) == [3] == sorted(untrained["val"])
     assert m["val"][3] < untrained["val"][3] - 0.1, (m["val"], untrained["val"])

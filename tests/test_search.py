@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WORKERS, cli, cli_here, in_process, torchrun
+from conftest import WORKERS, cli_here, in_process, torchrun
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -154,7 +154,7 @@ def test_search_end_to_end(search_inputs, tmp_path, dist_single, capsys):
 
     d = search_inputs
     out = tmp_path / "search"
-    res = cli("search", *_search_args(d, out), timeout=1200)
+    res = cli_here(capsys, "search", *_search_args(d, out))  # the orchestrator here, its stages in processes
     assert res.stdout.strip().splitlines()[-1] == f"wrote search table: {out / 'search.md'}"
     # the finalists are evaluated by one evaluate process (a list of models)
     ev_lines = [line for line in res.stdout.splitlines() if " -m nemo_minitron.cli evaluate " in line]
@@ -325,7 +325,7 @@ def test_search_refusals(search_inputs, tmp_path, capsys):
     assert dry.stdout.count(" 50.0%  ") == 2 and "sample index: ~" in dry.stdout
 
 
-def test_search_ranks_finalists_by_downstream_accuracy(family_ckpts, tmp_path, capsys):
+def test_search_ranks_finalists_by_downstream_accuracy(family_ckpts, tmp_path, capsys, dist_single):
     """search.score=downstream: the distilled finalists are scored on lm-eval tasks (the same seeded documents for
     each) and ranked by their average accuracy, the loss shown beside it; a tiny Qwen2 with its tokenizer."""
     from hf_fixtures import TEXT
@@ -335,13 +335,13 @@ def test_search_ranks_finalists_by_downstream_accuracy(family_ckpts, tmp_path, c
     assert in_process(capsys, "preprocess", f"input={tmp_path / 'text.txt'}", f"tokenizer={hf_src}",
                       f"output_prefix={tmp_path / 'data'}").returncode == 0
     data, out = tmp_path / "data", tmp_path / "s"
-    res = cli("search", f"model={ckpt}", f"output={out}", f"data.calibration={data}", f"data.train={data}",
+    res = cli_here(capsys, "search", f"model={ckpt}", f"output={out}", f"data.calibration={data}", f"data.train={data}",
               f"data.validation={data}", "data.seq_length=32", "data.calibration_samples=8", "search.params=0.85",
               "search.tolerance=0.1", "search.multiple=16", "search.max_candidates=3", "search.top_k=2",
               "search.distill_steps=2", "search.eval_samples=4", "search.eval_seq_length=32", "search.rank_samples=4",
               "search.depth_samples=4", "distill.seq_length=32", "distill.micro_batch_size=2",
               "distill.global_batch_size=4", "search.score=downstream", "search.score_tasks=[piqa,arc_easy]",
-              "search.score_limit=8", timeout=1200)
+              "search.score_limit=8")
     table = json.loads((out / "search.json").read_text())
     assert table["score"] == "downstream" and table["score_tasks"]["tasks"] == ["piqa", "arc_easy"]
     fin = [r for r in table["finalists"] if r["in_top_k"]]

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import REPO, cli
+from conftest import REPO, commands
 import slurm_cluster
 
 pytestmark = pytest.mark.skipif(
@@ -43,6 +43,15 @@ def _kd_args(tiny_ckpt, tiny_student, tiny_data, out, steps, ckpt_every=1000):
             "optim.lr=3e-3", "optim.warmup_steps=2"]
 
 
+@pytest.fixture(scope="module")
+def references(tiny_ckpt, tiny_student, tiny_data, tmp_path_factory):
+    """The uninterrupted one-process runs the jobs are compared with (4 and 16 steps), in one process."""
+    root = tmp_path_factory.mktemp("slurm_refs")
+    commands([{"name": f"ref{n}", "args": ["distill", *_kd_args(tiny_ckpt, tiny_student, tiny_data, root / f"ref{n}", n)]}
+              for n in (4, 16)])
+    return {n: root / f"ref{n}" for n in (4, 16)}
+
+
 def _last_loss(run_dir):
     from nemo_minitron.distill.train import read_metrics
 
@@ -55,14 +64,14 @@ def _log(tmp_path, job):
     return "".join(p.read_text() for d in logs for p in sorted(d.glob("*"))) if logs else ""
 
 
-def test_two_nodes_two_tasks_tp2_dp2_distillation_through_srun(cluster, tiny_ckpt, tiny_student, tiny_data, tmp_path):
+def test_two_nodes_two_tasks_tp2_dp2_distillation_through_srun(cluster, tiny_ckpt, tiny_student, tiny_data, references,
+                                                                tmp_path):
     """2 nodes x 2 tasks: TP=2 inside each node, DP=2 across the nodes (gradients reduce-scattered and
     parameters all-gathered between the nodes by the distributed optimizer); tensor parallelism without
     sequence parallelism here (test_cluster.py runs it with). The loss curve of one process."""
     from nemo_minitron.distill.train import read_metrics
 
-    ref = tmp_path / "ref"
-    cli("distill", *_kd_args(tiny_ckpt, tiny_student, tiny_data, ref, 4))
+    ref = references[4]
     out = tmp_path / "tp2dp2"
     job = _submit(cluster, tmp_path, "distill", ["--nodes=2", "--ntasks-per-node=2"],
                   [*_kd_args(tiny_ckpt, tiny_student, tiny_data, out, 4), "trainer.num_nodes=2",
@@ -118,13 +127,12 @@ def _preempt_once(cluster, tmp_path, args, env=None):
 
 
 def test_warning_signal_checkpoints_requeues_and_matches_uninterrupted(cluster, tiny_ckpt, tiny_student, tiny_data,
-                                                                        tmp_path):
+                                                                        references, tmp_path):
     """The job checkpoints every 4 steps, so megatron's checkpoint writer already runs its helper process
     (a multiprocessing manager) when the warning comes; SLURM signals every process of the step, and the
     preemption checkpoint must still be written."""
     steps = 16
-    ref = tmp_path / "ref"
-    cli("distill", *_kd_args(tiny_ckpt, tiny_student, tiny_data, ref, steps))
+    ref = references[steps]
     out = tmp_path / "preempted"
     job = _preempt_once(cluster, tmp_path, _kd_args(tiny_ckpt, tiny_student, tiny_data, out, steps, ckpt_every=4))
     j = cluster.wait(job, timeout=600)

@@ -135,7 +135,7 @@ class ModelSpec:
         if self.moe:
             raise UserError(f"{what} does not support mixture-of-experts models yet ({self.config_class}, "
                             f"{self.num_moe_experts} experts, top-{self.moe_router_topk}): import, export, convert, "
-                            "evaluate, prune (one process) and the dry runs do")
+                            "evaluate, prune (one process), distill, finetune and the dry runs do")
 
     def validate_layout(self, tp: int, pp: int, ep: int = 1) -> None:
         """Refuse a TP/PP/EP layout this model cannot be split into (before any work)."""
