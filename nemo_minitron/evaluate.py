@@ -84,7 +84,7 @@ def run(cfg) -> None:
     e = cfg.eval
     tp = cfg.trainer.strategy.tensor_model_parallel_size
     pp = cfg.trainer.strategy.pipeline_model_parallel_size
-    ep = cfg.trainer.strategy.get("expert_model_parallel_size", 1)
+    ep = parallel.expert_parallel_size(cfg.trainer.strategy)
     tasks = Downstream.of(e)
     data = cfg.get("data")
     if data is None and not tasks.tasks:
@@ -93,10 +93,6 @@ def run(cfg) -> None:
         if e[name] < 1:
             raise UserError(f"eval.{name} must be >= 1 (got {e[name]})")
     layout = parallel.Layout.resolve(parallel.world_size_from_env(), tp, pp, sequence_parallel=False, ep=ep)
-    if ep > 1 and tasks.tasks:
-        raise UserError("eval.tasks with expert_model_parallel_size > 1 is not supported yet (the scorer's DP ranks "
-                        "run different numbers of forward passes; the experts' all-to-all needs them in step): score "
-                        "the tasks at EP=1")
     if data is not None and e.num_samples % (e.micro_batch_size * layout.dp):
         raise UserError(f"eval.num_samples={e.num_samples} is not divisible by eval.micro_batch_size={e.micro_batch_size}"
                         + (f" x data-parallel size {layout.dp} (each DP rank evaluates its share)" if layout.dp > 1 else ""))

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import WORKERS, cli, commands, torchrun
+from conftest import WORKERS, cli, cli_here, commands, torchrun
 from hf_fixtures import TEXT
 
 MOE_MODELS = {  # name -> (model_type, config overrides)
@@ -161,9 +161,7 @@ def test_moe_refusals(moe_ckpts, tiny_ckpt, tmp_path, capsys, monkeypatch):
     assert "experts" not in capsys.readouterr().err  # Mixtral: 4 experts, top-2: 3 is allowed (the data is not)
     with monkeypatch.context() as m:  # expert parallelism: experts that do not divide, a dense model, tasks
         m.setenv("WORLD_SIZE", "2")
-        for args, words in ((["trainer.strategy.expert_model_parallel_size=2", "eval.tasks=[piqa]"],
-                             "eval.tasks with expert_model_parallel_size > 1"),
-                            (["model.expert_model_parallel_size=3"], "not divisible by TP*PP*EP")):
+        for args, words in ((["model.expert_model_parallel_size=3"], "not divisible by TP*PP*EP"),):
             assert cli_mod.main(["evaluate", f"model={ckpt}", f"data={tmp_path / 'none'}", *args]) == 2
             err = capsys.readouterr().err.strip().splitlines()
             if args[0].startswith("model."):  # the issue's spelling, read as the layout key (one notice)
@@ -398,7 +396,7 @@ def test_expert_importance_beats_random_and_refit_beats_trim(name, moe_ckpts, mo
     assert refit < trimmed, (refit, trimmed)
 
 
-def test_expert_parallel_matches_one_process(moe_ckpts, moe_data, tmp_path):
+def test_expert_parallel_matches_one_process(moe_ckpts, moe_data, tmp_path, capsys):
     """Qwen3-MoE at expert parallelism 2 (torchrun, 2 processes; all-to-all token dispatch over gloo): each rank
     builds half of every layer's experts from the NeMo checkpoint (megatron's sharded load) and from the HF
     directory (our slicing); the held-out loss equals one process's, the experts gathered back equal the
@@ -425,9 +423,18 @@ def test_expert_parallel_matches_one_process(moe_ckpts, moe_data, tmp_path):
             assert rank[name]["loss"] == pytest.approx(ref, abs=1e-5), (name, rank[name]["loss"], ref)
     assert got["full"].keys() == full.keys()
     assert all(torch.equal(got["full"][k], full[k]) for k in full)
+    one = tmp_path / "one.json"  # the task in one process: the same documents, the same scores
+    cli_here(capsys, "evaluate", f"model={ckpt}", "eval.tasks=[piqa]", "eval.limit=5", "eval.batch_size=1",
+             f"output_json={one}")
+    want = json.loads(one.read_text())["tasks"]["piqa"]
+    assert want["n"] == 5
     for name in ("nemo", "hf"):
         res = json.loads((tmp_path / f"{name}.json").read_text())
         assert res["loss"] == pytest.approx(ref, abs=1e-5), (name, res["loss"], ref)
+        got = res["tasks"]["piqa"]
+        assert got["n"] == 5 and got["metrics"].keys() == want["metrics"].keys()
+        for metric, value in want["metrics"].items():
+            assert got["metrics"][metric] == pytest.approx(value, abs=1e-9), (name, metric)
 
 
 # a teacher and a smaller student (4 of the teacher's 8 experts' count, narrower, another seed) of 4 layers (PP=2

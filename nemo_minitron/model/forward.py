@@ -202,9 +202,16 @@ def score_tokens(model, inputs: list, queries: list, micro_batch_size: int = 8, 
     n_q = sum(len(q) for q in queries)
     out = torch.zeros(n_q, 2, dtype=torch.float64, device=dev)
     done = 0
-    for start, end in micro_batches([len(x) for x in inputs], micro_batch_size, max_tokens):
-        L = max(len(x) for x in inputs[start:end])
-        seqs, qs = inputs[start:end], queries[start:end]
+    plan = micro_batches([len(x) for x in inputs], micro_batch_size, max_tokens)
+    plan += [None] * (_expert_parallel_calls(len(plan)) - len(plan))
+    for batch in plan:
+        if batch is None:  # a forward pass whose result nobody reads: the other EP ranks' all-to-alls need this one
+            seqs, qs, lays = [[0]], [[(0, 0)]], None
+        else:
+            start, end = batch
+            seqs, qs = inputs[start:end], queries[start:end]
+            lays = layouts[start:end] if layouts is not None else None
+        L = max(len(x) for x in seqs)
         tokens = torch.zeros(len(seqs), L, dtype=torch.long, device=dev)
         for i, s in enumerate(seqs):
             tokens[i, :len(s)] = torch.as_tensor(s, dtype=torch.long, device=dev)
@@ -223,7 +230,6 @@ def score_tokens(model, inputs: list, queries: list, micro_batch_size: int = 8, 
         if last:  # hidden [s, b, h] -> the queried positions only, as [k, 1, h]
             hooks.append(inner.output_layer.register_forward_pre_hook(
                 lambda _m, args: (args[0][cols, rows].unsqueeze(1), *args[1:])))
-        lays = layouts[start:end] if layouts is not None else None
         if lays is not None and any(lay is not None for lay in lays):
             pos, mask = _layout_tensors(lays, L, dev)
             if getattr(inner, "rotary_pos_emb", None) is not None:  # rotary [L', 1, 1, d] -> each row's [L, b, 1, d]
@@ -252,11 +258,26 @@ def score_tokens(model, inputs: list, queries: list, micro_batch_size: int = 8, 
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(chunk, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                            group=parallel_state.get_pipeline_model_parallel_group())
+        if batch is None:
+            continue
         out[done:done + n] = chunk
         done += n
         if progress is not None:
             progress(end)
     return out
+
+
+def _expert_parallel_calls(calls: int) -> int:
+    """The most forward passes any rank of this expert-parallel group makes (``calls`` without expert parallelism):
+    every MoE layer's token all-to-all joins the whole group, so each rank must make as many passes as the busiest
+    one, whatever its own share of the requests."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized() or parallel_state.get_expert_model_parallel_world_size() == 1:
+        return calls
+    t = torch.tensor([calls], dtype=torch.long, device=platform.device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=parallel_state.get_expert_model_parallel_group())
+    return int(t.item())
 
 
 def micro_batches(lengths: list, size: int, max_tokens: int | None = None, overhead: int = 64) -> list:

@@ -1,7 +1,7 @@
 """Worker: under torchrun (2 processes) at expert parallelism 2 (each rank holds half of every layer's experts;
 the two ranks are the dense layers' data-parallel ranks): the held-out loss of a NeMo checkpoint and of a Hugging
 Face directory, and the full state dict gathered back from the shards; then ``nemo-minitron evaluate`` at EP=2
-on both (the command's own wiring). Rank 0 saves what it measured.
+on both (the command's own wiring), held-out loss and a downstream task. Rank 0 saves what it measured.
 
     torchrun --nproc-per-node 2 moe_layouts.py NEMO_CKPT HF_DIR DATA_PREFIX OUT_DIR
 """
@@ -34,7 +34,9 @@ if __name__ == "__main__":
     dist.all_gather_object(every, {k: v for k, v in res.items() if k != "full"})
     if dist.get_rank() == 0:
         torch.save({"ranks": every, "full": res["full"]}, out / "ep2.pt")
+    # piqa, 5 documents = 5 shared-context sequences, one per forward: 3 on one DP rank, 2 on the other (the other
+    # joins the third forward's all-to-alls with a pass of its own)
     rc = cli.main(["evaluate", f"model=[{ckpt},{hf}]", f"data={data}", "eval.num_samples=16", "eval.seq_length=32",
-                   "eval.micro_batch_size=4", "trainer.strategy.expert_model_parallel_size=2",
-                   f"output_json=[{out / 'nemo.json'},{out / 'hf.json'}]"])
+                   "eval.micro_batch_size=4", "trainer.strategy.expert_model_parallel_size=2", "eval.tasks=[piqa]",
+                   "eval.limit=5", "eval.batch_size=1", f"output_json=[{out / 'nemo.json'},{out / 'hf.json'}]"])
     sys.exit(rc)
