@@ -423,12 +423,8 @@ def _patch_gloo_collectives() -> None:
     def reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
         if dist.get_backend(group) != "gloo":
             return orig_rs(output, input, op=op, group=group, async_op=async_op)
-        world = dist.get_world_size(group)
-        rank = dist.get_rank(group)
-        buf = input.reshape(world, -1).clone()
-        dist.all_reduce(buf, op=op, group=group)
-        output.reshape(-1).copy_(buf[rank])
-        return _Completed() if async_op else None  # done already: megatron's overlapped path waits on it
+        parts = list(input.reshape(dist.get_world_size(group), -1).unbind(0))  # equal parts, in rank order
+        return reduce_scatter(output.view(-1), parts, op=op, group=group, async_op=async_op)
 
     orig_all_gather = dist.all_gather
 
@@ -456,11 +452,11 @@ def _patch_gloo_collectives() -> None:
             return orig_reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
         # gloo has no reduce_scatter: all-reduce the whole (every rank holds the same split sizes), keep this rank's
         rank = dist.get_rank(group)
-        buf = torch.cat([t.reshape(t.shape[0], -1) for t in input_list]).contiguous()
+        buf = torch.cat([t.reshape(-1) for t in input_list])
         dist.all_reduce(buf, op=op, group=group)
-        start = sum(t.shape[0] for t in input_list[:rank])
-        output.copy_(buf[start:start + output.shape[0]].reshape(output.shape))
-        return _Completed() if async_op else None
+        start = sum(t.numel() for t in input_list[:rank])
+        output.copy_(buf[start:start + output.numel()].view(output.shape))
+        return _Completed() if async_op else None  # done already: megatron's overlapped path waits on it
 
     dist.all_gather_into_tensor = all_gather_into_tensor
     dist.reduce_scatter_tensor = reduce_scatter_tensor
