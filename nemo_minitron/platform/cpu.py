@@ -541,11 +541,12 @@ def activate() -> bool:
             return True
         from nemo_minitron.platform import emulated_gpu
 
+        _patch_gloo_collectives()  # first: the emulated GPU's collective checks (tests) wrap these shims, so they
+        # see the caller's tensors and place; the other way round every call would come from this module, unchecked
         if emulated_gpu.activate():  # tests: the compute device is an emulated GPU, not the host
             _TARGET[0] = emulated_gpu.device()
         _patch_torch_cuda()
         _patch_megatron()
-        _patch_gloo_collectives()
         _patch_norm_for_sequence_parallel()
         _patch_attention()
         _CudaToCpuMode().__enter__()  # stays pushed for the life of the process
