@@ -22,14 +22,19 @@ os.environ.setdefault("PYTHONWARNINGS", "ignore")
 # order, the longest first (measured on 2 cores, seconds), so the short ones fill the end instead of one
 # long file running alone after everything else (xdist's own order is by number of tests: the one-test
 # SmolLM2 files came last). Files not listed follow, in their usual order.
-LONGEST_FIRST = ("test_cluster.py",      # ~1100
-                 "test_slurm.py",        # ~550
+LONGEST_FIRST = ("test_slurm.py",        # ~1000
+                 "test_cluster.py",      # ~850
+                 "test_moe.py",          # ~700
+                 "test_parallel.py",     # ~400
+                 "test_search.py",       # ~350
                  "test_pipeline.py",     # ~300
-                 "test_search.py",       # ~550
-                 "test_downstream.py",   # ~400
-                 "test_gpu_path.py",     # ~270
-                 "test_smollm2_prune.py",  # ~350
-                 "test_depth.py", "test_export.py", "test_distill.py", "test_prune.py")
+                 "test_smollm2_prune.py",  # ~300
+                 "test_distill.py",      # ~300
+                 "test_faults.py",       # ~280
+                 "test_downstream.py",   # ~260
+                 "test_depth.py",        # ~250
+                 "test_gpu_path.py",     # ~200
+                 "test_export.py", "test_prune.py", "test_reconstruct.py", "test_data.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -124,10 +129,18 @@ def in_process(capsys, *args):
     from nemo_minitron.cli import main
 
     single = parallel_state.model_parallel_is_initialized()
-    if capsys is not None:  # None (a module fixture, which cannot take capsys): the output is not kept
+    if capsys is not None:
         capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr() if capsys is not None else ("", "")
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+    else:  # a module or session fixture, which cannot take capsys: the streams are redirected
+        import contextlib
+        import io
+
+        o, e = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+            code = main([str(a) for a in args])
+        out, err = o.getvalue(), e.getvalue()
     if single and not parallel_state.model_parallel_is_initialized():
         parallel.initialize(1, 1)  # a command ends with parallel.destroy(): the session's dist_single state again
     return SimpleNamespace(returncode=code, stdout=out, stderr=err)
@@ -277,15 +290,15 @@ def smol(tmp_path_factory):
 def _build_smol(d):
     from nemo_minitron.data.corpus import shakespeare_files
 
-    imp = cli("import", "source=smollm2-135m", f"output={d / 'ckpt'}")
+    imp = cli_here(None, "import", "source=smollm2-135m", f"output={d / 'ckpt'}")
     assert imp.stdout.strip().splitlines()[-1] == f"wrote checkpoint: {d / 'ckpt'}"
     assert "rope base 100000.0" in imp.stdout  # SmolLM2's RoPE base survived (STACK.md's trap)
     files = ",".join(str(f) for f in shakespeare_files("heldout"))
-    pre = cli("preprocess", f"input={files}", f"tokenizer={d / 'ckpt'}", f"output_prefix={d / 'heldout'}")
+    pre = cli_here(None, "preprocess", f"input={files}", f"tokenizer={d / 'ckpt'}", f"output_prefix={d / 'heldout'}")
     assert pre.stdout.strip().splitlines()[-1].startswith("wrote dataset:")
     assert "4 documents" in pre.stdout
     cal = ",".join(str(f) for f in shakespeare_files("calibration"))
-    cli("preprocess", f"input={cal}", f"tokenizer={d / 'ckpt'}", f"output_prefix={d / 'calibration'}")
+    cli_here(None, "preprocess", f"input={cal}", f"tokenizer={d / 'ckpt'}", f"output_prefix={d / 'calibration'}")
 
 
 
