@@ -139,7 +139,9 @@ def _check_rounds(cfg, tp: int, pp: int, dry: bool = False) -> tuple[list, list 
         archive.check(cfg.teacher)  # a .nemo teacher: the import stage unpacks it
         spec = None
     if spec is not None:
-        ep = cfg.trainer.strategy.get("expert_model_parallel_size") or 1
+        from nemo_minitron import parallel
+
+        ep = parallel.expert_parallel_size(cfg.trainer.strategy)
         try:
             spec.validate_layout(tp, pp, ep)  # EP on a dense teacher: refused, never ignored
         except UserError as e:
@@ -375,9 +377,10 @@ def dry_run(cfg) -> None:
 
     lp.spec_of(cfg.teacher)  # the teacher's shape must be readable for a plan (its error, not skipped)
     tp, pp = cfg.trainer.strategy.tensor_model_parallel_size, cfg.trainer.strategy.pipeline_model_parallel_size
+    from nemo_minitron import parallel
     from nemo_minitron.model import count_params
 
-    ep = cfg.trainer.strategy.get("expert_model_parallel_size") or 1
+    ep = parallel.expert_parallel_size(cfg.trainer.strategy)
     rounds, shapes = _check_rounds(cfg, tp, pp, dry=True)  # every step validated; the shape each one leaves
     for i, rnd in enumerate(rounds, 1):  # iterative rounds: each prunes the previous student
         steps = _merged(cfg.distill, rnd.get("distill"))["max_steps"]

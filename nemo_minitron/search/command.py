@@ -52,7 +52,9 @@ def _settings(cfg, dry: bool = False):
     if kind != "nemo":
         raise UserError(f"model={cfg.model} is a Hugging Face directory: import it first (nemo-minitron import "
                         f"source=... output=CKPT); it is the teacher of the short distillations")
-    ep = cfg.trainer.strategy.get("expert_model_parallel_size") or 1
+    from nemo_minitron import parallel
+
+    ep = parallel.expert_parallel_size(cfg.trainer.strategy)
     if not dry:  # a dry run lists a mixture of experts' candidates; a run cannot distill its finalists yet
         spec.require_dense("search")
     spec.validate_layout(tp, pp, ep)
@@ -62,7 +64,6 @@ def _settings(cfg, dry: bool = False):
     for key in ("top_k", "distill_steps", "eval_samples", "rank_samples", "eval_seq_length", "max_candidates"):
         if not isinstance(s[key], int) or s[key] < 1:
             raise UserError(f"search.{key}={s[key]!r} must be a positive integer")
-    from nemo_minitron import parallel
 
     dp = 1 if dry else parallel.world_size_from_env() // (tp * pp)  # the rank phase's DP (under launcher.command: 1)
     per = f"data.micro_batch_size={cfg.data.micro_batch_size}" + (f" x data-parallel size {dp}" if dp > 1 else "")
